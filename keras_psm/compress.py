@@ -1,0 +1,237 @@
+"""``compress(model, method, ...)``: replace Dense/Conv2D layers by fitted ones.
+
+The model is rebuilt with ``keras.models.clone_model(model, clone_function=...)``:
+selected layers are replaced by the method's layers, built from factors
+fitted to their trained kernels; every other layer is cloned from its config
+and given a copy of its weights. The input model is never modified.
+"""
+
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from keras_psm.backend import keras
+from keras_psm.layers.base import CompressedLayer
+from keras_psm.methods import get_method
+from keras_psm.report import COMPRESSED, SKIPPED, CompressionReport, LayerReport
+from keras_psm.validation import check_choice, check_finite_array
+
+_KIND_NAMES = {"dense": "Dense", "conv2d": "Conv2D"}
+
+
+def compress(model, method="psm", layers=None, *, config=None, executor=None,
+             verbose=1, **options):
+    """Compress the Dense and Conv2D layers of a trained model.
+
+    Args:
+        model: a built functional or Sequential Keras model (nested models
+            inside it are compressed too). It is not modified.
+        method: a registered method name (``keras_psm.available_methods()``):
+            ``"psm"`` fits each kernel as a product of sparse factors with
+            palm4MSA.
+        layers: which layers to replace: ``None`` (every Dense/Conv2D the
+            method supports), a list of layer names, or a predicate
+            ``layer -> bool``.
+        config: the method's config dataclass (e.g. ``PSMConfig``), instead of
+            keyword ``options``.
+        executor: an optional ``concurrent.futures.Executor`` (a process
+            pool, or a Dask/Ray executor) to fit layers in parallel.
+        verbose: 1 shows a progress bar per layer, 0 is silent.
+        **options: the method's options, e.g. ``n_factors=3, sparsity=14``.
+
+    Returns:
+        ``(compressed_model, report)``. The compressed model is not compiled:
+        compile it before ``fit``. ``report`` lists each layer's parameters
+        before and after, its relative error ``||W - W_hat||_F / ||W||_F`` and
+        fit seconds; ``report.callbacks`` holds the callbacks ``fit`` needs.
+    """
+    spec = get_method(method)
+    config = spec.make_config(config, **options)
+    check_choice(verbose, "verbose", (0, 1, 2, True, False))
+    _check_model(model)
+
+    candidates, skipped = _classify(model, spec)
+    targets = _select(candidates, layers, model)
+    kernels = {
+        name: check_finite_array(layer.get_weights()[0], "kernel", where=f"layer {name!r}")
+        for name, layer in targets.items()
+    }
+    configs = (
+        dict(spec.allocate(kernels, config)) if spec.allocate is not None
+        else {name: config for name in targets}
+    )
+    fits = _fit_all(spec, kernels, configs, executor, verbose)
+
+    replaced = {}
+    copied = []
+
+    def clone_function(layer):
+        if _is_nested_model(layer):
+            return keras.models.clone_model(layer, clone_function=clone_function)
+        if layer.name in fits:
+            new_layer = spec.build(layer, fits[layer.name][0], configs[layer.name])
+            replaced[layer.name] = new_layer
+            return new_layer
+        new_layer = layer.__class__.from_config(layer.get_config())
+        copied.append((layer, new_layer))
+        return new_layer
+
+    compressed = keras.models.clone_model(model, clone_function=clone_function)
+    for old, new in copied:
+        new.set_weights(old.get_weights())
+
+    report = CompressionReport(method=spec.name)
+    for layer in _leaf_layers(model):
+        name = layer.name
+        before = int(layer.count_params())
+        if name in replaced:
+            new_layer = replaced[name]
+            report.rows.append(LayerReport(
+                name=name, layer_type=type(layer).__name__, method=spec.name,
+                params_before=before, params_after=int(new_layer.count_nonzero_params()),
+                relative_error=_relative_error(kernels[name], new_layer.kernel),
+                seconds=fits[name][1], status=COMPRESSED,
+            ))
+        elif name in skipped or (name in candidates and before):
+            note = skipped.get(name, "not selected")
+            report.rows.append(LayerReport(
+                name=name, layer_type=type(layer).__name__, method=spec.name,
+                params_before=before, params_after=before, status=SKIPPED, note=note,
+            ))
+    if spec.callbacks is not None:
+        report.callbacks = list(spec.callbacks(compressed, config))
+    if verbose:
+        print(report)
+    return compressed, report
+
+
+def _check_model(model):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"`model` must be a Keras model ({keras.__name__}.Model), got "
+            f"{type(model).__name__}. keras_psm runs on {keras.__name__}; set or "
+            "unset TF_USE_LEGACY_KERAS to match the Keras that built the model."
+        )
+    if not _is_nested_model(model):
+        raise ValueError(
+            f"`model` {model.name!r} is a subclassed model ({type(model).__name__}); "
+            "compress needs a functional or Sequential model, whose graph of "
+            "layers can be cloned. Rebuild it with the functional API."
+        )
+    if not model.built or not model.weights:
+        raise ValueError(
+            f"`model` {model.name!r} has no weights yet: build or train it first."
+        )
+
+
+def _is_nested_model(layer):
+    """True for functional and Sequential models (which clone_model can rebuild)."""
+    return isinstance(layer, keras.Model) and (
+        isinstance(layer, keras.Sequential) or getattr(layer, "_is_graph_network", False)
+        or type(layer).__name__ == "Functional"
+    )
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        if _is_nested_model(layer):
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
+def _layer_kind(layer):
+    """``("dense" | "conv2d", None)`` for a replaceable layer, else ``(None, reason)``."""
+    if isinstance(layer, CompressedLayer):
+        return None, "already compressed"
+    if type(layer) is keras.layers.Dense:
+        if getattr(layer, "quantization_mode", None):
+            return None, "quantized Dense"
+        return "dense", None
+    if type(layer) is keras.layers.Conv2D:
+        if getattr(layer, "groups", 1) != 1:
+            return None, f"grouped convolution (groups={layer.groups})"
+        return "conv2d", None
+    return None, f"{type(layer).__name__} is not a Dense or Conv2D layer"
+
+
+def _classify(model, spec):
+    """Split the layers with weights into replaceable candidates and skipped ones."""
+    candidates, skipped = {}, {}
+    for layer in _leaf_layers(model):
+        kind, reason = _layer_kind(layer)
+        if kind is not None and kind not in spec.layer_kinds:
+            supported = " and ".join(_KIND_NAMES[k] for k in spec.layer_kinds)
+            kind, reason = None, f"method {spec.name!r} replaces {supported} layers only"
+        if kind is not None:
+            if layer.name in candidates:
+                raise ValueError(
+                    f"two layers are named {layer.name!r} (in nested models); "
+                    "give them distinct names before compressing."
+                )
+            candidates[layer.name] = layer
+        elif layer.weights:
+            skipped[layer.name] = reason
+    return candidates, skipped
+
+
+def _select(candidates, layers, model):
+    """The candidate layers chosen by ``layers`` (None, names or a predicate)."""
+    if layers is None:
+        return dict(candidates)
+    if callable(layers):
+        return {name: layer for name, layer in candidates.items() if layers(layer)}
+    if isinstance(layers, str):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple, set, frozenset)):
+        raise TypeError(
+            "`layers` must be None, a list of layer names or a predicate "
+            f"layer -> bool, got {type(layers).__name__}."
+        )
+    known = {layer.name: layer for layer in _leaf_layers(model)}
+    unknown = sorted(name for name in layers if name not in known)
+    if unknown:
+        raise ValueError(
+            f"`layers` names {unknown}, which model {model.name!r} does not have; "
+            f"its layers are {sorted(known)}."
+        )
+    for name in layers:
+        if name not in candidates:
+            _, reason = _layer_kind(known[name])
+            raise ValueError(f"`layers`: layer {name!r} cannot be replaced: {reason}.")
+    return {name: candidates[name] for name in layers}
+
+
+def _timed_fit(fit, kernel, config):
+    start = time.perf_counter()
+    fitted = fit(kernel, config)
+    return fitted, time.perf_counter() - start
+
+
+def _fit_all(spec, kernels, configs, executor, verbose):
+    """Fit every kernel, in parallel through ``executor`` when given."""
+    futures = {} if executor is None else {
+        name: executor.submit(_timed_fit, spec.fit, kernel, configs[name])
+        for name, kernel in kernels.items()
+    }
+    results = {}
+    with tqdm(total=len(kernels), desc=spec.name, unit="layer", disable=not verbose) as bar:
+        for name, kernel in kernels.items():
+            bar.set_postfix_str(name)
+            try:
+                results[name] = (
+                    futures[name].result() if futures
+                    else _timed_fit(spec.fit, kernel, configs[name])
+                )
+            except ValueError as error:
+                raise ValueError(f"layer {name!r}: {error}") from error
+            bar.update()
+    return results
+
+
+
+
+def _relative_error(kernel, approximation):
+    approximation = np.asarray(approximation, dtype=np.float64)
+    return float(np.linalg.norm(kernel - approximation) / max(np.linalg.norm(kernel), 1e-300))

@@ -1,0 +1,155 @@
+"""What every compressed layer shares: bias, activation, weight creation.
+
+A compressed layer stands in for a ``Dense`` or ``Conv2D`` layer. Each
+subclass exposes ``kernel``, the dense kernel its factors represent, in the
+shape of the layer it replaces, and ``count_nonzero_params()``, the number of
+parameters a sparse storage would keep (bias included). ``count_params()``
+stays Keras's count of stored values (masks included).
+
+A layer built from a fit receives its starting values through
+``initial_values`` (a dict of weight name -> array); ``build`` then creates
+each weight with that value instead of its initializer. The dict is not part
+of the config: a saved model restores the weights from its own file.
+"""
+
+import numpy as np
+
+from keras_psm.backend import keras, tf
+
+DATA_FORMATS = ("channels_last", "channels_first")
+
+
+class CompressedLayer(keras.layers.Layer):
+    """Base class: optional bias, activation and fitted starting values."""
+
+    def __init__(self, activation=None, use_bias=True, initial_values=None, **kwargs):
+        super().__init__(**kwargs)
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self._initial_values = dict(initial_values or {})
+
+    def _add_weight(self, name, shape, initializer, trainable=True):
+        """``add_weight`` that starts from ``initial_values[name]`` when given."""
+        shape = tuple(int(d) for d in shape)
+        if name in self._initial_values:
+            value = np.asarray(self._initial_values.pop(name))
+            if value.shape != shape:
+                raise ValueError(
+                    f"layer {self.name!r}: initial value for {name!r} has shape "
+                    f"{value.shape}, expected {shape}."
+                )
+            initializer = _ConstantArray(value)
+        return self.add_weight(
+            name=name, shape=shape, initializer=initializer, trainable=trainable,
+        )
+
+    def _add_bias(self, units):
+        self.bias = (
+            self._add_weight("bias", (units,), "zeros") if self.use_bias else None
+        )
+
+    def _finish(self, outputs, channel_axis=-1):
+        """Add the bias along ``channel_axis`` and apply the activation."""
+        if self.use_bias:
+            bias = tf.cast(self.bias, outputs.dtype)
+            if channel_axis == 1:
+                bias = tf.reshape(bias, (1, -1) + (1,) * (len(outputs.shape) - 2))
+            outputs = outputs + bias
+        return self.activation(outputs) if self.activation is not None else outputs
+
+    def count_nonzero_params(self):
+        """Parameters a sparse storage keeps: nonzero weight values, bias included.
+
+        Layers whose weights carry masks override this to count ``weight * mask``.
+        """
+        return sum(int(np.count_nonzero(w.numpy())) for w in self.weights)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            activation=keras.activations.serialize(self.activation)
+            if self.activation is not None else None,
+            use_bias=self.use_bias,
+        )
+        return config
+
+
+class _ConstantArray:
+    """Initializer returning a fixed array (fitted values); never serialized."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, shape, dtype=None, **kwargs):
+        return tf.constant(self.value, dtype=dtype or "float32")
+
+
+def matmul_last_axis(inputs, compute):
+    """Apply ``compute`` (a 2-D (n, in) -> (n, out) map) to the last axis.
+
+    Like ``Dense``, inputs of any rank >= 2 are accepted: (batch, tokens,
+    features) is flattened to (batch * tokens, features) and back.
+    """
+    if inputs.shape.rank == 2:
+        return compute(inputs)
+    leading = tf.shape(inputs)[:-1]
+    flat = tf.reshape(inputs, (-1, inputs.shape[-1]))
+    outputs = compute(flat)
+    return tf.reshape(outputs, tf.concat([leading, tf.shape(outputs)[-1:]], axis=0))
+
+
+def convolve(inputs, kernel, strides, padding, dilation_rate, data_format):
+    """``tf.nn.convolution`` with Keras arguments; channels_first via transposes.
+
+    TensorFlow's CPU kernels only run NHWC, so channels_first inputs are
+    transposed to NHWC and the result back.
+    """
+    if data_format == "channels_first":
+        inputs = tf.transpose(inputs, (0, 2, 3, 1))
+    outputs = tf.nn.convolution(
+        inputs,
+        tf.cast(kernel, inputs.dtype),
+        strides=strides,
+        padding=padding.upper(),
+        dilations=dilation_rate,
+        data_format="NHWC",
+    )
+    if data_format == "channels_first":
+        outputs = tf.transpose(outputs, (0, 3, 1, 2))
+    return outputs
+
+
+def normalize_tuple(value, name, where, length=2):
+    """An int or a tuple of ``length`` positive ints, as a tuple."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (int(value),) * length
+    value = tuple(value)
+    if len(value) != length or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in value
+    ):
+        raise ValueError(
+            f"{where}: `{name}` must be a positive int or a tuple of {length} "
+            f"positive ints, got {value!r}."
+        )
+    return tuple(int(v) for v in value)
+
+
+def conv_options(layer):
+    """The convolution options of a Keras ``Conv2D`` layer, as keyword args."""
+    return dict(
+        strides=tuple(layer.strides),
+        padding=layer.padding,
+        dilation_rate=tuple(layer.dilation_rate),
+        data_format=layer.data_format,
+    )
+
+
+def common_options(layer):
+    """Name, dtype policy, activation and bias flag of a layer being replaced."""
+    return dict(
+        name=layer.name,
+        dtype=layer.dtype_policy,
+        trainable=layer.trainable,
+        activation=layer.activation,
+        use_bias=layer.use_bias,
+    )

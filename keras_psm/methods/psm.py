@@ -1,0 +1,95 @@
+"""``method="psm"``: each kernel as a product of sparse factors fitted by palm4MSA.
+
+PSM paper, section 2.2: the trained kernel W (a Conv2D kernel as the
+(kh * kw * cin, cout) matrix) is approximated by S_1 ... S_Q with at least K
+nonzeros per row and column of each factor (``splincol``), then the network
+is fine-tuned with the supports fixed.
+"""
+
+import dataclasses
+from typing import Optional
+
+from keras_psm.backend import keras
+from keras_psm.factorize.palm4msa import hierarchical_palm4msa, palm4msa
+from keras_psm.layers.base import common_options, conv_options
+from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
+from keras_psm.methods.registry import Method, register_method
+from keras_psm.validation import check_float, check_int
+
+PSM_PAPER = "Sparse matrix products for neural network compression (PSM)"
+
+
+@dataclasses.dataclass(frozen=True)
+class PSMConfig:
+    """Options of ``method="psm"``.
+
+    Attributes:
+        n_factors: Q, sparse factors per layer (the paper uses 2 and 3).
+        sparsity: K, at least K nonzeros in every row and column of each factor
+            (the paper uses 2 to 14).
+        rank: inner size r of the factors; min(in, out) by default.
+        hierarchical: fit with hierarchical palm4MSA (one factor peeled at a
+            time) instead of plain palm4MSA.
+        max_iter, tol: palm4MSA stops after ``max_iter`` iterations or when the
+            relative change of the error drops below ``tol`` (paper: 300, 1e-6).
+        seed: seed of palm4MSA's random start, for reproducible fits.
+    """
+
+    n_factors: int = 3
+    sparsity: int = 14
+    rank: Optional[int] = None
+    hierarchical: bool = False
+    max_iter: int = 300
+    tol: float = 1e-6
+    seed: Optional[int] = 0
+
+    def __post_init__(self):
+        where = type(self).__name__
+        check_int(self.n_factors, "n_factors", minimum=1, where=where)
+        check_int(self.sparsity, "sparsity", minimum=1, where=where)
+        check_int(self.rank, "rank", minimum=1, where=where, allow_none=True)
+        check_int(self.max_iter, "max_iter", minimum=1, where=where)
+        check_float(self.tol, "tol", minimum=0.0, where=where)
+        check_int(self.seed, "seed", minimum=0, where=where, allow_none=True)
+        if not isinstance(self.hierarchical, bool):
+            raise TypeError(f"{where}: `hierarchical` must be True or False, got {self.hierarchical!r}.")
+
+
+def kernel_matrix(kernel):
+    """A Keras kernel as a matrix: (in, out), or (kh * kw * cin, cout) for Conv2D."""
+    return kernel.reshape(-1, kernel.shape[-1])
+
+
+def fit_psm(kernel, config):
+    """palm4MSA (or its hierarchical variant) on the kernel matrix."""
+    fit = hierarchical_palm4msa if config.hierarchical else palm4msa
+    return fit(
+        kernel_matrix(kernel), config.n_factors, config.sparsity, rank=config.rank,
+        max_iter=config.max_iter, tol=config.tol, random_state=config.seed,
+    )
+
+
+def build_sparse_factor_layer(layer, factorization, config):
+    """``SparseFactorDense``/``SparseFactorConv2D`` from a ``Factorization``."""
+    weights = layer.get_weights()
+    bias = weights[1] if layer.use_bias else None
+    options = dict(supports=factorization.supports, bias=bias, **common_options(layer))
+    if isinstance(layer, keras.layers.Conv2D):
+        return SparseFactorConv2D.from_factors(
+            factorization.factors, layer.kernel_size, sparsity=config.sparsity,
+            **conv_options(layer), **options,
+        )
+    return SparseFactorDense.from_factors(
+        factorization.factors, sparsity=config.sparsity, **options,
+    )
+
+
+PSM = register_method(Method(
+    name="psm",
+    description="product of Q sparse factors per layer, fitted by palm4MSA",
+    config_class=PSMConfig,
+    fit=fit_psm,
+    build=build_sparse_factor_layer,
+    presets={"small": dict(n_factors=2, sparsity=2), "large": dict(n_factors=3, sparsity=14)},
+    paper=PSM_PAPER,
+))
