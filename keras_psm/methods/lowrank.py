@@ -1,0 +1,164 @@
+"""``method="svd"`` and ``method="alds"``: low-rank layers by truncated SVD (ALDS seed).
+
+- ``"svd"``: every layer keeps the same fraction of its rank, one chunk,
+  scheme 0 (the SVD baseline of the ALDS paper, after Denton et al. 2014).
+- ``"alds"``: a global target (the fraction of the compressed layers'
+  kernel values to remove) is spread over the layers by ALDS (Algorithm 1):
+  each layer gets its own rank j and number of channel chunks k, chosen so
+  that the largest relative error over the layers is as small as the
+  search finds; ``alds_plus=True`` also picks each Conv2D's flattening
+  scheme (ALDS+, supplement A.6).
+"""
+
+import dataclasses
+
+from keras_psm.backend import keras
+from keras_psm.factorize.lowrank import (
+    NORMS,
+    SCHEMES,
+    alds_allocation,
+    factor_kernel,
+    max_rank,
+    rank_for_ratio,
+)
+from keras_psm.layers.base import common_options, conv_options
+from keras_psm.layers.lowrank import LowRankConv, LowRankDense
+from keras_psm.methods.registry import Method, register_method
+from keras_psm.validation import check_choice, check_float, check_int
+
+ALDS_PAPER = (
+    "Compressing Neural Networks: Towards Determining the Optimal Layer-wise "
+    "Decomposition (ALDS)"
+)
+
+
+def _check_bool(value, name, where):
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: `{name}` must be True or False, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SVDConfig:
+    """Options of ``method="svd"``.
+
+    Attributes:
+        rank_ratio: fraction of each layer's full rank kept, in (0, 1]:
+            rank ceil(rank_ratio * min(rows, cols)) of the kernel matrix
+            (a Conv2D's (kh kw cin, cout)). A factored layer stores
+            rank * (rows + cols) values, fewer than the kernel when
+            rank_ratio < rows cols / (min(rows, cols) (rows + cols)).
+    """
+
+    rank_ratio: float = 0.25
+
+    def __post_init__(self):
+        check_float(self.rank_ratio, "rank_ratio", minimum=0.0, maximum=1.0,
+                    exclusive_minimum=True, where=type(self).__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ALDSConfig:
+    """Options of ``method="alds"``.
+
+    Attributes:
+        target: fraction of the compressed layers' kernel values removed, in
+            (0, 1) (biases are kept as they are).
+        alds_plus: also search the flattening schemes 0-3 of each Conv2D (ALDS+).
+        n_seeds: starting points of the search (the authors use 15).
+        n_iter: alternations of the rank and subspace steps per seed (4).
+        norm: relative error equalized across layers: ``"frobenius"`` (the
+            error ``compress`` reports) or ``"operator"`` (the authors' measure).
+        seed: seed of the random starting points.
+    """
+
+    target: float = 0.5
+    alds_plus: bool = False
+    n_seeds: int = 15
+    n_iter: int = 4
+    norm: str = "frobenius"
+    seed: int = 0
+
+    def __post_init__(self):
+        where = type(self).__name__
+        check_float(self.target, "target", minimum=0.0, maximum=1.0, exclusive_minimum=True,
+                    where=where)
+        if self.target >= 1.0:
+            raise ValueError(f"{where}: `target` must be < 1, got {self.target}.")
+        _check_bool(self.alds_plus, "alds_plus", where)
+        check_int(self.n_seeds, "n_seeds", minimum=1, where=where)
+        check_int(self.n_iter, "n_iter", minimum=0, where=where)
+        check_choice(self.norm, "norm", NORMS, where=where)
+        check_int(self.seed, "seed", minimum=0, where=where)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankLayerConfig:
+    """One layer's factorization: rank j per chunk, ``groups`` chunks, ``scheme``.
+
+    ``method="alds"`` produces one per layer from its ``ALDSConfig``.
+    """
+
+    rank: int
+    groups: int = 1
+    scheme: int = 0
+
+    def __post_init__(self):
+        where = type(self).__name__
+        check_int(self.rank, "rank", minimum=1, where=where)
+        check_int(self.groups, "groups", minimum=1, where=where)
+        check_choice(self.scheme, "scheme", SCHEMES, where=where)
+
+
+def fit_svd(kernel, config):
+    """Truncated SVD keeping ``config.rank_ratio`` of the kernel's rank."""
+    return factor_kernel(kernel, rank_for_ratio(config.rank_ratio, max_rank(kernel.shape)))
+
+
+def fit_layer_config(kernel, config):
+    """Truncated SVD of each channel chunk as a ``LowRankLayerConfig`` says."""
+    return factor_kernel(kernel, config.rank, config.groups, config.scheme)
+
+
+def allocate_alds(kernels, config):
+    """ALDS (or ALDS+) allocation: {layer name: ``LowRankLayerConfig``}."""
+    allocation = alds_allocation(
+        kernels, config.target, plus=config.alds_plus, n_seeds=config.n_seeds,
+        n_iter=config.n_iter, norm=config.norm, random_state=config.seed,
+    )
+    return {
+        name: LowRankLayerConfig(layer.rank, layer.groups, layer.scheme)
+        for name, layer in allocation.layers.items()
+    }
+
+
+def build_low_rank_layer(layer, factors, config):
+    """``LowRankDense``/``LowRankConv`` from ``LowRankFactors``."""
+    bias = layer.get_weights()[1] if layer.use_bias else None
+    options = dict(bias=bias, **common_options(layer))
+    if isinstance(layer, keras.layers.Conv2D):
+        return LowRankConv.from_factors(factors.encoder, factors.decoder, factors.groups,
+                                        factors.scheme, **conv_options(layer), **options)
+    return LowRankDense.from_factors(factors.encoder, factors.decoder, factors.groups,
+                                     **options)
+
+
+SVD = register_method(Method(
+    name="svd",
+    description="truncated SVD, the same fraction of the rank in every layer",
+    config_class=SVDConfig,
+    fit=fit_svd,
+    build=build_low_rank_layer,
+    presets={"small": dict(rank_ratio=0.1), "large": dict(rank_ratio=0.3)},
+    paper=ALDS_PAPER,
+))
+
+ALDS = register_method(Method(
+    name="alds",
+    description="SVD of channel chunks, ranks and chunks allocated by ALDS for a global target",
+    config_class=ALDSConfig,
+    fit=fit_layer_config,
+    build=build_low_rank_layer,
+    allocate=allocate_alds,
+    presets={"small": dict(target=0.9), "large": dict(target=0.6)},
+    paper=ALDS_PAPER,
+))
