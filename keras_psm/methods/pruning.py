@@ -1,0 +1,161 @@
+"""``hard-pruning`` and ``iterative-pruning``: magnitude pruning on masked layers.
+
+PSM paper, section 3.1: hard pruning is PSM with a single factor (Q = 1)
+whose support keeps the largest magnitudes; iterative pruning (Zhu & Gupta
+2017) recomputes that support during training on a polynomial schedule.
+Both replace each Dense/Conv2D by ``SparseFactorDense``/``SparseFactorConv2D``
+with one factor, ``kernel * mask``, and work under Keras 3 and tf_keras
+(``keras_psm.pruning`` holds the tfmot versions the paper used).
+
+- ``hard-pruning``: each kernel keeps its ``kept_count(size, target_sparsity)``
+  largest magnitudes, at once; fine-tuning keeps that mask.
+- ``iterative-pruning``: the layers start with full masks;
+  ``report.callbacks`` holds the ``IterativePruning`` callback that prunes
+  them during ``fit``.
+
+Both count kept entries as tfmot does, so on the same model and schedule the
+two implementations reach the same number of nonzeros.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from keras_psm.methods.psm import PSM_PAPER, kernel_matrix
+from keras_psm.methods.psm_variants import factorization_from, build_fixed_support_layer
+from keras_psm.methods.registry import Method, register_method
+from keras_psm.validation import check_float, check_int
+
+
+def kept_count(size, sparsity):
+    """Entries kept when ``size`` entries are pruned to ``sparsity``.
+
+    ``max(1, round(size * (1 - sparsity)))`` in float32 with ties to even,
+    exactly as tfmot counts them.
+    """
+    kept = np.float32(size) * (np.float32(1.0) - np.float32(sparsity))
+    return int(max(1, np.round(kept)))
+
+
+def top_k_mask(scores, k, support=None):
+    """Boolean mask of the ``k`` largest ``scores`` among ``support``.
+
+    Exactly ``min(k, support.sum())`` entries are kept (ties broken by
+    position); entries outside ``support`` are never kept.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    flat = scores.ravel()
+    allowed = np.ones(flat.size, dtype=bool) if support is None else \
+        np.asarray(support, dtype=bool).ravel()
+    candidates = np.flatnonzero(allowed)
+    mask = np.zeros(flat.size, dtype=bool)
+    if k >= candidates.size:
+        mask[candidates] = True
+    elif k > 0:
+        mask[candidates[np.argpartition(-flat[candidates], k - 1)[:k]]] = True
+    return mask.reshape(scores.shape)
+
+
+def check_sparsity(value, name, where):
+    """A sparsity (fraction of zeros) in [0, 1), tfmot's range."""
+    value = check_float(value, name, minimum=0.0, where=where)
+    if value >= 1.0:
+        raise ValueError(f"{where}: `{name}` must be >= 0 and < 1, got {value}.")
+    return value
+
+
+def check_schedule(where, target_sparsity, begin_step, end_step, frequency, initial_sparsity):
+    """Validated ``(target_sparsity, begin_step, end_step, frequency, initial_sparsity)``."""
+    target_sparsity = check_sparsity(target_sparsity, "target_sparsity", where)
+    begin_step = check_int(begin_step, "begin_step", minimum=0, where=where)
+    end_step = check_int(end_step, "end_step", minimum=begin_step + 1, where=where)
+    frequency = check_int(frequency, "frequency", minimum=1, where=where)
+    initial_sparsity = check_float(initial_sparsity, "initial_sparsity", minimum=0.0,
+                                   maximum=target_sparsity, where=where)
+    return target_sparsity, begin_step, end_step, frequency, initial_sparsity
+
+
+@dataclasses.dataclass(frozen=True)
+class HardPruningConfig:
+    """Options of ``method="hard-pruning"``.
+
+    Attributes:
+        target_sparsity: fraction of each kernel's entries set to zero, in [0, 1).
+    """
+
+    target_sparsity: float = 0.9
+
+    def __post_init__(self):
+        check_sparsity(self.target_sparsity, "target_sparsity", type(self).__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class IterativePruningConfig:
+    """Options of ``method="iterative-pruning"`` (Zhu & Gupta's schedule).
+
+    Attributes:
+        target_sparsity: s_f, fraction of zeros of every kernel at ``end_step``.
+        begin_step, end_step: t0 and t0 + n dt, in training steps (batches).
+        frequency: dt, steps between two mask updates.
+        initial_sparsity: s_i, sparsity of the first update.
+    """
+
+    target_sparsity: float = 0.9
+    begin_step: int = 0
+    end_step: int = 1000
+    frequency: int = 100
+    initial_sparsity: float = 0.0
+
+    def __post_init__(self):
+        check_schedule(type(self).__name__, self.target_sparsity, self.begin_step,
+                       self.end_step, self.frequency, self.initial_sparsity)
+
+
+def fit_hard_pruning(kernel, config):
+    """The kernel matrix restricted to its largest magnitudes (one factor)."""
+    matrix = kernel_matrix(kernel)
+    support = top_k_mask(np.abs(matrix), kept_count(matrix.size, config.target_sparsity))
+    return factorization_from(matrix, [matrix * support], [support])
+
+
+def fit_full_mask(kernel, config):
+    """The kernel matrix itself, with a full mask, for pruning during training."""
+    matrix = kernel_matrix(kernel)
+    return factorization_from(matrix, [matrix], [np.ones(matrix.shape, dtype=bool)])
+
+
+def iterative_pruning_callbacks(model, config):
+    """The ``IterativePruning`` callback for the model's one-factor masked layers."""
+    # keras_psm.pruning imports compress, which imports this module: import here.
+    from keras_psm.pruning import IterativePruning
+
+    return [IterativePruning(
+        config.target_sparsity, begin_step=config.begin_step, end_step=config.end_step,
+        frequency=config.frequency, initial_sparsity=config.initial_sparsity,
+        layers=lambda layer: layer.n_factors == 1,
+    )]
+
+
+HARD_PRUNING = register_method(Method(
+    name="hard-pruning",
+    description="one-shot magnitude pruning (PSM with one factor)",
+    config_class=HardPruningConfig,
+    fit=fit_hard_pruning,
+    build=build_fixed_support_layer,
+    presets={"small": dict(target_sparsity=0.98), "large": dict(target_sparsity=0.9)},
+    paper=PSM_PAPER,
+))
+
+ITERATIVE_PRUNING = register_method(Method(
+    name="iterative-pruning",
+    description="magnitude pruning during fine-tuning, Zhu & Gupta schedule (callback)",
+    config_class=IterativePruningConfig,
+    fit=fit_full_mask,
+    build=build_fixed_support_layer,
+    callbacks=iterative_pruning_callbacks,
+    presets={
+        "small": dict(target_sparsity=0.98, end_step=500, frequency=50),
+        "large": dict(target_sparsity=0.9, end_step=500, frequency=50),
+    },
+    paper=PSM_PAPER,
+))
