@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from keras_psm.backend import keras
 from keras_psm.layers.base import CompressedLayer
 from keras_psm.methods import get_method
+from keras_psm.model_layers import is_graph_model, leaf_layers
 from keras_psm.report import COMPRESSED, SKIPPED, CompressionReport, LayerReport
 from keras_psm.validation import check_choice, check_finite_array
 
@@ -67,7 +68,7 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
     copied = []
 
     def clone_function(layer):
-        if _is_nested_model(layer):
+        if is_graph_model(layer):
             return keras.models.clone_model(layer, clone_function=clone_function)
         if layer.name in fits:
             new_layer = spec.build(layer, fits[layer.name][0], configs[layer.name])
@@ -82,7 +83,7 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
         new.set_weights(old.get_weights())
 
     report = CompressionReport(method=spec.name)
-    for layer in _leaf_layers(model):
+    for layer in leaf_layers(model):
         name = layer.name
         before = int(layer.count_params())
         if name in replaced:
@@ -113,7 +114,7 @@ def _check_model(model):
             f"{type(model).__name__}. keras_psm runs on {keras.__name__}; set or "
             "unset TF_USE_LEGACY_KERAS to match the Keras that built the model."
         )
-    if not _is_nested_model(model):
+    if not is_graph_model(model):
         raise ValueError(
             f"`model` {model.name!r} is a subclassed model ({type(model).__name__}); "
             "compress needs a functional or Sequential model, whose graph of "
@@ -123,22 +124,6 @@ def _check_model(model):
         raise ValueError(
             f"`model` {model.name!r} has no weights yet: build or train it first."
         )
-
-
-def _is_nested_model(layer):
-    """True for functional and Sequential models (which clone_model can rebuild)."""
-    return isinstance(layer, keras.Model) and (
-        isinstance(layer, keras.Sequential) or getattr(layer, "_is_graph_network", False)
-        or type(layer).__name__ == "Functional"
-    )
-
-
-def _leaf_layers(model):
-    for layer in model.layers:
-        if _is_nested_model(layer):
-            yield from _leaf_layers(layer)
-        else:
-            yield layer
 
 
 def _layer_kind(layer):
@@ -159,7 +144,7 @@ def _layer_kind(layer):
 def _classify(model, spec):
     """Split the layers with weights into replaceable candidates and skipped ones."""
     candidates, skipped = {}, {}
-    for layer in _leaf_layers(model):
+    for layer in leaf_layers(model):
         kind, reason = _layer_kind(layer)
         if kind is not None and kind not in spec.layer_kinds:
             supported = " and ".join(_KIND_NAMES[k] for k in spec.layer_kinds)
@@ -189,7 +174,7 @@ def _select(candidates, layers, model):
             "`layers` must be None, a list of layer names or a predicate "
             f"layer -> bool, got {type(layers).__name__}."
         )
-    known = {layer.name: layer for layer in _leaf_layers(model)}
+    known = {layer.name: layer for layer in leaf_layers(model)}
     unknown = sorted(name for name in layers if name not in known)
     if unknown:
         raise ValueError(

@@ -29,9 +29,9 @@ import collections
 import numpy as np
 
 from keras_psm.backend import LEGACY_KERAS, keras
-from keras_psm.compress import _is_nested_model, _leaf_layers
 from keras_psm.layers.base import CompressedLayer
 from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
+from keras_psm.model_layers import is_graph_model, leaf_layers
 from keras_psm.methods.pruning import check_schedule, check_sparsity, kept_count, top_k_mask
 
 #: Exponent of Zhu & Gupta's schedule.
@@ -66,7 +66,7 @@ def masked_factors(model, layers=None):
     ``layer -> bool``. Nested models are searched too.
     """
     selected = [
-        layer for layer in _leaf_layers(model)
+        layer for layer in leaf_layers(model)
         if isinstance(layer, (SparseFactorDense, SparseFactorConv2D))
         and is_selected(layer, layers)
     ]
@@ -228,7 +228,7 @@ def _import_tfmot(function_name):
 
 def _wrap_for_pruning(tfmot, model, schedule, layers, where):
     """A copy of ``model`` whose selected layers are wrapped by ``PruneLowMagnitude``."""
-    if not isinstance(model, keras.Model) or not _is_nested_model(model):
+    if not isinstance(model, keras.Model) or not is_graph_model(model):
         raise TypeError(
             f"{where}: `model` must be a functional or Sequential {keras.__name__} model, "
             f"got {type(model).__name__}."
@@ -237,7 +237,7 @@ def _wrap_for_pruning(tfmot, model, schedule, layers, where):
     copies = []
 
     def clone_function(layer):
-        if _is_nested_model(layer):
+        if is_graph_model(layer):
             return keras.models.clone_model(layer, clone_function=clone_function)
         copy = layer.__class__.from_config(layer.get_config())
         copies.append((layer, copy))
@@ -257,7 +257,7 @@ def _pruning_wrappers(model):
     # tfmot's public API does not export the wrapper class; its callbacks use this module.
     from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
 
-    return [layer for layer in _leaf_layers(model)
+    return [layer for layer in leaf_layers(model)
             if isinstance(layer, pruning_wrapper.PruneLowMagnitude)]
 
 
@@ -272,7 +272,7 @@ def check_layer_names(model, layers, where):
     if layers is None or callable(layers):
         return
     names = [layers] if isinstance(layers, str) else list(layers)
-    known = {layer.name for layer in _leaf_layers(model)}
+    known = {layer.name for layer in leaf_layers(model)}
     unknown = sorted(set(names) - known)
     if unknown:
         raise ValueError(f"{where}: `layers` names {unknown}, which model {model.name!r} "

@@ -126,7 +126,7 @@ def fit_full_mask(kernel, config):
 
 def iterative_pruning_callbacks(model, config):
     """The ``IterativePruning`` callback for the model's one-factor masked layers."""
-    # keras_psm.pruning imports compress, which imports this module: import here.
+    # keras_psm.pruning imports this module (kept_count, check_schedule): import here.
     from keras_psm.pruning import IterativePruning
 
     return [IterativePruning(
