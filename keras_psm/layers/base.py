@@ -10,6 +10,13 @@ A layer built from a fit receives its starting values through
 ``initial_values`` (a dict of weight name -> array); ``build`` then creates
 each weight with that value instead of its initializer. The dict is not part
 of the config: a saved model restores the weights from its own file.
+
+TFLite export (``keras_psm.export``) traces each layer's ``call``. The
+converter folds constant sub-expressions, so a layer whose ``call``
+multiplies its factors into one kernel would reach the file as one dense
+weight: such a layer also defines ``export_call(inputs)``, the same forward
+with the factors applied to the input one at a time. A layer whose ``call``
+already does that needs nothing.
 """
 
 import numpy as np
@@ -63,6 +70,14 @@ class CompressedLayer(keras.layers.Layer):
         Layers whose weights carry masks override this to count ``weight * mask``.
         """
         return sum(int(np.count_nonzero(w.numpy())) for w in self.weights)
+
+    def get_prunable_weights(self):
+        """Weights magnitude pruning may sparsify (tfmot's ``PrunableLayer`` interface).
+
+        None by default: a factorized layer is already compressed. Layers
+        whose weights carry masks override this.
+        """
+        return []
 
     def get_config(self):
         config = super().get_config()

@@ -34,6 +34,14 @@ def factor_shapes(n_rows, n_cols, n_factors, rank=None):
     return [(n_rows, rank)] + [(rank, rank)] * (n_factors - 2) + [(rank, n_cols)]
 
 
+def apply_in_sequence(inputs, factors):
+    """``(((inputs @ F1) @ F2) ... @ FQ)``: the factors applied one at a time."""
+    outputs = inputs
+    for factor in factors:
+        outputs = tf.matmul(outputs, factor)
+    return outputs
+
+
 def chain_matmul(inputs, factors):
     """``inputs @ F1 @ ... @ FQ`` in the cheaper of two association orders.
 
@@ -43,10 +51,7 @@ def chain_matmul(inputs, factors):
     the batch size is not known when it is traced.
     """
     def one_at_a_time():
-        outputs = inputs
-        for factor in factors:
-            outputs = tf.matmul(outputs, factor)
-        return outputs
+        return apply_in_sequence(inputs, factors)
 
     def product_first():
         kernel = factors[0]
@@ -122,6 +127,11 @@ class _SparseFactors(CompressedLayer):
         count = sum(int(np.count_nonzero(mask.numpy())) for mask in self.masks)
         return count + (int(self.bias.shape[0]) if self.use_bias else 0)
 
+    def get_prunable_weights(self):
+        """The factor weights (tfmot's ``PrunableLayer`` interface): pruning
+        them by magnitude keeps each factor inside its support."""
+        return list(self.factor_weights)
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -180,6 +190,14 @@ class SparseFactorDense(_SparseFactors):
     def call(self, inputs):
         inputs = tf.cast(inputs, self.compute_dtype)
         outputs = matmul_last_axis(inputs, lambda x: chain_matmul(x, self.factors))
+        return self._finish(outputs)
+
+    def export_call(self, inputs):
+        """The forward TFLite export traces (``keras_psm.export``): the factors
+        applied to the input one at a time, so that the converter keeps them
+        as separate sparse constants instead of folding their product."""
+        inputs = tf.cast(inputs, self.compute_dtype)
+        outputs = matmul_last_axis(inputs, lambda x: apply_in_sequence(x, self.factors))
         return self._finish(outputs)
 
     def compute_output_shape(self, input_shape):
@@ -274,6 +292,25 @@ class SparseFactorConv2D(_SparseFactors):
         kernel = tf.reshape(self._product(self.compute_dtype), self.kernel_size + (self.in_channels, self.filters))
         outputs = convolve(inputs, kernel, self.strides, self.padding, self.dilation_rate,
                            self.data_format)
+        return self._finish(outputs, self._channel_axis)
+
+    def export_call(self, inputs):
+        """The forward TFLite export traces (``keras_psm.export``): a convolution
+        by the first factor reshaped to (kh, kw, cin, r), then the other factors
+        applied to the channels one at a time (fully connected ops), so that
+        the converter keeps every factor as its own sparse constant."""
+        inputs = tf.cast(inputs, self.compute_dtype)
+        first, *rest = self.factors
+        kernel = tf.reshape(first, self.kernel_size + (self.in_channels, -1))
+        outputs = convolve(inputs, kernel, self.strides, self.padding, self.dilation_rate,
+                           self.data_format)
+        if rest:
+            channels_first = self.data_format == "channels_first"
+            if channels_first:
+                outputs = tf.transpose(outputs, (0, 2, 3, 1))
+            outputs = matmul_last_axis(outputs, lambda x: apply_in_sequence(x, rest))
+            if channels_first:
+                outputs = tf.transpose(outputs, (0, 3, 1, 2))
         return self._finish(outputs, self._channel_axis)
 
     def compute_output_shape(self, input_shape):

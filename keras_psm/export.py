@@ -1,0 +1,554 @@
+"""TFLite export that keeps the compression, checked with LiteRT.
+
+TensorFlow's TFLite converter folds constant sub-expressions: a layer that
+multiplies its factors into one kernel before using it reaches the file as
+one dense weight. ``to_tflite`` therefore converts an export copy of the
+model in which
+
+- pruning wrappers (tfmot's ``PruneLowMagnitude``) are replaced by the layer
+  they wrap, with each mask multiplied into its weight;
+- every layer with an export forward runs it instead of ``call``: the same
+  function with the factors applied to the input one at a time, so that
+  each factor stays its own constant (fully connected ops for a Dense
+  product, a convolution by the first factor and fully connected ops for the
+  others in a Conv2D product). A layer gets its export forward from its
+  class's ``export_call(inputs)`` method, or from ``EXPORT_FORWARDS`` below
+  for a family that has none; a layer whose ``call`` already applies its
+  factors in sequence needs neither. Masks (``weight * mask``) are constant
+  products that the converter folds into the weights.
+
+The file is converted with and without TFLite's sparse encoding of
+constants (``Optimize.EXPERIMENTAL_SPARSITY``). Each candidate is run by the
+LiteRT interpreter with its default (XNNPACK) delegate, in a separate
+process so that a crash cannot take the caller down, on check samples, and
+compared with the Keras model; the smallest one that runs and agrees is
+written. ``to_tflite`` never writes a file that does not run or that
+disagrees with the model. With LiteRT 2.3 this check matters: sparse int8
+weights either fail to prepare in XNNPACK or give wrong results, and
+float16 weights stored in 1x4 sparse blocks reach the op undecoded, so
+quantized files keep the dense encoding.
+"""
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from typing import List, Optional
+
+import numpy as np
+
+from keras_psm.backend import keras, tf
+from keras_psm.model_layers import is_graph_model
+from keras_psm.layers.base import CompressedLayer, matmul_last_axis
+from keras_psm.validation import check_choice, check_float, check_int
+
+#: Export forwards for layer families whose class has no ``export_call``:
+#: class name -> ``forward(layer, inputs) -> outputs``, used as the layer's
+#: ``call`` in the export copy. Register one with ``@export_forward("Name")``.
+EXPORT_FORWARDS = {}
+
+#: ``quantization`` options -> default ``tolerance`` of the LiteRT check.
+#: The maximum absolute difference from the Keras outputs must stay below
+#: ``tolerance * max(1, max |Keras output|)``.
+DEFAULT_TOLERANCES = {None: 1e-4, "float16": 1e-2, "dynamic_int8": 5e-2}
+
+SPARSE_CHOICES = ("auto", True, False)
+
+
+def export_forward(class_name):
+    """Register ``forward(layer, inputs)`` as the export forward of ``class_name``."""
+    def register(forward):
+        EXPORT_FORWARDS[class_name] = forward
+        return forward
+    return register
+
+
+def find_export_forward(layer):
+    """The export forward of ``layer``'s class, or None if its ``call`` is used.
+
+    The class's own ``export_call`` comes first, then ``EXPORT_FORWARDS``
+    (searched along the class hierarchy, by class name).
+    """
+    method = getattr(type(layer), "export_call", None)
+    if method is not None:
+        return method
+    for cls in type(layer).__mro__:
+        if cls.__name__ in EXPORT_FORWARDS:
+            return EXPORT_FORWARDS[cls.__name__]
+    return None
+
+
+@export_forward("KroneckerDense")
+def _kronecker_dense_factored(layer, inputs):
+    """KroneckerDense always in its factored form (``compute="materialized"``
+    forms the kernel): the input meets the blocks B_i and the S * A_i."""
+    inputs = tf.cast(inputs, layer.compute_dtype)
+    grid_factors = layer._grid_factors(layer.compute_dtype)
+    blocks = tf.cast(layer.b, layer.compute_dtype)
+    outputs = matmul_last_axis(inputs, lambda x: layer.geometry.apply(x, grid_factors, blocks))
+    return layer._finish(outputs)
+
+
+@export_forward("TTConv2D")
+def _tt_conv_cores_on_input(layer, inputs):
+    """TTConv2D with its cores applied to the input (Garipov et al., 2016).
+
+    Core k (r_k, c_k, f_k, r_{k+1}), from the last to the second, contracts
+    channel mode c_k at every pixel, leaving (pixels, f_1 ... f_M, r_1); the
+    first core, the window one, is then a (kh, kw, r_1, 1) convolution of
+    each output mode. The layer's own ``call`` rebuilds the kernel instead.
+    """
+    x = layer._to_channels_last(inputs)
+    batch, height, width = tf.shape(x)[0], x.shape[1], x.shape[2]
+    padded_channels = math.prod(layer.channel_factors)
+    if padded_channels > layer.in_channels:
+        x = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, padded_channels - layer.in_channels]])
+    state = tf.reshape(x, (-1, 1, 1))  # (pixels * c_1 ... c_M, f-modes so far, r_{M+1})
+    for core, channels in zip(layer.cores[:0:-1], layer.channel_factors[::-1]):
+        core = tf.cast(core, x.dtype)
+        state = tf.reshape(state, (-1, channels) + tuple(state.shape[1:]))
+        state = tf.einsum("pcfs,rcgs->pgfr", state, core)
+        state = tf.reshape(state, (-1, state.shape[1] * state.shape[2], state.shape[3]))
+    n_outputs, rank = state.shape[1], state.shape[2]
+    state = tf.reshape(state, (batch, height, width, n_outputs, rank))
+    state = tf.reshape(tf.transpose(state, (0, 3, 1, 2, 4)), (-1, height, width, rank))
+    window_kernel = tf.reshape(tf.cast(layer.cores[0], x.dtype), layer.kernel_size + (rank, 1))
+    outputs = layer._conv(state, window_kernel, layer.strides, layer.dilation_rate)
+    outputs = tf.reshape(outputs, (batch, n_outputs) + tuple(outputs.shape[1:3]))
+    outputs = tf.transpose(outputs, (0, 2, 3, 1))[..., :layer.filters]
+    return layer._from_channels_last(layer._finish(outputs))
+
+
+def _pruning_wrapper_class():
+    """tfmot's ``PruneLowMagnitude`` if tfmot is loaded (importing it would set
+    ``TF_USE_LEGACY_KERAS`` for the whole process, so it is never imported here)."""
+    module = sys.modules.get(
+        "tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper")
+    return None if module is None else module.PruneLowMagnitude
+
+
+def strip_for_export(layer):
+    """``(layer to copy, its weights)`` with any pruning wrapper removed.
+
+    The wrapped layer's weights come back with each pruning mask multiplied
+    in, so a layer that was not trained since it was wrapped is exported
+    pruned too.
+    """
+    wrapper = _pruning_wrapper_class()
+    if wrapper is None or not isinstance(layer, wrapper):
+        return layer, layer.get_weights()
+    masked = {id(weight): (weight * mask).numpy() for weight, mask, _ in layer.pruning_vars}
+    inner = layer.layer
+    return inner, [masked.get(id(weight), weight.numpy()) for weight in inner.weights]
+
+
+def export_model(model):
+    """A copy of ``model`` for conversion; ``model`` itself is not touched.
+
+    Every layer is rebuilt from its config with a copy of its weights;
+    pruning wrappers are stripped (``strip_for_export``) and a layer with an
+    export forward (``find_export_forward``) runs it as its ``call``.
+    """
+    _check_model(model)
+    copies = []
+
+    def clone_function(layer):
+        if is_graph_model(layer):
+            return keras.models.clone_model(layer, clone_function=clone_function)
+        layer, weights = strip_for_export(layer)
+        cls = type(layer)
+        forward = find_export_forward(layer)
+        if forward is not None:
+            cls = type(cls.__name__, (cls,), {"call": forward, "__module__": __name__})
+        new_layer = cls.from_config(layer.get_config())
+        copies.append((new_layer, weights))
+        return new_layer
+
+    exported = keras.models.clone_model(model, clone_function=clone_function)
+    for new_layer, weights in copies:
+        new_layer.set_weights(weights)
+    return exported
+
+
+def _check_model(model):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"`model` must be a Keras model ({keras.__name__}.Model), got "
+            f"{type(model).__name__}."
+        )
+    if not is_graph_model(model):
+        raise ValueError(
+            f"`model` {model.name!r} is a subclassed model ({type(model).__name__}); "
+            "export needs a functional or Sequential model, whose layers it can "
+            "rebuild with their export forwards. Rebuild it with the functional API."
+        )
+    if not model.built or not model.inputs:
+        raise ValueError(f"`model` {model.name!r} is not built: call it on data first.")
+
+
+def _input_specs(model, batch_size):
+    return [
+        tf.TensorSpec((batch_size,) + tuple(tensor.shape[1:]), tf.as_dtype(tensor.dtype))
+        for tensor in model.inputs
+    ]
+
+
+def _concrete_function(model, batch_size):
+    """``model(inputs, training=False)`` traced for inputs with ``batch_size`` rows."""
+    specs = _input_specs(model, batch_size)
+
+    def serve(*inputs):
+        return model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
+
+    return tf.function(serve).get_concrete_function(*specs)
+
+
+def convert(model, quantization=None, sparse_encoding=True, batch_size=1):
+    """TFLite bytes of ``model`` as it stands (no export copy, no check).
+
+    Variables are frozen into constants, so constant products (masks, and
+    factor products a layer forms itself) are folded by the converter.
+    ``sparse_encoding`` turns on TFLite's sparse encoding of constants
+    (``Optimize.EXPERIMENTAL_SPARSITY``); ``quantization`` is None,
+    ``"float16"`` or ``"dynamic_int8"`` (post-training dynamic-range
+    quantization: int8 weights, float activations).
+    """
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [_concrete_function(model, batch_size)])
+    optimizations = []
+    if quantization is not None:
+        optimizations.append(tf.lite.Optimize.DEFAULT)
+    if quantization == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if sparse_encoding:
+        optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
+    converter.optimizations = optimizations
+    return converter.convert()
+
+
+def _as_input_list(model, inputs):
+    arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    if len(arrays) != len(model.inputs):
+        raise ValueError(
+            f"`inputs`: model {model.name!r} has {len(model.inputs)} input(s), "
+            f"got {len(arrays)} array(s)."
+        )
+    arrays = [np.asarray(a, dtype=tf.as_dtype(t.dtype).as_numpy_dtype)
+              for a, t in zip(arrays, model.inputs)]
+    for array, tensor in zip(arrays, model.inputs):
+        expected = tuple(tensor.shape[1:])
+        if array.ndim != len(expected) + 1 or any(
+                e is not None and e != d for e, d in zip(expected, array.shape[1:])):
+            raise ValueError(
+                f"`inputs`: expected a batch of shape (n,) + {expected} for model "
+                f"{model.name!r}, got {array.shape}."
+            )
+    if len({a.shape[0] for a in arrays}) != 1:
+        raise ValueError("`inputs`: every input array must have the same number of samples.")
+    return arrays
+
+
+def _flat_outputs(outputs):
+    return [np.asarray(o) for o in tf.nest.flatten(outputs)]
+
+
+# Runs a .tflite file in a fresh Python process that imports only numpy and
+# ai_edge_litert, so that LiteRT crashing on a file cannot take the caller
+# down. argv: the file, an .npz of inputs ("0", "1", ... in the model's input
+# order), the .npz to write the outputs to, the number of threads.
+_LITERT_RUNNER = """
+import sys
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+path, inputs_file, outputs_file, threads = sys.argv[1:]
+data = np.load(inputs_file)
+arrays = [data[str(i)] for i in range(len(data.files))]
+interpreter = Interpreter(model_path=path, num_threads=int(threads))
+inputs = interpreter.get_input_details()
+if inputs[0]["shape_signature"][0] == -1:
+    step = arrays[0].shape[0]
+    for detail, array in zip(inputs, arrays):
+        interpreter.resize_tensor_input(detail["index"], array.shape)
+else:
+    step = int(inputs[0]["shape"][0])
+interpreter.allocate_tensors()
+outputs = interpreter.get_output_details()
+results = [[] for _ in outputs]
+for start in range(0, arrays[0].shape[0], step):
+    for detail, array in zip(inputs, arrays):
+        interpreter.set_tensor(detail["index"], array[start:start + step])
+    interpreter.invoke()
+    for result, detail in zip(results, outputs):
+        result.append(interpreter.get_tensor(detail["index"]))
+np.savez(outputs_file, **{str(i): np.concatenate(r) for i, r in enumerate(results)})
+"""
+
+
+def run_tflite(path, inputs, num_threads=1):
+    """Outputs of the .tflite file at ``path`` for a batch of inputs, run by LiteRT.
+
+    ``inputs`` is an array, or a list with one array per file input, in the
+    model's input order. The file runs with LiteRT's default (XNNPACK)
+    delegate in a separate process; a file with a fixed batch size runs one
+    slice of that size at a time. Returns the list of outputs, stacked over
+    the samples.
+
+    Raises:
+        RuntimeError: LiteRT could not load, prepare or run the file.
+    """
+    arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    with tempfile.TemporaryDirectory() as directory:
+        inputs_file = os.path.join(directory, "inputs.npz")
+        outputs_file = os.path.join(directory, "outputs.npz")
+        np.savez(inputs_file, **{str(i): np.asarray(a) for i, a in enumerate(arrays)})
+        done = subprocess.run(
+            [sys.executable, "-c", _LITERT_RUNNER, os.fspath(path), inputs_file,
+             outputs_file, str(num_threads)],
+            capture_output=True, text=True, check=False,
+        )
+        if done.returncode != 0:
+            how = (f"was killed by signal {-done.returncode}" if done.returncode < 0
+                   else f"exited with status {done.returncode}")
+            detail = done.stderr.strip().splitlines()[-1:] or [""]
+            raise RuntimeError(f"LiteRT {how} running {os.fspath(path)!r}: {detail[0]}")
+        with np.load(outputs_file) as outputs:
+            return [outputs[str(i)] for i in range(len(outputs.files))]
+
+
+def verify_tflite(path, model, inputs, num_threads=1):
+    """Maximum absolute difference between the file's and the Keras model's outputs.
+
+    Runs the .tflite file at ``path`` with the LiteRT interpreter
+    (``ai_edge_litert``, see ``run_tflite``) on ``inputs`` (a batch: an array,
+    or a list with one array per model input) and compares every output
+    with ``model(inputs, training=False)``.
+    """
+    arrays = _as_input_list(model, inputs)
+    return _max_difference(run_tflite(path, arrays, num_threads), _keras_outputs(model, arrays))
+
+
+def _keras_outputs(model, arrays):
+    outputs = model(arrays[0] if len(arrays) == 1 else arrays, training=False)
+    return [np.asarray(output) for output in tf.nest.flatten(outputs)]
+
+
+def _max_difference(actual, expected):
+    if len(actual) != len(expected):
+        raise ValueError(
+            f"the file has {len(actual)} output(s), the model {len(expected)}."
+        )
+    return max(float(np.max(np.abs(a.astype(np.float64) - e.reshape(a.shape))))
+               for a, e in zip(actual, expected))
+
+
+def _random_inputs(model, n_samples, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        rng.standard_normal((n_samples,) + tuple(t.shape[1:])).astype(
+            tf.as_dtype(t.dtype).as_numpy_dtype)
+        for t in model.inputs
+    ]
+
+
+def to_tflite(model, path, *, quantization=None, sparse="auto", inputs=None, tolerance=None,
+              batch_size=1):
+    """Write ``model`` as a .tflite file that keeps its compression; returns ``path``.
+
+    The model is converted through an export copy (``export_model``):
+    pruning wrappers stripped with their masks folded in, factors applied to
+    the input one at a time. Each candidate file (with and without TFLite's
+    sparse encoding, as ``sparse`` asks) is run by LiteRT on the check inputs
+    and compared with ``model``; the smallest one that runs and agrees is
+    written.
+
+    Args:
+        model: a functional or Sequential Keras model (compressed or not).
+            It is not modified.
+        path: where to write the file.
+        quantization: None (float32 weights), ``"float16"`` (half-precision
+            weights) or ``"dynamic_int8"`` (dynamic-range quantization: int8
+            weights, float activations).
+        sparse: ``"auto"`` (the smaller of the files with and without the
+            sparse encoding), True (sparse encoding only) or False (none).
+            Some combinations do not run in LiteRT 2.3: its XNNPACK delegate
+            cannot prepare a fully connected op with a sparse int8 weight,
+            and a float16 weight stored in 1x4 sparse blocks reaches the
+            fully connected op undecoded. ``"auto"`` then keeps the dense
+            file with a warning; True raises.
+        inputs: samples for the check (an array, or one per model input);
+            by default 8 standard-normal samples. Real samples make the check
+            meaningful for the model's actual range.
+        tolerance: largest allowed ``max |tflite - keras| / max(1, max |keras|)``;
+            by default ``DEFAULT_TOLERANCES[quantization]`` (1e-4 float32,
+            1e-2 float16, 5e-2 dynamic int8).
+        batch_size: the file's fixed batch size (1: single samples, as on a
+            phone), or None for a batch size chosen at run time.
+
+    Raises:
+        RuntimeError: no candidate file runs in LiteRT and agrees with the
+            model within the tolerance (nothing is written; the message
+            gives each candidate's reason).
+    """
+    where = "to_tflite"
+    _check_model(model)
+    check_choice(quantization, "quantization", tuple(DEFAULT_TOLERANCES), where=where)
+    check_choice(sparse, "sparse", SPARSE_CHOICES, where=where)
+    check_int(batch_size, "batch_size", minimum=1, where=where, allow_none=True)
+    tolerance = check_float(
+        DEFAULT_TOLERANCES[quantization] if tolerance is None else tolerance, "tolerance",
+        minimum=0.0, where=where)
+    arrays = (_random_inputs(model, 8 if batch_size is None else 8 * batch_size)
+              if inputs is None else _as_input_list(model, inputs))
+    if batch_size is not None and arrays[0].shape[0] % batch_size:
+        raise ValueError(
+            f"{where}: the number of check samples ({arrays[0].shape[0]}) must be a "
+            f"multiple of `batch_size` ({batch_size})."
+        )
+    expected = _keras_outputs(model, arrays)
+    allowed = tolerance * max(1.0, max(float(np.max(np.abs(e))) for e in expected))
+
+    exported = export_model(model)
+    encodings = {"auto": (True, False), True: (True,), False: (False,)}[sparse]
+    kept, rejected = None, []
+    with tempfile.TemporaryDirectory() as directory:
+        for sparse_encoding in encodings:
+            label = "sparse" if sparse_encoding else "dense"
+            content = convert(exported, quantization, sparse_encoding, batch_size)
+            candidate = os.path.join(directory, f"{label}.tflite")
+            with open(candidate, "wb") as handle:
+                handle.write(content)
+            try:
+                difference = _max_difference(run_tflite(candidate, arrays), expected)
+            except RuntimeError as error:
+                rejected.append(f"the {label} encoding does not run: {error}")
+                continue
+            if not difference <= allowed:
+                rejected.append(
+                    f"the {label} encoding differs from the Keras model by up to "
+                    f"{difference:.3g}, more than the tolerance {allowed:.3g}")
+            elif kept is None or len(content) < len(kept):
+                kept = content
+    summary = f"model {model.name!r} (quantization={quantization!r}, sparse={sparse!r})"
+    if kept is None:
+        raise RuntimeError(
+            f"{where}: no TFLite file of {summary} runs in LiteRT and agrees with the "
+            f"model; nothing was written. " + "; ".join(rejected) + ". Try sparse='auto' "
+            "or another quantization; pass real samples as `inputs` or a larger "
+            "`tolerance` if only the tolerance is exceeded."
+        )
+    if rejected:
+        warnings.warn(f"{where}: {summary}: " + "; ".join(rejected)
+                      + "; the file keeps the other encoding.", RuntimeWarning, stacklevel=2)
+    with open(path, "wb") as handle:
+        handle.write(kept)
+    return path
+
+
+@dataclasses.dataclass
+class LayerSize:
+    """Parameters of one layer with weights.
+
+    ``params`` counts Keras's stored values (masks included), ``nonzero``
+    the values a sparse encoding keeps (masks folded into their weights),
+    ``dense_params`` the parameters of the layer of the same name in the
+    dense original, when given.
+    """
+
+    name: str
+    layer_type: str
+    params: int
+    nonzero: int
+    dense_params: Optional[int] = None
+
+
+@dataclasses.dataclass
+class SizeReport:
+    """File bytes and per-layer parameters of an exported model against its dense original."""
+
+    file_bytes: int
+    dense_file_bytes: Optional[int] = None
+    layers: List[LayerSize] = dataclasses.field(default_factory=list)
+
+    @property
+    def nonzero(self):
+        return sum(row.nonzero for row in self.layers)
+
+    @property
+    def dense_params(self):
+        counts = [row.dense_params for row in self.layers if row.dense_params is not None]
+        return sum(counts) if counts else None
+
+    @property
+    def file_ratio(self):
+        """Dense file bytes / file bytes (None without a dense original)."""
+        return None if self.dense_file_bytes is None else self.dense_file_bytes / self.file_bytes
+
+    def as_dicts(self):
+        return [dataclasses.asdict(row) for row in self.layers]
+
+    def __str__(self):
+        header = ("layer", "type", "dense params", "params", "nonzero")
+        lines = [header] + [
+            (row.name, row.layer_type,
+             "" if row.dense_params is None else f"{row.dense_params:,}",
+             f"{row.params:,}", f"{row.nonzero:,}")
+            for row in self.layers
+        ]
+        total_dense = self.dense_params
+        lines.append(("total", "", "" if total_dense is None else f"{total_dense:,}",
+                      f"{sum(r.params for r in self.layers):,}", f"{self.nonzero:,}"))
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+        text.insert(1, "-" * len(text[0]))
+        text.insert(len(text) - 1, "-" * len(text[0]))
+        text.append(f"file: {self.file_bytes:,} bytes")
+        if self.dense_file_bytes is not None:
+            text[-1] += (f", dense original: {self.dense_file_bytes:,} bytes "
+                         f"(x{self.file_ratio:.1f} smaller)")
+        return "\n".join(text)
+
+
+def _layer_sizes(model):
+    """``name -> (layer type, stored values, nonzero values)`` of the layers with weights."""
+    sizes = {}
+    for layer in model.layers:
+        if is_graph_model(layer):
+            sizes.update(_layer_sizes(layer))
+            continue
+        if not layer.weights:
+            continue
+        inner, weights = strip_for_export(layer)
+        if isinstance(inner, CompressedLayer):
+            nonzero = inner.count_nonzero_params()
+        else:
+            nonzero = sum(int(np.count_nonzero(w)) for w in weights)
+        sizes[layer.name] = (type(inner).__name__, int(inner.count_params()), nonzero)
+    return sizes
+
+
+def size_report(model, path, dense_model=None, dense_path=None):
+    """Bytes of the .tflite file at ``path`` and the parameters of each layer
+    of ``model``, against the dense original.
+
+    ``dense_model`` (the model before compression) gives each layer's dense
+    parameter count; its file size comes from ``dense_path`` if given, else
+    from exporting it with ``to_tflite(dense_model, ..., sparse=False)``.
+    """
+    report = SizeReport(file_bytes=os.path.getsize(path))
+    dense_sizes = {} if dense_model is None else _layer_sizes(dense_model)
+    for name, (layer_type, params, nonzero) in _layer_sizes(model).items():
+        dense = dense_sizes.get(name)
+        report.layers.append(LayerSize(name, layer_type, params, nonzero,
+                                       None if dense is None else dense[1]))
+    if dense_path is None and dense_model is not None:
+        with tempfile.TemporaryDirectory() as directory:
+            dense_path = to_tflite(dense_model, os.path.join(directory, "dense.tflite"),
+                                   sparse=False)
+            report.dense_file_bytes = os.path.getsize(dense_path)
+    elif dense_path is not None:
+        report.dense_file_bytes = os.path.getsize(dense_path)
+    return report
