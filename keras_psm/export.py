@@ -11,10 +11,9 @@ model in which
   function with the factors applied to the input one at a time, so that
   each factor stays its own constant (fully connected ops for a Dense
   product, a convolution by the first factor and fully connected ops for the
-  others in a Conv2D product). A layer gets its export forward from its
-  class's ``export_call(inputs)`` method, or from ``EXPORT_FORWARDS`` below
-  for a family that has none; a layer whose ``call`` already applies its
-  factors in sequence needs neither. Masks (``weight * mask``) are constant
+  others in a Conv2D product). A layer class gets an export forward by
+  defining ``export_call(inputs)``; a layer whose ``call`` already applies
+  its factors in sequence needs none. Masks (``weight * mask``) are constant
   products that the converter folds into the weights.
 
 The file is converted with and without TFLite's sparse encoding of
@@ -30,7 +29,6 @@ quantized files keep the dense encoding.
 """
 
 import dataclasses
-import math
 import os
 import subprocess
 import sys
@@ -42,13 +40,8 @@ import numpy as np
 
 from keras_psm.backend import keras, tf
 from keras_psm.model_layers import is_graph_model
-from keras_psm.layers.base import CompressedLayer, matmul_last_axis
+from keras_psm.layers.base import CompressedLayer
 from keras_psm.validation import check_choice, check_float, check_int
-
-#: Export forwards for layer families whose class has no ``export_call``:
-#: class name -> ``forward(layer, inputs) -> outputs``, used as the layer's
-#: ``call`` in the export copy. Register one with ``@export_forward("Name")``.
-EXPORT_FORWARDS = {}
 
 #: ``quantization`` options -> default ``tolerance`` of the LiteRT check.
 #: The maximum absolute difference from the Keras outputs must stay below
@@ -56,70 +49,6 @@ EXPORT_FORWARDS = {}
 DEFAULT_TOLERANCES = {None: 1e-4, "float16": 1e-2, "dynamic_int8": 5e-2}
 
 SPARSE_CHOICES = ("auto", True, False)
-
-
-def export_forward(class_name):
-    """Register ``forward(layer, inputs)`` as the export forward of ``class_name``."""
-    def register(forward):
-        EXPORT_FORWARDS[class_name] = forward
-        return forward
-    return register
-
-
-def find_export_forward(layer):
-    """The export forward of ``layer``'s class, or None if its ``call`` is used.
-
-    The class's own ``export_call`` comes first, then ``EXPORT_FORWARDS``
-    (searched along the class hierarchy, by class name).
-    """
-    method = getattr(type(layer), "export_call", None)
-    if method is not None:
-        return method
-    for cls in type(layer).__mro__:
-        if cls.__name__ in EXPORT_FORWARDS:
-            return EXPORT_FORWARDS[cls.__name__]
-    return None
-
-
-@export_forward("KroneckerDense")
-def _kronecker_dense_factored(layer, inputs):
-    """KroneckerDense always in its factored form (``compute="materialized"``
-    forms the kernel): the input meets the blocks B_i and the S * A_i."""
-    inputs = tf.cast(inputs, layer.compute_dtype)
-    grid_factors = layer._grid_factors(layer.compute_dtype)
-    blocks = tf.cast(layer.b, layer.compute_dtype)
-    outputs = matmul_last_axis(inputs, lambda x: layer.geometry.apply(x, grid_factors, blocks))
-    return layer._finish(outputs)
-
-
-@export_forward("TTConv2D")
-def _tt_conv_cores_on_input(layer, inputs):
-    """TTConv2D with its cores applied to the input (Garipov et al., 2016).
-
-    Core k (r_k, c_k, f_k, r_{k+1}), from the last to the second, contracts
-    channel mode c_k at every pixel, leaving (pixels, f_1 ... f_M, r_1); the
-    first core, the window one, is then a (kh, kw, r_1, 1) convolution of
-    each output mode. The layer's own ``call`` rebuilds the kernel instead.
-    """
-    x = layer._to_channels_last(inputs)
-    batch, height, width = tf.shape(x)[0], x.shape[1], x.shape[2]
-    padded_channels = math.prod(layer.channel_factors)
-    if padded_channels > layer.in_channels:
-        x = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, padded_channels - layer.in_channels]])
-    state = tf.reshape(x, (-1, 1, 1))  # (pixels * c_1 ... c_M, f-modes so far, r_{M+1})
-    for core, channels in zip(layer.cores[:0:-1], layer.channel_factors[::-1]):
-        core = tf.cast(core, x.dtype)
-        state = tf.reshape(state, (-1, channels) + tuple(state.shape[1:]))
-        state = tf.einsum("pcfs,rcgs->pgfr", state, core)
-        state = tf.reshape(state, (-1, state.shape[1] * state.shape[2], state.shape[3]))
-    n_outputs, rank = state.shape[1], state.shape[2]
-    state = tf.reshape(state, (batch, height, width, n_outputs, rank))
-    state = tf.reshape(tf.transpose(state, (0, 3, 1, 2, 4)), (-1, height, width, rank))
-    window_kernel = tf.reshape(tf.cast(layer.cores[0], x.dtype), layer.kernel_size + (rank, 1))
-    outputs = layer._conv(state, window_kernel, layer.strides, layer.dilation_rate)
-    outputs = tf.reshape(outputs, (batch, n_outputs) + tuple(outputs.shape[1:3]))
-    outputs = tf.transpose(outputs, (0, 2, 3, 1))[..., :layer.filters]
-    return layer._from_channels_last(layer._finish(outputs))
 
 
 def _pruning_wrapper_class():
@@ -149,8 +78,8 @@ def export_model(model):
     """A copy of ``model`` for conversion; ``model`` itself is not touched.
 
     Every layer is rebuilt from its config with a copy of its weights;
-    pruning wrappers are stripped (``strip_for_export``) and a layer with an
-    export forward (``find_export_forward``) runs it as its ``call``.
+    pruning wrappers are stripped (``strip_for_export``) and a layer whose
+    class defines ``export_call`` runs it as its ``call``.
     """
     _check_model(model)
     copies = []
@@ -160,7 +89,7 @@ def export_model(model):
             return keras.models.clone_model(layer, clone_function=clone_function)
         layer, weights = strip_for_export(layer)
         cls = type(layer)
-        forward = find_export_forward(layer)
+        forward = getattr(cls, "export_call", None)
         if forward is not None:
             cls = type(cls.__name__, (cls,), {"call": forward, "__module__": __name__})
         new_layer = cls.from_config(layer.get_config())

@@ -181,6 +181,16 @@ class KroneckerDense(CompressedLayer):
         self.add_loss(self.l1_strength * l1_norm(self._effective_s("float32")))
         return self._finish(outputs)
 
+    def export_call(self, inputs):
+        """The forward TFLite export traces (``keras_psm.export``): always the
+        factored form (``compute="materialized"`` would reach the file as one
+        dense kernel), with no penalty."""
+        inputs = tf.cast(inputs, self.compute_dtype)
+        grid_factors = self._grid_factors(self.compute_dtype)
+        blocks = tf.cast(self.b, self.compute_dtype)
+        outputs = matmul_last_axis(inputs, lambda x: self.geometry.apply(x, grid_factors, blocks))
+        return self._finish(outputs)
+
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
 

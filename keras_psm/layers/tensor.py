@@ -301,6 +301,35 @@ class TTConv2D(ConvFactorsLayer):
                              self.dilation_rate)
         return self._from_channels_last(self._finish(outputs))
 
+    def export_call(self, inputs):
+        """The forward TFLite export traces (``keras_psm.export``): the cores
+        applied to the input (Garipov et al., 2016), so the file keeps them.
+
+        Core k (r_k, c_k, f_k, r_{k+1}), from the last to the second, contracts
+        channel mode c_k at every pixel, leaving (pixels, f_1 ... f_M, r_1); the
+        first core, the window one, is then a (kh, kw, r_1, 1) convolution of
+        each output mode.
+        """
+        x = self._to_channels_last(inputs)
+        batch, height, width = tf.shape(x)[0], x.shape[1], x.shape[2]
+        padded_channels = math.prod(self.channel_factors)
+        if padded_channels > self.in_channels:
+            x = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, padded_channels - self.in_channels]])
+        state = tf.reshape(x, (-1, 1, 1))  # (pixels * c_1 ... c_M, f-modes so far, r_{M+1})
+        for core, channels in zip(self.cores[:0:-1], self.channel_factors[::-1]):
+            core = tf.cast(core, x.dtype)
+            state = tf.reshape(state, (-1, channels) + tuple(state.shape[1:]))
+            state = tf.einsum("pcfs,rcgs->pgfr", state, core)
+            state = tf.reshape(state, (-1, state.shape[1] * state.shape[2], state.shape[3]))
+        n_outputs, rank = state.shape[1], state.shape[2]
+        state = tf.reshape(state, (batch, height, width, n_outputs, rank))
+        state = tf.reshape(tf.transpose(state, (0, 3, 1, 2, 4)), (-1, height, width, rank))
+        window_kernel = tf.reshape(tf.cast(self.cores[0], x.dtype), self.kernel_size + (rank, 1))
+        outputs = self._conv(state, window_kernel, self.strides, self.dilation_rate)
+        outputs = tf.reshape(outputs, (batch, n_outputs) + tuple(outputs.shape[1:3]))
+        outputs = tf.transpose(outputs, (0, 2, 3, 1))[..., :self.filters]
+        return self._from_channels_last(self._finish(outputs))
+
     @property
     def kernel(self):
         """The (kh, kw, cin, filters) kernel rebuilt from the cores."""
