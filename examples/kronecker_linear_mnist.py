@@ -23,7 +23,6 @@ blocks (2, 2), (4, 2), (8, 2) and (16, 2) of the (784, 10) kernel.
 
 import argparse
 
-import numpy as np
 
 from keras_psm.backend import keras
 from keras_psm.datasets import load_mnist_5k

@@ -10,7 +10,8 @@ import pytest
 
 from keras_psm.backend import keras, tf
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
-from keras_psm.layers.sparse_factor import chain_matmul, factor_shapes
+from keras_psm.factorize.palm4msa import factor_shapes
+from keras_psm.layers.sparse_factor import chain_matmul
 
 
 def random_sparse_factors(shapes, density=0.3, seed=0):
@@ -29,16 +30,9 @@ def product(factors):
     return out
 
 
-def test_factor_shapes_follow_keras_orientation():
-    assert factor_shapes(784, 120, 3) == [(784, 120), (120, 120), (120, 120)]
-    assert factor_shapes(84, 400, 2) == [(84, 84), (84, 400)]
-    assert factor_shapes(30, 20, 3, rank=7) == [(30, 7), (7, 7), (7, 20)]
-    assert factor_shapes(30, 20, 1) == [(30, 20)]
-
-
 @pytest.mark.parametrize("input_shape", [(5, 12), (3, 4, 12), (2, 3, 4, 12)])
 def test_dense_matches_numpy_for_any_input_rank(input_shape):
-    factors = random_sparse_factors(factor_shapes(12, 9, 3))
+    factors = random_sparse_factors(factor_shapes((12, 9), 3))
     bias = np.linspace(-1, 1, 9).astype("float32")
     layer = SparseFactorDense.from_factors(factors, bias=bias, activation="tanh")
     x = np.random.default_rng(1).standard_normal(input_shape).astype("float32")
@@ -49,7 +43,7 @@ def test_dense_matches_numpy_for_any_input_rank(input_shape):
 
 
 def test_chain_association_orders_agree():
-    factors = [tf.constant(f) for f in random_sparse_factors(factor_shapes(40, 30, 3))]
+    factors = [tf.constant(f) for f in random_sparse_factors(factor_shapes((40, 30), 3))]
     reference = product([f.numpy() for f in factors])
     for rows in (2, 5000):  # below and above the break-even row count
         x = np.random.default_rng(rows).standard_normal((rows, 40)).astype("float32")
@@ -79,7 +73,7 @@ def test_random_support_has_k_per_row_and_column_and_sparse_he_scale():
 
 
 def test_gradients_outside_the_support_are_zero_and_fit_keeps_supports():
-    factors = random_sparse_factors(factor_shapes(16, 8, 2), density=0.4)
+    factors = random_sparse_factors(factor_shapes((16, 8), 2), density=0.4)
     layer = SparseFactorDense.from_factors(factors, bias=np.zeros(8, "float32"))
     model = keras.Sequential([keras.Input((16,)), layer])
     x = np.random.default_rng(0).standard_normal((64, 16)).astype("float32")
@@ -111,7 +105,7 @@ CONV_CASES = [
 @pytest.mark.parametrize("options", CONV_CASES)
 def test_conv_matches_keras_conv2d_with_the_product_kernel(options):
     kh, kw, cin, cout = 3, 2, 4, 5
-    factors = random_sparse_factors(factor_shapes(kh * kw * cin, cout, 3), density=0.5)
+    factors = random_sparse_factors(factor_shapes((kh * kw * cin, cout), 3), density=0.5)
     bias = np.arange(cout, dtype="float32")
     layer = SparseFactorConv2D.from_factors(factors, (kh, kw), bias=bias, activation="relu",
                                             **options)

@@ -2,5 +2,16 @@
 
 from keras_psm.layers.base import CompressedLayer
 from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
+from keras_psm.layers.kronecker import KroneckerDense
+from keras_psm.layers.lowrank import LowRankConv, LowRankDense
+from keras_psm.layers.tensor import TTConv2D, TTDense, TuckerConv
+from keras_psm.layers.pattern_selection import (
+    KroneckerPatternDense,
+    PenaltySchedule,
+    keep_selected_patterns,
+    select_pattern,
+)
 
-__all__ = ["CompressedLayer", "SparseFactorConv2D", "SparseFactorDense"]
+__all__ = ["LowRankConv", "LowRankDense", "TTConv2D", "TTDense", "TuckerConv",
+           "CompressedLayer", "KroneckerDense", "KroneckerPatternDense", "PenaltySchedule",
+           "SparseFactorConv2D", "SparseFactorDense", "keep_selected_patterns", "select_pattern"]

@@ -27,16 +27,15 @@ everywhere. The Dense layer does the same with one einsum.
 
 import numpy as np
 
-from keras_psm.backend import keras, register_serializable, tf
+from keras_psm.backend import register_serializable, tf
 from keras_psm.factorize.lowrank import SCHEMES, factor_kernel, split_kernel_size
 from keras_psm.layers.base import (
-    DATA_FORMATS,
     CompressedLayer,
+    ConvOptions,
     common_options,
     conv_options,
-    convolve,
+    fitted_values,
     matmul_last_axis,
-    normalize_tuple,
 )
 from keras_psm.validation import check_choice, check_int
 
@@ -53,78 +52,13 @@ class DenseFactorsLayer(CompressedLayer):
         return int(self.count_params())
 
 
-class ConvFactorsLayer(DenseFactorsLayer):
-    """Stores and validates the options of the ``Conv2D`` a layer replaces.
+class ConvFactorsLayer(ConvOptions, DenseFactorsLayer):
+    """A ``Conv2D`` replacement with dense factors.
 
     ``call`` implementations work in channels_last: ``_to_channels_last``
     transposes a channels_first input once and ``_from_channels_last``
     transposes the output back (TensorFlow's CPU convolutions run NHWC only).
     """
-
-    def __init__(self, filters, kernel_size, strides=1, padding="valid", dilation_rate=1,
-                 data_format=None, **kwargs):
-        super().__init__(**kwargs)
-        where = f"{type(self).__name__} {self.name!r}"
-        self.filters = check_int(filters, "filters", minimum=1, where=where)
-        self.kernel_size = normalize_tuple(kernel_size, "kernel_size", where)
-        self.strides = normalize_tuple(strides, "strides", where)
-        self.dilation_rate = normalize_tuple(dilation_rate, "dilation_rate", where)
-        self.padding = check_choice(str(padding).lower(), "padding", ("valid", "same"), where=where)
-        self.data_format = check_choice(
-            data_format or keras.backend.image_data_format(), "data_format", DATA_FORMATS,
-            where=where,
-        )
-
-    @property
-    def _channel_axis(self):
-        return 1 if self.data_format == "channels_first" else -1
-
-    def _input_channels(self, input_shape):
-        channels = input_shape[self._channel_axis]
-        if channels is None:
-            raise ValueError(
-                f"{type(self).__name__} {self.name!r}: the channel dimension must be "
-                f"known, got input shape {tuple(input_shape)}."
-            )
-        return int(channels)
-
-    def _to_channels_last(self, inputs):
-        inputs = tf.cast(inputs, self.compute_dtype)
-        if self.data_format == "channels_first":
-            inputs = tf.transpose(inputs, (0, 2, 3, 1))
-        return inputs
-
-    def _from_channels_last(self, outputs):
-        if self.data_format == "channels_first":
-            outputs = tf.transpose(outputs, (0, 3, 1, 2))
-        return outputs
-
-    def _conv(self, inputs, kernel, strides=(1, 1), dilation_rate=(1, 1), padding=None):
-        """NHWC convolution with this layer's padding (or ``padding``)."""
-        return convolve(inputs, kernel, strides, padding or self.padding, dilation_rate,
-                        "channels_last")
-
-    def compute_output_shape(self, input_shape):
-        return keras.layers.Conv2D(
-            self.filters, self.kernel_size, strides=self.strides, padding=self.padding,
-            dilation_rate=self.dilation_rate, data_format=self.data_format,
-        ).compute_output_shape(input_shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            filters=self.filters, kernel_size=self.kernel_size, strides=self.strides,
-            padding=self.padding, dilation_rate=self.dilation_rate, data_format=self.data_format,
-        )
-        return config
-
-
-def fitted_values(bias=None, **arrays):
-    """``initial_values`` from fitted arrays (float32), bias included when given."""
-    values = {name: np.asarray(array, dtype=np.float32) for name, array in arrays.items()}
-    if bias is not None:
-        values["bias"] = np.asarray(bias, dtype=np.float32)
-    return values
 
 
 @register_serializable

@@ -11,27 +11,18 @@ A Conv2D kernel (kh, kw, cin, cout) is the matrix (kh * kw * cin, cout).
 
 import numpy as np
 
-from keras_psm.backend import keras, register_serializable, tf
-from keras_psm.factorize.palm4msa import palm4msa
+from keras_psm.backend import register_serializable, tf
+from keras_psm.factorize.palm4msa import factor_shapes, palm4msa
 from keras_psm.initializers import random_supports, sparse_factor_init
 from keras_psm.layers.base import (
-    DATA_FORMATS,
     CompressedLayer,
+    ConvOptions,
     common_options,
     conv_options,
-    convolve,
+    fitted_values,
     matmul_last_axis,
-    normalize_tuple,
 )
-from keras_psm.validation import check_choice, check_int
-
-
-def factor_shapes(n_rows, n_cols, n_factors, rank=None):
-    """Shapes (in, r), (r, r), ..., (r, out) of Q factors of an (in, out) matrix."""
-    if n_factors == 1:
-        return [(n_rows, n_cols)]
-    rank = min(n_rows, n_cols) if rank is None else rank
-    return [(n_rows, rank)] + [(rank, rank)] * (n_factors - 2) + [(rank, n_cols)]
+from keras_psm.validation import check_int
 
 
 def apply_in_sequence(inputs, factors):
@@ -90,7 +81,7 @@ class _SparseFactors(CompressedLayer):
         Without fitted values the supports are random (``splincol`` of a
         Gaussian) and the weights sparse He / Xavier (supplement A.3).
         """
-        shapes = factor_shapes(n_rows, n_cols, self.n_factors, self.rank)
+        shapes = factor_shapes((n_rows, n_cols), self.n_factors, self.rank)
         if not any(name.startswith("mask_") for name in self._initial_values):
             rng = np.random.default_rng(self.seed)
             supports = random_supports(shapes, self.sparsity, rng)
@@ -139,19 +130,40 @@ class _SparseFactors(CompressedLayer):
         )
         return config
 
-    @staticmethod
-    def _fitted_values(factors, supports, bias):
-        """``initial_values`` for fitted factors (support = nonzeros if not given)."""
+    @classmethod
+    def _from_factors(cls, factors, supports, bias, **kwargs):
+        """A layer starting from fitted factors (supports: their nonzeros by default)."""
         factors = [np.asarray(f, dtype=np.float32) for f in factors]
         if supports is None:
             supports = [f != 0 for f in factors]
+        kwargs.setdefault("use_bias", bias is not None)
         values = {}
         for index, (factor, support) in enumerate(zip(factors, supports)):
             values[f"factor_{index}"] = factor
-            values[f"mask_{index}"] = np.asarray(support, dtype=np.float32)
-        if bias is not None:
-            values["bias"] = np.asarray(bias, dtype=np.float32)
-        return values
+            values[f"mask_{index}"] = support
+        return cls(
+            n_factors=len(factors),
+            rank=factors[0].shape[1] if len(factors) > 1 else None,
+            initial_values=fitted_values(bias, **values),
+            **kwargs,
+        )
+
+    @classmethod
+    def replacing(cls, layer, factors, supports=None, **kwargs):
+        """A layer with ``factors`` standing in for the trained Dense/Conv2D
+        ``layer``: same name, dtype policy, activation, bias and conv options."""
+        options = common_options(layer)
+        if issubclass(cls, ConvOptions):
+            options.update(conv_options(layer), kernel_size=layer.kernel_size)
+        bias = layer.get_weights()[1] if layer.use_bias else None
+        return cls.from_factors(factors, supports=supports, bias=bias, **options, **kwargs)
+
+    @classmethod
+    def from_layer(cls, layer, n_factors=3, sparsity=14, **palm_options):
+        """Fit a trained Dense/Conv2D kernel with palm4MSA; return its replacement."""
+        kernel = layer.get_weights()[0]
+        fit = palm4msa(kernel.reshape(-1, kernel.shape[-1]), n_factors, sparsity, **palm_options)
+        return cls.replacing(layer, fit.factors, fit.supports, sparsity=sparsity)
 
 
 @register_serializable
@@ -220,29 +232,12 @@ class SparseFactorDense(_SparseFactors):
         ``supports`` default to the nonzeros of the factors; ``kwargs`` are
         the other constructor arguments (``activation``, ``name``, ...).
         """
-        factors = list(factors)
-        kwargs.setdefault("use_bias", bias is not None)
-        return cls(
-            units=np.shape(factors[-1])[1],
-            n_factors=len(factors),
-            rank=np.shape(factors[0])[1] if len(factors) > 1 else None,
-            initial_values=cls._fitted_values(factors, supports, bias),
-            **kwargs,
-        )
-
-    @classmethod
-    def from_layer(cls, layer, n_factors=3, sparsity=14, **palm_options):
-        """Fit a trained ``Dense`` with palm4MSA and return its replacement."""
-        kernel, *bias = layer.get_weights()
-        fit = palm4msa(kernel, n_factors, sparsity, **palm_options)
-        return cls.from_factors(
-            fit.factors, fit.supports, bias[0] if bias else None,
-            sparsity=sparsity, **common_options(layer),
-        )
+        return cls._from_factors(factors, supports, bias, units=np.shape(factors[-1])[1],
+                                 **kwargs)
 
 
 @register_serializable
-class SparseFactorConv2D(_SparseFactors):
+class SparseFactorConv2D(ConvOptions, _SparseFactors):
     """``Conv2D`` whose kernel matrix (kh * kw * cin, filters) is a product of Q
     sparse factors.
 
@@ -251,102 +246,41 @@ class SparseFactorConv2D(_SparseFactors):
     ``dilation_rate`` and ``data_format`` behave as in ``Conv2D``.
     """
 
-    def __init__(self, filters, kernel_size, n_factors=3, sparsity=14, rank=None, seed=None,
-                 strides=1, padding="valid", dilation_rate=1, data_format=None, **kwargs):
-        super().__init__(n_factors=n_factors, sparsity=sparsity, rank=rank, seed=seed, **kwargs)
-        where = f"SparseFactorConv2D {self.name!r}"
-        self.filters = check_int(filters, "filters", minimum=1, where=where)
-        self.kernel_size = normalize_tuple(kernel_size, "kernel_size", where)
-        self.strides = normalize_tuple(strides, "strides", where)
-        self.dilation_rate = normalize_tuple(dilation_rate, "dilation_rate", where)
-        self.padding = check_choice(str(padding).lower(), "padding", ("valid", "same"), where=where)
-        self.data_format = check_choice(
-            data_format or keras.backend.image_data_format(), "data_format", DATA_FORMATS,
-            where=where,
-        )
-
-    @property
-    def _channel_axis(self):
-        return 1 if self.data_format == "channels_first" else -1
-
     def build(self, input_shape):
-        channels = input_shape[self._channel_axis]
-        if channels is None:
-            raise ValueError(
-                f"SparseFactorConv2D {self.name!r}: the channel dimension must be "
-                f"known, got input shape {tuple(input_shape)}."
-            )
-        self.in_channels = int(channels)
+        self.in_channels = self._input_channels(input_shape)
         kh, kw = self.kernel_size
         self._build_factors(kh * kw * self.in_channels, self.filters)
         self._add_bias(self.filters)
         self.built = True
 
+    def _conv_kernel(self, dtype):
+        return tf.reshape(self._product(dtype), self.kernel_size + (self.in_channels, self.filters))
+
     @property
     def kernel(self):
         """The (kh, kw, cin, filters) kernel rebuilt from the factors."""
-        return tf.reshape(self._product("float32"), self.kernel_size + (self.in_channels, self.filters))
+        return self._conv_kernel("float32")
 
     def call(self, inputs):
-        inputs = tf.cast(inputs, self.compute_dtype)
-        kernel = tf.reshape(self._product(self.compute_dtype), self.kernel_size + (self.in_channels, self.filters))
-        outputs = convolve(inputs, kernel, self.strides, self.padding, self.dilation_rate,
-                           self.data_format)
-        return self._finish(outputs, self._channel_axis)
+        outputs = self._conv(self._to_channels_last(inputs), self._conv_kernel(self.compute_dtype),
+                             self.strides, self.dilation_rate)
+        return self._from_channels_last(self._finish(outputs))
 
     def export_call(self, inputs):
         """The forward TFLite export traces (``keras_psm.export``): a convolution
         by the first factor reshaped to (kh, kw, cin, r), then the other factors
         applied to the channels one at a time (fully connected ops), so that
         the converter keeps every factor as its own sparse constant."""
-        inputs = tf.cast(inputs, self.compute_dtype)
         first, *rest = self.factors
         kernel = tf.reshape(first, self.kernel_size + (self.in_channels, -1))
-        outputs = convolve(inputs, kernel, self.strides, self.padding, self.dilation_rate,
-                           self.data_format)
+        outputs = self._conv(self._to_channels_last(inputs), kernel, self.strides,
+                             self.dilation_rate)
         if rest:
-            channels_first = self.data_format == "channels_first"
-            if channels_first:
-                outputs = tf.transpose(outputs, (0, 2, 3, 1))
             outputs = matmul_last_axis(outputs, lambda x: apply_in_sequence(x, rest))
-            if channels_first:
-                outputs = tf.transpose(outputs, (0, 3, 1, 2))
-        return self._finish(outputs, self._channel_axis)
-
-    def compute_output_shape(self, input_shape):
-        return keras.layers.Conv2D(
-            self.filters, self.kernel_size, strides=self.strides, padding=self.padding,
-            dilation_rate=self.dilation_rate, data_format=self.data_format,
-        ).compute_output_shape(input_shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            filters=self.filters, kernel_size=self.kernel_size, strides=self.strides,
-            padding=self.padding, dilation_rate=self.dilation_rate, data_format=self.data_format,
-        )
-        return config
+        return self._from_channels_last(self._finish(outputs))
 
     @classmethod
     def from_factors(cls, factors, kernel_size, supports=None, bias=None, **kwargs):
         """A layer starting from fitted factors of the (kh * kw * cin, filters) matrix."""
-        factors = list(factors)
-        kwargs.setdefault("use_bias", bias is not None)
-        return cls(
-            filters=np.shape(factors[-1])[1],
-            kernel_size=kernel_size,
-            n_factors=len(factors),
-            rank=np.shape(factors[0])[1] if len(factors) > 1 else None,
-            initial_values=cls._fitted_values(factors, supports, bias),
-            **kwargs,
-        )
-
-    @classmethod
-    def from_layer(cls, layer, n_factors=3, sparsity=14, **palm_options):
-        """Fit a trained ``Conv2D`` with palm4MSA and return its replacement."""
-        kernel, *bias = layer.get_weights()
-        fit = palm4msa(kernel.reshape(-1, kernel.shape[-1]), n_factors, sparsity, **palm_options)
-        return cls.from_factors(
-            fit.factors, kernel.shape[:2], fit.supports, bias[0] if bias else None,
-            sparsity=sparsity, **conv_options(layer), **common_options(layer),
-        )
+        return cls._from_factors(factors, supports, bias, filters=np.shape(factors[-1])[1],
+                                 kernel_size=kernel_size, **kwargs)

@@ -25,8 +25,8 @@ import math
 import numpy as np
 
 from keras_psm.backend import keras, register_serializable, tf
-from keras_psm.layers.base import matmul_last_axis
-from keras_psm.layers.lowrank import ConvFactorsLayer, DenseFactorsLayer, fitted_values
+from keras_psm.layers.base import fitted_values, matmul_last_axis
+from keras_psm.layers.lowrank import ConvFactorsLayer, DenseFactorsLayer
 from keras_psm.validation import check_int
 
 

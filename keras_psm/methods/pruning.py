@@ -21,8 +21,8 @@ import dataclasses
 
 import numpy as np
 
-from keras_psm.methods.psm import PSM_PAPER, kernel_matrix
-from keras_psm.methods.psm_variants import factorization_from, build_fixed_support_layer
+from keras_psm.methods.psm import PSM_PAPER, build_sparse_factor_layer, kernel_matrix
+from keras_psm.methods.psm_variants import factorization_from
 from keras_psm.methods.registry import Method, register_method
 from keras_psm.validation import check_float, check_int
 
@@ -141,7 +141,7 @@ HARD_PRUNING = register_method(Method(
     description="one-shot magnitude pruning (PSM with one factor)",
     config_class=HardPruningConfig,
     fit=fit_hard_pruning,
-    build=build_fixed_support_layer,
+    build=build_sparse_factor_layer,
     presets={"small": dict(target_sparsity=0.98), "large": dict(target_sparsity=0.9)},
     paper=PSM_PAPER,
 ))
@@ -151,7 +151,7 @@ ITERATIVE_PRUNING = register_method(Method(
     description="magnitude pruning during fine-tuning, Zhu & Gupta schedule (callback)",
     config_class=IterativePruningConfig,
     fit=fit_full_mask,
-    build=build_fixed_support_layer,
+    build=build_sparse_factor_layer,
     callbacks=iterative_pruning_callbacks,
     presets={
         "small": dict(target_sparsity=0.98, end_step=500, frequency=50),

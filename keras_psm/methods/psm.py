@@ -11,7 +11,6 @@ from typing import Optional
 
 from keras_psm.backend import keras
 from keras_psm.factorize.palm4msa import hierarchical_palm4msa, palm4msa
-from keras_psm.layers.base import common_options, conv_options
 from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
 from keras_psm.methods.registry import Method, register_method
 from keras_psm.validation import check_float, check_int
@@ -70,19 +69,25 @@ def fit_psm(kernel, config):
 
 
 def build_sparse_factor_layer(layer, factorization, config):
-    """``SparseFactorDense``/``SparseFactorConv2D`` from a ``Factorization``."""
-    weights = layer.get_weights()
-    bias = weights[1] if layer.use_bias else None
-    options = dict(supports=factorization.supports, bias=bias, **common_options(layer))
-    if isinstance(layer, keras.layers.Conv2D):
-        return SparseFactorConv2D.from_factors(
-            factorization.factors, layer.kernel_size, sparsity=config.sparsity,
-            **conv_options(layer), **options,
-        )
-    return SparseFactorDense.from_factors(
-        factorization.factors, sparsity=config.sparsity, **options,
+    """``SparseFactorDense``/``SparseFactorConv2D`` from a ``Factorization``.
+
+    The layer records as its ``sparsity`` the fewest nonzeros of any row or
+    column of the supports, so its config describes the support it holds.
+    """
+    fewest = min(
+        int(min(support.sum(axis=0).min(), support.sum(axis=1).min()))
+        for support in factorization.supports
+    )
+    layer_class = (
+        SparseFactorConv2D if isinstance(layer, keras.layers.Conv2D) else SparseFactorDense
+    )
+    return layer_class.replacing(
+        layer, factorization.factors, factorization.supports, sparsity=max(1, fewest),
     )
 
+
+#: Options at a small and a large parameter budget (the PSM paper's extremes).
+PSM_PRESETS = {"small": dict(n_factors=2, sparsity=2), "large": dict(n_factors=3, sparsity=14)}
 
 PSM = register_method(Method(
     name="psm",
@@ -90,6 +95,6 @@ PSM = register_method(Method(
     config_class=PSMConfig,
     fit=fit_psm,
     build=build_sparse_factor_layer,
-    presets={"small": dict(n_factors=2, sparsity=2), "large": dict(n_factors=3, sparsity=14)},
+    presets=PSM_PRESETS,
     paper=PSM_PAPER,
 ))

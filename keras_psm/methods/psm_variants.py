@@ -33,6 +33,7 @@ from keras_psm.factorize.palm4msa import Factorization, factor_shapes
 from keras_psm.initializers import random_supports, sparse_factor_init
 from keras_psm.methods.psm import (
     PSM_PAPER,
+    PSM_PRESETS,
     PSMConfig,
     build_sparse_factor_layer,
     fit_psm,
@@ -92,20 +93,6 @@ def fit_butterfly(kernel, config):
     return butterfly_factorize(matrix, config.n_factors)
 
 
-def build_fixed_support_layer(layer, fitted, config):
-    """``build_sparse_factor_layer`` for factors on given supports (``config`` unused).
-
-    The layer records as its K the fewest nonzeros of any row or column of
-    the supports (at least 1).
-    """
-    fewest = min(
-        int(min(support.sum(axis=0).min(), support.sum(axis=1).min()))
-        for support in fitted.supports
-    )
-    recorded = PSMConfig(n_factors=len(fitted.factors), sparsity=max(1, fewest))
-    return build_sparse_factor_layer(layer, fitted, recorded)
-
-
 def factorization_from(matrix, factors, supports):
     """A ``Factorization`` whose single error is that of ``factors`` against ``matrix``."""
     product = factors[0]
@@ -115,8 +102,6 @@ def factorization_from(matrix, factors, supports):
     error = np.linalg.norm(matrix - product) / norm if norm > 0 else 0.0
     return Factorization(factors=list(factors), supports=list(supports), errors=np.array([error]))
 
-
-PSM_PRESETS = {"small": dict(n_factors=2, sparsity=2), "large": dict(n_factors=3, sparsity=14)}
 
 PSM_REINIT = register_method(Method(
     name="psm-reinit",
@@ -143,7 +128,7 @@ BUTTERFLY = register_method(Method(
     description="butterfly supports (padded to a power of two), hierarchical fit (Le et al. 2022)",
     config_class=ButterflyConfig,
     fit=fit_butterfly,
-    build=build_fixed_support_layer,
+    build=build_sparse_factor_layer,
     presets={"small": dict(n_factors=None), "large": dict(n_factors=2)},
     paper=BUTTERFLY_PAPER,
 ))
