@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from keras_psm.backend import keras
 from keras_psm.layers.base import CompressedLayer
 from keras_psm.methods import get_method
-from keras_psm.model_layers import is_graph_model, leaf_layers
+from keras_psm.model_layers import check_graph_model, is_graph_model, leaf_layers
 from keras_psm.report import COMPRESSED, SKIPPED, CompressionReport, LayerReport
 from keras_psm.validation import check_choice, check_finite_array
 
@@ -50,7 +50,7 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
     spec = get_method(method)
     config = spec.make_config(config, **options)
     check_choice(verbose, "verbose", (0, 1, 2, True, False))
-    _check_model(model)
+    check_graph_model(model, "compress")
 
     candidates, skipped = _classify(model, spec)
     targets = _select(candidates, layers, model)
@@ -105,25 +105,6 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
     if verbose:
         print(report)
     return compressed, report
-
-
-def _check_model(model):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"`model` must be a Keras model ({keras.__name__}.Model), got "
-            f"{type(model).__name__}. keras_psm runs on {keras.__name__}; set or "
-            "unset TF_USE_LEGACY_KERAS to match the Keras that built the model."
-        )
-    if not is_graph_model(model):
-        raise ValueError(
-            f"`model` {model.name!r} is a subclassed model ({type(model).__name__}); "
-            "compress needs a functional or Sequential model, whose graph of "
-            "layers can be cloned. Rebuild it with the functional API."
-        )
-    if not model.built or not model.weights:
-        raise ValueError(
-            f"`model` {model.name!r} has no weights yet: build or train it first."
-        )
 
 
 def _layer_kind(layer):

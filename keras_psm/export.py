@@ -39,7 +39,7 @@ from typing import List, Optional
 import numpy as np
 
 from keras_psm.backend import keras, tf
-from keras_psm.model_layers import is_graph_model
+from keras_psm.model_layers import check_graph_model, is_graph_model
 from keras_psm.layers.base import CompressedLayer
 from keras_psm.validation import check_choice, check_float, check_int
 
@@ -81,7 +81,7 @@ def export_model(model):
     pruning wrappers are stripped (``strip_for_export``) and a layer whose
     class defines ``export_call`` runs it as its ``call``.
     """
-    _check_model(model)
+    check_graph_model(model, "export")
     copies = []
 
     def clone_function(layer):
@@ -100,22 +100,6 @@ def export_model(model):
     for new_layer, weights in copies:
         new_layer.set_weights(weights)
     return exported
-
-
-def _check_model(model):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"`model` must be a Keras model ({keras.__name__}.Model), got "
-            f"{type(model).__name__}."
-        )
-    if not is_graph_model(model):
-        raise ValueError(
-            f"`model` {model.name!r} is a subclassed model ({type(model).__name__}); "
-            "export needs a functional or Sequential model, whose layers it can "
-            "rebuild with their export forwards. Rebuild it with the functional API."
-        )
-    if not model.built or not model.inputs:
-        raise ValueError(f"`model` {model.name!r} is not built: call it on data first.")
 
 
 def _input_specs(model, batch_size):
@@ -323,7 +307,7 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", inputs=None, tol
             gives each candidate's reason).
     """
     where = "to_tflite"
-    _check_model(model)
+    check_graph_model(model, "export")
     check_choice(quantization, "quantization", tuple(DEFAULT_TOLERANCES), where=where)
     check_choice(sparse, "sparse", SPARSE_CHOICES, where=where)
     check_int(batch_size, "batch_size", minimum=1, where=where, allow_none=True)
