@@ -1,0 +1,536 @@
+"""palm4MSA: approximate a matrix by a product of sparse matrices.
+
+Implements Algorithm 1 of the PSM paper's supplement (A.4), which is the
+palm4MSA algorithm of Le Magoarou & Gribonval (2016), and the hierarchical
+variant of Le Magoarou & Gribonval, "Flexible multilayer sparse
+approximations of matrices and applications" (IEEE JSTSP, 2016).
+
+Conventions (Keras orientation): the matrix ``W`` is ``(in, out)`` and
+
+    W ~ S_1 @ S_2 @ ... @ S_Q,   S_1: (in, r),  S_2 .. S_{Q-1}: (r, r),  S_Q: (r, out)
+
+with ``r = min(in, out)`` unless ``rank`` is given. Inside the algorithm each
+factor has unit Frobenius norm and a scalar ``lambda`` carries the scale;
+``lambda`` is folded into ``S_1`` before returning.
+
+Speed: factors are kept as ``scipy.sparse`` CSR matrices (and their
+transposes), products of factors are applied one sparse factor at a time to
+a dense block, spectral norms come from warm-started power iterations on
+those sparse chains, and the full product needed for the residual of the
+next update is formed once per factor update.
+"""
+
+import numbers
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+import scipy.sparse as sps
+
+from keras_psm.factorize.projections import splincol_support, transposed_copy
+
+__all__ = ["Factorization", "factor_shapes", "hierarchical_palm4msa", "palm4msa"]
+
+# The step 1/c uses c = LIPSCHITZ_MARGIN * lambda^2 ||L||_2^2 ||R||_2^2, just above
+# the Lipschitz constant of the gradient (the value FAuST uses).
+LIPSCHITZ_MARGIN = 1.001
+
+# Power iteration for ||.||_2^2: stop when the estimate changes by less than
+# this relative amount, or after NORM_MAX_STEPS steps (FAuST's defaults).
+NORM_RTOL = 1e-6
+NORM_MAX_STEPS = 100
+
+# A relative error below this is rounding noise of the product (an exact
+# factorization, e.g. of a Hadamard matrix); its relative changes are
+# meaningless, so palm4msa stops there unless ``tol == 0``.
+ERROR_FLOOR = 1e-13
+
+# A dense GEMM replaces a chain of sparse products (right-hand side of the
+# gradient) only when the chain needs this many times more multiply-adds: BLAS
+# does 6-10 times more per second than SciPy's sparse kernel on one idle core,
+# but a multithreaded BLAS stalls when the other cores are busy.
+DENSE_SPEEDUP = 3.0
+
+
+@dataclass
+class Factorization:
+    """Result of ``palm4msa`` / ``hierarchical_palm4msa``.
+
+    Attributes:
+        factors: float64 arrays ``S_1 .. S_Q`` with ``S_1 @ ... @ S_Q ~ matrix``
+            (the scale ``lambda`` is folded into ``S_1``).
+        supports: boolean arrays of the same shapes, the sparsity pattern of
+            each factor (the support chosen by its last projection).
+        errors: ``||W - lambda S_1 ... S_Q||_F / ||W||_F`` after each iteration
+            (for the hierarchical variant: of its final global pass).
+    """
+
+    factors: list
+    supports: list
+    errors: np.ndarray
+
+    @property
+    def product(self):
+        """The dense product ``S_1 @ ... @ S_Q``."""
+        return reduce(np.matmul, self.factors)
+
+    @property
+    def relative_error(self):
+        """``||W - product||_F / ||W||_F`` of the returned factors.
+
+        The last entry of ``errors`` is computed from the final factors
+        themselves (after the last update and the last ``lambda``), so it is
+        this error up to floating-point rounding.
+        """
+        return float(self.errors[-1])
+
+
+def factor_shapes(matrix_shape, n_factors, rank=None):
+    """Factor shapes ``(in, r), (r, r), ..., (r, out)`` for an ``(in, out)`` matrix.
+
+    ``r = min(in, out)`` unless ``rank`` is given; one factor is ``(in, out)``.
+    """
+    n_in, n_out = matrix_shape
+    n_factors = _check_int(n_factors, "n_factors", minimum=1)
+    if n_factors == 1:
+        if rank is not None:
+            raise ValueError("`rank` must be None when `n_factors` is 1 (the factor is (in, out)).")
+        return [(n_in, n_out)]
+    inner = min(n_in, n_out) if rank is None else _check_int(rank, "rank", minimum=1)
+    return [(n_in, inner)] + [(inner, inner)] * (n_factors - 2) + [(inner, n_out)]
+
+
+def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
+             supports=None, random_state=None):
+    """Approximate ``matrix`` by ``n_factors`` sparse factors with palm4MSA.
+
+    Minimizes ``||W - lambda S_1 ... S_Q||_F^2`` over unit-norm factors
+    ``S_q`` in their constraint sets (PSM paper, Eq. 3 and Algorithm 1 of
+    supplement A.4). One iteration updates the factors from ``q = Q`` down to
+    ``q = 1`` by a projected gradient step, with ``L = S_1 .. S_{q-1}`` and
+    ``R = S_{q+1} .. S_Q``::
+
+        c   = 1.001 * lambda^2 ||L||_2^2 ||R||_2^2
+        S_q = P_q(S_q - (lambda / c) L^T (lambda L S_q R - W) R^T)
+
+    then sets ``lambda = <W, X> / <X, X>`` for the new product ``X`` (the
+    optimal scale). It stops after ``max_iter`` iterations or when the
+    relative change of the error drops below ``tol``.
+
+    Initialization (FAuST's default): ``S_Q``, the factor updated first, is
+    zero, the other factors are rectangular identities and ``lambda = 1``;
+    the first update thus sets ``S_Q`` to the projection of ``W``'s top rows.
+
+    Args:
+        matrix: 2-D array ``(in, out)`` of finite values.
+        n_factors: number of factors ``Q >= 1``. With ``Q = 1`` the single
+            ``(in, out)`` factor is the projection of ``matrix`` itself,
+            optimally scaled (hard pruning when the constraint is ``sp``).
+        sparsity: splincol ``K`` of every factor (int), or one int per
+            factor: each row and each column of ``S_q`` keeps its ``K``
+            largest entries. Ignored (may be None) when ``supports`` is given.
+        rank: inner dimension ``r`` (default ``min(in, out)``).
+        max_iter: maximum number of iterations (>= 1).
+        tol: stop when ``|e_{i-1} - e_i| <= tol * e_{i-1}`` or when the error
+            ``e_i`` is below 1e-13 (rounding noise); ``tol = 0`` runs exactly
+            ``max_iter`` iterations.
+        supports: optional list of one boolean array per factor; factor ``q``
+            is then projected onto that fixed support instead of splincol.
+        random_state: seed or ``np.random.Generator`` for the start vectors
+            of the power iterations (the result barely depends on it).
+
+    Returns:
+        A ``Factorization``.
+    """
+    matrix = _check_matrix(matrix)
+    shapes = factor_shapes(matrix.shape, n_factors, rank)
+    n_factors = len(shapes)
+    max_iter = _check_int(max_iter, "max_iter", minimum=1)
+    tol = _check_tol(tol)
+    if supports is None:
+        projectors = [_SplincolProjector(k) for k in _check_sparsity(sparsity, n_factors)]
+    else:
+        if sparsity is not None:
+            _check_sparsity(sparsity, n_factors)
+        projectors = [_FixedSupportProjector(s) for s in _check_supports(supports, shapes)]
+    rng = np.random.default_rng(random_state)
+
+    if not matrix.any():
+        return _zero_factorization(shapes, projectors)
+    if n_factors == 1:
+        return _single_factor(matrix, projectors[0])
+    state = _palm(matrix, _initial_factors(shapes), 1.0, projectors, max_iter, tol, rng)
+    return state.result()
+
+
+def hierarchical_palm4msa(matrix, n_factors, sparsity, *, residual_sparsity=None, rank=None,
+                          max_iter=300, tol=1e-6, random_state=None):
+    """Hierarchical palm4MSA: peel one sparse factor at a time from the left.
+
+    Le Magoarou & Gribonval (2016, "Flexible multilayer sparse
+    approximations", Algorithm 2), peeling from the left as pyfaust does by
+    default. With ``T_0 = W``, for ``l = 1 .. Q-1``:
+
+    1. split the residual in two: ``T_{l-1} ~ lambda' S_l T_l`` (2-factor
+       palm4MSA; ``S_l`` splincol ``sparsity[l-1]``, ``T_l`` splincol
+       ``residual_sparsity[l-1]``, or ``sparsity[-1]`` at the last level);
+    2. global optimization: palm4MSA of ``W`` over ``S_1 .. S_l, T_l``
+       started from the current factors and ``lambda * lambda'``.
+
+    The last residual ``T_{Q-1}`` is the last factor ``S_Q``. A ``2^n x 2^n``
+    Hadamard matrix is recovered exactly with ``n`` factors, ``sparsity=2``
+    and the default residual sparsities.
+
+    Args:
+        matrix, n_factors, sparsity, rank, max_iter, tol, random_state: as in
+            ``palm4msa`` (``max_iter`` and ``tol`` apply to every inner run).
+        residual_sparsity: splincol ``K`` of the intermediate residuals
+            ``T_1 .. T_{Q-2}``: an int, a sequence of ``Q - 2`` ints, or None
+            for ``max(sparsity[-1], ceil(min(r, out) / 2^l))`` (halved at each
+            level, FAuST's Hadamard setting).
+
+    Returns:
+        A ``Factorization`` whose ``errors`` are those of the final global pass.
+    """
+    matrix = _check_matrix(matrix)
+    shapes = factor_shapes(matrix.shape, n_factors, rank)
+    n_factors = len(shapes)
+    max_iter = _check_int(max_iter, "max_iter", minimum=1)
+    tol = _check_tol(tol)
+    factor_ks = _check_sparsity(sparsity, n_factors)
+    residual_ks = _check_residual_sparsity(residual_sparsity, shapes, factor_ks)
+    rng = np.random.default_rng(random_state)
+
+    final_projectors = [_SplincolProjector(k) for k in factor_ks]
+    if not matrix.any():
+        return _zero_factorization(shapes, final_projectors)
+    if n_factors == 1:
+        return _single_factor(matrix, final_projectors[0])
+
+    peeled = []
+    residual = matrix
+    scale = 1.0
+    for level in range(1, n_factors):
+        residual_projector = _SplincolProjector(residual_ks[level - 1])
+        split_shapes = [shapes[level - 1], shapes[-1]]
+        split = _palm(residual, _initial_factors(split_shapes), 1.0,
+                      [final_projectors[level - 1], residual_projector], max_iter, tol, rng)
+        start = peeled + split.factors
+        projectors = final_projectors[:level] + [residual_projector]
+        state = _palm(matrix, start, scale * split.scale, projectors, max_iter, tol, rng)
+        peeled = state.factors[:-1]
+        residual = state.factors[-1].matrix.toarray()
+        scale = state.scale
+    return state.result()
+
+
+class _SparseFactor:
+    """One factor in CSR form, with its transpose (also CSR, for ``S^T @ block``),
+    the flat row-major positions of its entries and its support (None for a
+    start factor that no projection has produced yet)."""
+
+    def __init__(self, matrix, support=None, flat_positions=None):
+        self.matrix = matrix
+        self.transposed = matrix.T.tocsr()
+        self.support = support
+        if flat_positions is None:
+            rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+            flat_positions = rows * matrix.shape[1] + matrix.indices
+        self.flat_positions = flat_positions
+
+
+class _SplincolProjector:
+    """Projection onto {unit Frobenius norm, splincol support of ``k``}."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def __call__(self, candidate):
+        support = splincol_support(candidate, self.k)
+        flat_positions = np.flatnonzero(support)
+        values = _unit_norm(candidate.ravel()[flat_positions])
+        row_starts = np.zeros(candidate.shape[0] + 1, dtype=np.int64)
+        np.cumsum(np.count_nonzero(support, axis=1), out=row_starts[1:])
+        column_indices = flat_positions % candidate.shape[1]
+        matrix = sps.csr_matrix((values, column_indices, row_starts), shape=candidate.shape)
+        return _SparseFactor(matrix, support, flat_positions)
+
+
+class _FixedSupportProjector:
+    """Projection onto {unit Frobenius norm, fixed ``support``}."""
+
+    def __init__(self, support):
+        self.support = support
+        self.pattern = sps.csr_matrix(support, dtype=np.float64)
+        self.flat_positions = np.flatnonzero(support)
+
+    def __call__(self, candidate):
+        matrix = self.pattern.copy()
+        matrix.data = _unit_norm(candidate.ravel()[self.flat_positions])
+        return _SparseFactor(matrix, self.support, self.flat_positions)
+
+
+class _PalmState:
+    """Factors (``_SparseFactor``), ``lambda`` and the error history of a palm4MSA run."""
+
+    def __init__(self, factors, scale, errors):
+        self.factors = factors
+        self.scale = scale
+        self.errors = errors
+
+    def result(self):
+        """A ``Factorization`` with ``lambda`` folded into the first factor."""
+        dense = [factor.matrix.toarray() for factor in self.factors]
+        dense[0] *= self.scale
+        supports = [factor.support for factor in self.factors]
+        return Factorization(dense, supports, np.asarray(self.errors, dtype=np.float64))
+
+
+def _palm(matrix, factors, scale, projectors, max_iter, tol, rng):
+    """palm4MSA iterations (supplement A.4, Algorithm 1) from the given factors and scale.
+
+    Each factor update q (from Q down to 1) needs L = S_1..S_{q-1} (not yet
+    updated in this iteration) and R = S_{q+1}..S_Q (already updated). R is
+    kept as a dense block, grown by one sparse product per update; L is
+    applied as a chain of sparse products. The product after each update
+    gives the residual of the next one, and the last one gives the error.
+    """
+    n_factors = len(factors)
+    factors = list(factors)
+    start_vectors = {}
+    matrix_norm = np.sqrt(_inner(matrix, matrix))
+
+    product = _chain_times([f.matrix for f in factors[:-1]], factors[-1].matrix.toarray())
+    residual = _residual(scale, product, matrix)
+    errors = []
+    for _ in range(max_iter):
+        right_product = None
+        for q in reversed(range(n_factors)):  # 0-based: factors[q] is S_{q+1}
+            left = [f.matrix for f in factors[:q]]
+            left_transposed = [f.transposed for f in factors[:q]]
+            right = [f.matrix for f in factors[q + 1:]]
+            right_transposed = [f.transposed for f in factors[q + 1:]]
+
+            # gradient = L^T (lambda L S_q R - W) R^T, with residual = lambda L S_q R - W
+            gradient = _chain_times(left_transposed[::-1], residual)
+            if right_product is not None:
+                gradient = _times_transpose(gradient, right, right_product)
+            # c = 1.001 lambda^2 ||L||_2^2 ||R||_2^2;  S_q <- P(S_q - (lambda / c) gradient)
+            lipschitz = (scale ** 2
+                         * _squared_norm(left, left_transposed, ("left", q), start_vectors, rng)
+                         * _squared_norm(right, right_transposed, ("right", q), start_vectors,
+                                         rng))
+            step = scale / (LIPSCHITZ_MARGIN * lipschitz) if lipschitz > 0 else 0.0
+            candidate = gradient  # in place: nothing else uses this array
+            candidate *= -step
+            candidate.ravel()[factors[q].flat_positions] += factors[q].matrix.data
+            factors[q] = projectors[q](candidate)
+
+            # R for the next update (q - 1) is S_q R; the product is L S_q R.
+            new_factor = factors[q].matrix
+            right_product = (new_factor.toarray() if right_product is None
+                             else new_factor @ right_product)
+            product = _chain_times(left, right_product)
+            if q > 0:
+                residual = _residual(scale, product, matrix)
+
+        scale = _optimal_scale(matrix, product, scale)
+        residual = _residual(scale, product, matrix)
+        errors.append(np.sqrt(_inner(residual, residual)) / matrix_norm)
+        if tol > 0 and _converged(errors, tol):
+            break
+    return _PalmState(factors, scale, errors)
+
+
+def _converged(errors, tol):
+    """The error is rounding noise, or changed by at most ``tol`` (relative) last iteration."""
+    if errors[-1] <= ERROR_FLOOR:
+        return True
+    return len(errors) > 1 and abs(errors[-2] - errors[-1]) <= tol * errors[-2]
+
+
+def _chain_times(chain, block):
+    """``chain[0] @ chain[1] @ ... @ chain[-1] @ block``, one sparse product at a time."""
+    for factor in reversed(chain):
+        block = factor @ block
+    return block
+
+
+def _times_transpose(block, right, right_product):
+    """``block @ R^T`` for ``R = right[0] @ ... @ right[-1]`` (dense: ``right_product``).
+
+    Uses the chain of sparse factors, ``(R block^T)^T``, when that costs fewer
+    (speed-weighted) multiply-adds than a dense GEMM with ``right_product``.
+    """
+    sparse_cost = sum(factor.nnz for factor in right) * block.shape[0]
+    dense_cost = right_product.size * block.shape[0]
+    if DENSE_SPEEDUP * sparse_cost < dense_cost:
+        return transposed_copy(_chain_times(right, transposed_copy(block)))
+    return block @ right_product.T
+
+
+def _squared_norm(chain, chain_transposed, key, start_vectors, rng):
+    """``||A||_2^2`` for ``A = chain[0] @ ... @ chain[-1]`` (1 for an empty chain).
+
+    Power iteration on ``A^T A``, warm-started from the vector stored under
+    ``key`` by the previous call: the factors change little between
+    iterations, so few steps are needed. Estimates approach the value from
+    below; it stops when they change by less than ``NORM_RTOL`` (relative).
+    """
+    if not chain:
+        return 1.0
+    vector = start_vectors.get(key)
+    if vector is None:
+        vector = rng.standard_normal(chain[-1].shape[1])
+        vector /= _norm(vector)
+    estimate = 0.0
+    for _ in range(NORM_MAX_STEPS):
+        image = _chain_times(chain_transposed[::-1], _chain_times(chain, vector))
+        previous, estimate = estimate, _norm(image)
+        if estimate == 0.0:
+            return 0.0
+        vector = image / estimate
+        if estimate - previous <= NORM_RTOL * estimate:
+            break
+    start_vectors[key] = vector
+    return estimate
+
+
+def _residual(scale, product, matrix):
+    """``lambda X - W`` (one new array, no temporary)."""
+    residual = np.multiply(product, scale)
+    residual -= matrix
+    return residual
+
+
+def _optimal_scale(matrix, product, previous):
+    """``lambda = <W, X> / <X, X>``, the best scale of the product ``X`` (kept if ``X = 0``)."""
+    energy = _inner(product, product)
+    return _inner(matrix, product) / energy if energy > 0 else previous
+
+
+def _inner(a, b):
+    """Frobenius inner product ``<a, b>``.
+
+    ``np.einsum`` runs on the calling thread; BLAS's ``ddot`` may start its
+    threads for big arrays, which stalls when the other cores are busy.
+    """
+    return float(np.einsum("ij,ij->", a, b))
+
+
+def _unit_norm(values):
+    """``values / ||values||`` (unchanged if all zero)."""
+    norm = _norm(values)
+    return values / norm if norm > 0 else values
+
+
+def _norm(vector):
+    """Euclidean norm of a 1-D array, on the calling thread (see ``_inner``)."""
+    return float(np.sqrt(np.einsum("i,i->", vector, vector)))
+
+
+def _initial_factors(shapes):
+    """FAuST's start: the last factor (updated first) zero, the others rectangular identities."""
+    factors = [sps.eye(rows, columns, format="csr", dtype=np.float64) for rows, columns in shapes]
+    factors[-1] = sps.csr_matrix(shapes[-1], dtype=np.float64)
+    return [_SparseFactor(factor) for factor in factors]
+
+
+def _single_factor(matrix, projector):
+    """``Q = 1``: the projection ``S`` of ``W`` scaled by ``lambda = <W, S>`` (``||S|| = 1``)."""
+    factor = projector(matrix)
+    scale = float(factor.matrix.data @ matrix.ravel()[factor.flat_positions])
+    error = np.linalg.norm(scale * factor.matrix.toarray() - matrix) / np.linalg.norm(matrix)
+    return _PalmState([factor], scale, [error]).result()
+
+
+def _zero_factorization(shapes, projectors):
+    """An all-zero ``W`` is matched exactly by all-zero factors (error 0)."""
+    factors = [project(np.zeros(shape)) for shape, project in zip(shapes, projectors)]
+    return _PalmState(factors, 0.0, [0.0]).result()
+
+
+def _check_matrix(matrix):
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or 0 in matrix.shape:
+        raise ValueError(
+            f"`matrix` must be a non-empty 2-D array (in, out), got shape {matrix.shape}."
+        )
+    if not np.all(np.isfinite(matrix)):
+        raise ValueError(
+            "`matrix` holds NaN or Inf values; only finite matrices can be factorized."
+        )
+    return matrix
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_int(value, name, *, minimum):
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _check_tol(tol):
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0:
+        raise ValueError(f"`tol` must be a number >= 0, got {tol!r}.")
+    return float(tol)
+
+
+def _check_sparsity(sparsity, n_factors):
+    """One splincol ``K >= 1`` per factor, from an int or a sequence of ``n_factors`` ints."""
+    if _is_int(sparsity):
+        values = [sparsity] * n_factors
+    elif isinstance(sparsity, (list, tuple, np.ndarray)) and len(sparsity) == n_factors:
+        values = list(sparsity)
+    else:
+        raise ValueError(
+            f"`sparsity` must be an integer >= 1 or a sequence of {n_factors} (n_factors) "
+            f"integers >= 1, got {sparsity!r}."
+        )
+    return [_check_int(k, "sparsity", minimum=1) for k in values]
+
+
+def _check_residual_sparsity(residual_sparsity, shapes, factor_ks):
+    """splincol ``K`` of the residual after each level; the last level's is ``sparsity[-1]``."""
+    n_intermediate = len(shapes) - 2
+    if residual_sparsity is None:
+        width = min(shapes[-1])
+        values = [max(factor_ks[-1], -(-width // 2 ** level))
+                  for level in range(1, n_intermediate + 1)]
+    elif _is_int(residual_sparsity):
+        values = [residual_sparsity] * n_intermediate
+    elif (isinstance(residual_sparsity, (list, tuple, np.ndarray))
+          and len(residual_sparsity) == n_intermediate):
+        values = list(residual_sparsity)
+    else:
+        raise ValueError(
+            f"`residual_sparsity` must be None, an integer >= 1 or a sequence of "
+            f"{n_intermediate} (n_factors - 2) integers >= 1, got {residual_sparsity!r}."
+        )
+    values = [_check_int(k, "residual_sparsity", minimum=1) for k in values]
+    return values + [factor_ks[-1]]
+
+
+def _check_supports(supports, shapes):
+    if not isinstance(supports, (list, tuple)) or len(supports) != len(shapes):
+        raise ValueError(
+            f"`supports` must be a list of {len(shapes)} (n_factors) boolean arrays, "
+            f"got {type(supports).__name__}"
+            + (f" of length {len(supports)}." if isinstance(supports, (list, tuple)) else ".")
+        )
+    checked = []
+    for index, (support, shape) in enumerate(zip(supports, shapes)):
+        support = np.asarray(support)
+        if support.shape != shape:
+            raise ValueError(
+                f"`supports[{index}]` must have shape {shape} (factor shapes are "
+                f"{shapes}), got {support.shape}."
+            )
+        support = support.astype(bool)
+        if not support.any():
+            raise ValueError(f"`supports[{index}]` must have at least one True entry.")
+        checked.append(support)
+    return checked

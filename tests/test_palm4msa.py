@@ -1,0 +1,241 @@
+"""palm4MSA and its hierarchical variant (keras_psm.factorize.palm4msa)."""
+
+from functools import reduce
+
+import numpy as np
+import pytest
+from scipy.linalg import hadamard
+
+from keras_psm.factorize.palm4msa import (
+    Factorization,
+    factor_shapes,
+    hierarchical_palm4msa,
+    palm4msa,
+)
+from keras_psm.factorize.projections import splincol
+
+
+@pytest.fixture
+def gaussian():
+    return np.random.default_rng(0).standard_normal((48, 64))
+
+
+def relative_error(matrix, product):
+    return np.linalg.norm(matrix - product) / np.linalg.norm(matrix)
+
+
+def reference_palm4msa(matrix, n_factors, k, n_iter):
+    """Algorithm 1 of the PSM supplement (A.4), dense and literal, with exact spectral norms."""
+    shapes = factor_shapes(matrix.shape, n_factors)
+    factors = [np.eye(*shape) for shape in shapes[:-1]] + [np.zeros(shapes[-1])]
+    scale, errors = 1.0, []
+    for _ in range(n_iter):
+        for q in reversed(range(n_factors)):
+            left = reduce(np.matmul, factors[:q], np.eye(matrix.shape[0]))
+            right = reduce(np.matmul, factors[q + 1:], np.eye(shapes[q][1]))
+            c = 1.001 * scale ** 2 * np.linalg.norm(left, 2) ** 2 * np.linalg.norm(right, 2) ** 2
+            gradient = left.T @ (scale * left @ factors[q] @ right - matrix) @ right.T
+            factors[q] = splincol(factors[q] - scale / c * gradient, k)
+        product = reduce(np.matmul, factors)
+        scale = np.sum(matrix * product) / np.sum(product * product)
+        errors.append(relative_error(matrix, scale * product))
+    return [scale * factors[0]] + factors[1:], errors
+
+
+@pytest.mark.parametrize("n", [5, 6, 7])
+def test_hierarchical_recovers_hadamard(n):
+    matrix = hadamard(2 ** n).astype(np.float64)
+    result = hierarchical_palm4msa(matrix, n, 2, random_state=0)
+    assert relative_error(matrix, result.product) < 1e-6
+    assert result.relative_error < 1e-6
+    for factor in result.factors:
+        assert factor.shape == matrix.shape
+        assert set(np.count_nonzero(factor, axis=0)) == {2}
+        assert set(np.count_nonzero(factor, axis=1)) == {2}
+
+
+@pytest.mark.parametrize("n_factors", [2, 3, 4])
+def test_matches_a_literal_dense_implementation_of_algorithm_1(n_factors):
+    matrix = np.random.default_rng(5).standard_normal((20, 28))
+    expected_factors, expected_errors = reference_palm4msa(matrix, n_factors, 3, n_iter=8)
+    result = palm4msa(matrix, n_factors, 3, max_iter=8, tol=0, random_state=0)
+    # Power iteration (stopped at a 1e-6 relative change) vs exact norms: tiny differences.
+    np.testing.assert_allclose(result.errors, expected_errors, rtol=1e-4)
+    for factor, expected in zip(result.factors, expected_factors):
+        np.testing.assert_array_equal(factor != 0, expected != 0)
+        np.testing.assert_allclose(factor, expected, atol=1e-3 * np.abs(expected).max())
+
+
+def test_error_history_decreases(gaussian):
+    result = palm4msa(gaussian, 3, 6, max_iter=60, tol=0, random_state=0)
+    assert len(result.errors) == 60
+    assert result.errors[-1] < 0.7 * result.errors[0]
+    assert result.errors[-1] < result.errors[30]
+    # splincol is not an exact projection, so a step may raise the error a little.
+    assert np.mean(np.diff(result.errors) <= 0) > 0.8
+
+
+def test_tol_stops_early(gaussian):
+    result = palm4msa(gaussian, 2, 8, max_iter=300, tol=1e-3, random_state=0)
+    assert 1 < len(result.errors) < 300
+    assert abs(result.errors[-2] - result.errors[-1]) <= 1e-3 * result.errors[-2]
+
+
+@pytest.mark.parametrize(
+    "shape, n_factors, rank, expected",
+    [
+        ((48, 64), 3, None, [(48, 48), (48, 48), (48, 64)]),
+        ((64, 48), 2, None, [(64, 48), (48, 48)]),
+        ((48, 64), 4, 20, [(48, 20), (20, 20), (20, 20), (20, 64)]),
+        ((48, 64), 1, None, [(48, 64)]),
+    ],
+)
+def test_factor_shapes_keras_orientation(shape, n_factors, rank, expected):
+    matrix = np.random.default_rng(1).standard_normal(shape)
+    assert factor_shapes(shape, n_factors, rank) == expected
+    result = palm4msa(matrix, n_factors, 5, rank=rank, max_iter=5, random_state=0)
+    assert [factor.shape for factor in result.factors] == expected
+    assert [support.shape for support in result.supports] == expected
+    assert all(factor.dtype == np.float64 for factor in result.factors)
+
+
+def test_hierarchical_factor_shapes_rectangular(gaussian):
+    result = hierarchical_palm4msa(gaussian, 3, 6, rank=32, max_iter=20, random_state=0)
+    assert [f.shape for f in result.factors] == [(48, 32), (32, 32), (32, 64)]
+    assert result.relative_error < 1.0
+
+
+def test_lambda_is_folded_and_relative_error_matches(gaussian):
+    result = palm4msa(gaussian, 3, 6, max_iter=30, random_state=0)
+    product = result.factors[0] @ result.factors[1] @ result.factors[2]
+    np.testing.assert_allclose(result.product, product, atol=1e-12)
+    assert result.relative_error == pytest.approx(relative_error(gaussian, product), rel=1e-9)
+    assert result.relative_error == pytest.approx(result.errors[-1])
+    # The unit-norm convention applies inside the algorithm only: the scale
+    # lives in the first factor, the others have unit Frobenius norm.
+    assert np.linalg.norm(result.factors[0]) != pytest.approx(1.0)
+    for factor in result.factors[1:]:
+        assert np.linalg.norm(factor) == pytest.approx(1.0)
+
+
+def test_supports_are_nonzero_patterns_and_satisfy_splincol(gaussian):
+    k = 5
+    result = palm4msa(gaussian, 3, k, max_iter=20, random_state=0)
+    for factor, support in zip(result.factors, result.supports):
+        assert support.dtype == bool
+        np.testing.assert_array_equal(support, factor != 0)
+        assert support.sum(axis=1).min() >= k and support.sum(axis=0).min() >= k
+        assert support.sum(axis=1).mean() <= 2 * k
+
+
+def test_per_factor_sparsity(gaussian):
+    sparsity = [2, 4, 8]
+    result = palm4msa(gaussian, 3, sparsity, max_iter=10, random_state=0)
+    for k, support in zip(sparsity, result.supports):
+        assert support.sum(axis=1).min() >= k and support.sum(axis=0).min() >= k
+        assert support.sum(axis=1).mean() <= 2 * k
+    counts = [support.sum() for support in result.supports]
+    assert counts[0] < counts[1] < counts[2]
+
+
+def test_fixed_supports_are_respected(gaussian):
+    rng = np.random.default_rng(3)
+    shapes = factor_shapes(gaussian.shape, 3)
+    supports = [rng.random(shape) < 0.3 for shape in shapes]
+    result = palm4msa(gaussian, 3, None, supports=supports, max_iter=40, random_state=0)
+    for factor, support, given in zip(result.factors, result.supports, supports):
+        assert not factor[~given].any()
+        np.testing.assert_array_equal(support, given)
+    assert result.errors[-1] < result.errors[0]
+
+
+def test_single_factor_is_the_scaled_projection(gaussian):
+    result = palm4msa(gaussian, 1, 4)
+    projected = splincol(gaussian, 4)
+    scale = np.sum(projected * gaussian)
+    np.testing.assert_allclose(result.factors[0], scale * projected)
+    assert result.relative_error == pytest.approx(relative_error(gaussian, scale * projected))
+
+
+def test_zero_matrix_gives_zero_factors():
+    result = palm4msa(np.zeros((6, 8)), 2, 2)
+    assert all(not factor.any() for factor in result.factors)
+    assert result.relative_error == 0.0
+
+
+def test_more_factors_or_sparsity_fit_better(gaussian):
+    sparse = palm4msa(gaussian, 2, 4, max_iter=100, random_state=0).relative_error
+    denser = palm4msa(gaussian, 2, 16, max_iter=100, random_state=0).relative_error
+    assert denser < sparse
+
+
+def test_random_state_makes_results_reproducible(gaussian):
+    first = palm4msa(gaussian, 3, 5, max_iter=15, random_state=7)
+    second = palm4msa(gaussian, 3, 5, max_iter=15, random_state=7)
+    for a, b in zip(first.factors, second.factors):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(first.errors, second.errors)
+    third, fourth = (
+        hierarchical_palm4msa(gaussian, 3, 5, max_iter=10, random_state=np.random.default_rng(7))
+        for _ in range(2)
+    )
+    np.testing.assert_array_equal(third.product, fourth.product)
+
+
+def test_returns_factorization_dataclass(gaussian):
+    result = palm4msa(gaussian, 2, 4, max_iter=3)
+    assert isinstance(result, Factorization)
+    assert result.errors.dtype == np.float64 and result.errors.ndim == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_factors": 0}, "`n_factors` must be an integer >= 1"),
+        ({"n_factors": 2.0}, "`n_factors` must be an integer >= 1"),
+        ({"sparsity": 0}, "`sparsity` must be an integer >= 1"),
+        ({"sparsity": [3, 3]}, r"`sparsity` must be an integer >= 1 or a sequence of 3"),
+        ({"sparsity": "4"}, "`sparsity`"),
+        ({"rank": 0}, "`rank` must be an integer >= 1"),
+        ({"max_iter": 0}, "`max_iter` must be an integer >= 1"),
+        ({"tol": -1e-3}, "`tol` must be a number >= 0"),
+        ({"tol": float("nan")}, "`tol` must be a number >= 0"),
+        ({"supports": [np.ones((48, 48), bool)]}, "`supports` must be a list of 3"),
+        ({"supports": [np.ones((48, 48), bool)] * 3},
+         r"`supports\[2\]` must have shape \(48, 64\)"),
+        ({"supports": [np.ones((48, 48), bool), np.zeros((48, 48), bool),
+                       np.ones((48, 64), bool)]}, r"`supports\[1\]` must have at least one True"),
+    ],
+)
+def test_bad_arguments_raise_value_error(gaussian, kwargs, match):
+    arguments = {"matrix": gaussian, "n_factors": 3, "sparsity": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        palm4msa(**arguments)
+
+
+@pytest.mark.parametrize(
+    "matrix, match",
+    [
+        (np.ones(5), "`matrix` must be a non-empty 2-D array"),
+        (np.ones((0, 4)), "`matrix` must be a non-empty 2-D array"),
+        (np.array([[1.0, np.nan], [0.0, 1.0]]), "`matrix` holds NaN or Inf"),
+        (np.array([[1.0, np.inf], [0.0, 1.0]]), "`matrix` holds NaN or Inf"),
+    ],
+)
+@pytest.mark.parametrize("function", [palm4msa, hierarchical_palm4msa])
+def test_bad_matrix_raises_value_error(function, matrix, match):
+    with pytest.raises(ValueError, match=match):
+        function(matrix, 2, 2)
+
+
+def test_rank_with_one_factor_raises_value_error(gaussian):
+    with pytest.raises(ValueError, match="`rank` must be None when `n_factors` is 1"):
+        palm4msa(gaussian, 1, 4, rank=8)
+
+
+def test_bad_residual_sparsity_raises_value_error(gaussian):
+    with pytest.raises(ValueError, match=r"`residual_sparsity` must be None, an integer >= 1 or a "
+                                         r"sequence of 2 \(n_factors - 2\)"):
+        hierarchical_palm4msa(gaussian, 4, 3, residual_sparsity=[8])
+    with pytest.raises(ValueError, match="`residual_sparsity` must be an integer >= 1"):
+        hierarchical_palm4msa(gaussian, 4, 3, residual_sparsity=0)

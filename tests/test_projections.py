@@ -1,0 +1,120 @@
+"""Projections onto sparse unit-norm matrices (keras_psm.factorize.projections)."""
+
+import numpy as np
+import pytest
+
+from keras_psm.factorize.projections import (
+    sp,
+    sp_support,
+    splincol,
+    splincol_support,
+    support_projection,
+    top_k_mask,
+    transposed_copy,
+)
+
+
+@pytest.fixture
+def gaussian():
+    return np.random.default_rng(0).standard_normal((40, 60))
+
+
+def brute_force_splincol_support(matrix, k):
+    """Union of the row-wise and column-wise top-k, by full sorts."""
+    magnitude = np.abs(matrix)
+    support = np.zeros(matrix.shape, dtype=bool)
+    for row, values in enumerate(magnitude):
+        support[row, np.argsort(-values)[:k]] = True
+    for column, values in enumerate(magnitude.T):
+        support[np.argsort(-values)[:k], column] = True
+    return support
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 40])
+def test_splincol_support_is_union_of_row_and_column_top_k(gaussian, k):
+    np.testing.assert_array_equal(splincol_support(gaussian, k),
+                                  brute_force_splincol_support(gaussian, k))
+
+
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_splincol_nonzeros_per_row_and_column_and_unit_norm(gaussian, k):
+    projected = splincol(gaussian, k)
+    nonzero = projected != 0
+    assert nonzero.sum(axis=1).min() >= k
+    assert nonzero.sum(axis=0).min() >= k
+    assert nonzero.sum(axis=1).mean() <= 2 * k
+    assert nonzero.sum(axis=0).mean() <= 2 * k
+    assert np.linalg.norm(projected) == pytest.approx(1.0)
+    kept = splincol_support(gaussian, k)
+    np.testing.assert_array_equal(nonzero, kept)
+    np.testing.assert_allclose(projected[kept], gaussian[kept] / np.linalg.norm(gaussian[kept]))
+
+
+def test_splincol_keeps_exactly_k_per_line_despite_ties():
+    signs = np.sign(np.random.default_rng(1).standard_normal((16, 16)))
+    for axis in (0, 1):
+        assert set(top_k_mask(np.abs(signs), 3, axis=axis).sum(axis=axis)) == {3}
+    per_row = splincol_support(signs, 2).sum(axis=1)
+    assert per_row.min() >= 2 and per_row.mean() <= 4
+
+
+def test_splincol_with_k_at_least_the_size_keeps_all_nonzeros(gaussian):
+    gaussian[0, 0] = 0.0
+    expected = gaussian != 0
+    np.testing.assert_array_equal(splincol_support(gaussian, 100), expected)
+
+
+def test_sp_keeps_exactly_the_k_largest(gaussian):
+    projected = sp(gaussian, 25)
+    assert np.count_nonzero(projected) == 25
+    threshold = np.sort(np.abs(gaussian).ravel())[-25]
+    np.testing.assert_array_equal(projected != 0, np.abs(gaussian) >= threshold)
+    np.testing.assert_array_equal(sp_support(gaussian, 25), projected != 0)
+    assert np.linalg.norm(projected) == pytest.approx(1.0)
+
+
+def test_sp_never_keeps_zeros():
+    matrix = np.zeros((4, 5))
+    matrix[1, 2] = -3.0
+    assert np.count_nonzero(sp_support(matrix, 6)) == 1
+    np.testing.assert_array_equal(sp(matrix, 6), np.where(matrix != 0, -1.0, 0.0))
+
+
+def test_all_zero_matrix_projects_to_zeros():
+    zeros = np.zeros((3, 4))
+    assert not sp(zeros, 2).any()
+    assert not splincol(zeros, 2).any()
+
+
+def test_support_projection_restricts_and_normalizes(gaussian):
+    support = np.random.default_rng(2).random(gaussian.shape) < 0.2
+    projected = support_projection(gaussian, support)
+    assert not projected[~support].any()
+    np.testing.assert_allclose(projected[support],
+                               gaussian[support] / np.linalg.norm(gaussian[support]))
+
+
+def test_transposed_copy_matches_numpy():
+    array = np.arange(37 * 21, dtype=np.float64).reshape(37, 21)
+    copy = transposed_copy(array)
+    assert copy.flags.c_contiguous
+    np.testing.assert_array_equal(copy, array.T)
+    mask = array % 3 == 0
+    np.testing.assert_array_equal(transposed_copy(mask), mask.T)
+
+
+@pytest.mark.parametrize("function", [splincol, splincol_support, sp, sp_support])
+@pytest.mark.parametrize("k", [0, -1, 2.5, True, "3"])
+def test_bad_k_raises_value_error(gaussian, function, k):
+    with pytest.raises(ValueError, match="`k` must be an integer >= 1"):
+        function(gaussian, k)
+
+
+def test_non_2d_matrix_raises_value_error():
+    with pytest.raises(ValueError, match="`matrix` must be 2-D"):
+        splincol(np.ones(5), 1)
+
+
+def test_support_shape_mismatch_raises_value_error(gaussian):
+    with pytest.raises(ValueError, match="`support` must have the shape"):
+        support_projection(gaussian, np.ones((2, 2), dtype=bool))
