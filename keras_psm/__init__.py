@@ -9,8 +9,37 @@ The Keras in use is ``keras_psm.backend.keras``: Keras 3, or tf_keras when
 
 from keras_psm.backend import KERAS_NAME, LEGACY_KERAS, keras
 from keras_psm.compress import compress
-from keras_psm.layers import CompressedLayer, SparseFactorConv2D, SparseFactorDense
-from keras_psm.methods import Method, PSMConfig, available_methods, get_method, register_method
+from keras_psm.export import size_report, to_tflite, verify_tflite
+from keras_psm.layers import (
+    CompressedLayer,
+    KroneckerDense,
+    KroneckerPatternDense,
+    LowRankConv,
+    LowRankDense,
+    PenaltySchedule,
+    SparseFactorConv2D,
+    SparseFactorDense,
+    TTConv2D,
+    TTDense,
+    TuckerConv,
+)
+from keras_psm.methods import (
+    ALDSConfig,
+    ButterflyConfig,
+    HardPruningConfig,
+    IterativePruningConfig,
+    KPDConfig,
+    Method,
+    PSMConfig,
+    SVDConfig,
+    TTConfig,
+    TuckerSVDConfig,
+    available_methods,
+    get_method,
+    register_method,
+)
+from keras_psm.pruning import IterativePruning
+from keras_psm.pruning_at_init import prune_at_init
 from keras_psm.report import CompressionReport, LayerReport
 
 __version__ = "0.1.0"
@@ -18,16 +47,37 @@ __version__ = "0.1.0"
 __all__ = [
     "KERAS_NAME",
     "LEGACY_KERAS",
+    "ALDSConfig",
+    "ButterflyConfig",
     "CompressedLayer",
     "CompressionReport",
+    "HardPruningConfig",
+    "IterativePruning",
+    "IterativePruningConfig",
+    "KPDConfig",
+    "KroneckerDense",
+    "KroneckerPatternDense",
     "LayerReport",
+    "LowRankConv",
+    "LowRankDense",
     "Method",
     "PSMConfig",
+    "PenaltySchedule",
+    "SVDConfig",
     "SparseFactorConv2D",
     "SparseFactorDense",
+    "TTConfig",
+    "TTConv2D",
+    "TTDense",
+    "TuckerConv",
+    "TuckerSVDConfig",
     "available_methods",
     "compress",
     "get_method",
     "keras",
+    "prune_at_init",
     "register_method",
+    "size_report",
+    "to_tflite",
+    "verify_tflite",
 ]

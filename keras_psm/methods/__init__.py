@@ -1,6 +1,7 @@
 """Compression methods, each registered under its name.
 
-Importing this package registers every method family below.
+Importing this package registers every method family below, in the order
+``available_methods()`` lists them.
 """
 
 from keras_psm.methods.registry import (
@@ -10,13 +11,26 @@ from keras_psm.methods.registry import (
     get_method,
     register_method,
 )
-from keras_psm.methods import psm  # noqa: F401  (registers "psm")
-from keras_psm.methods.psm import PSMConfig
+from keras_psm.methods.psm import PSMConfig  # "psm"
+from keras_psm.methods.psm_variants import ButterflyConfig  # "psm-reinit", "psm-random", "butterfly"
+from keras_psm.methods.pruning import HardPruningConfig, IterativePruningConfig  # "hard-pruning", ...
+from keras_psm.methods.lowrank import ALDSConfig, LowRankLayerConfig, SVDConfig  # "svd", "alds"
+from keras_psm.methods.tensor import TTConfig, TuckerSVDConfig  # "tucker-svd", "tt"
+from keras_psm.methods.kronecker import KPDConfig  # "kpd"
 
 __all__ = [
     "LAYER_KINDS",
+    "ALDSConfig",
+    "ButterflyConfig",
+    "HardPruningConfig",
+    "IterativePruningConfig",
+    "KPDConfig",
+    "LowRankLayerConfig",
     "Method",
     "PSMConfig",
+    "SVDConfig",
+    "TTConfig",
+    "TuckerSVDConfig",
     "available_methods",
     "get_method",
     "register_method",
