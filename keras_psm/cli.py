@@ -1,0 +1,418 @@
+"""The ``keras-psm`` command: compress, export, list methods, run the demo.
+
+    keras-psm compress model.keras small.keras --method psm --factors 3 --sparsity 14
+    keras-psm export small.keras small.tflite --quantization float16
+    keras-psm methods
+    keras-psm demo --quick
+
+Every subcommand has ``--help``. Errors the user can fix (a missing file, a
+file that is not a Keras model, an unknown method or option) end the
+command with status 1 and one line on standard error, never a traceback.
+"""
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import textwrap
+import types
+import typing
+import zipfile
+
+from keras_psm import demo
+from keras_psm.backend import KERAS_NAME, LEGACY_KERAS, keras
+from keras_psm.compress import compress
+from keras_psm.datasets import DATASETS
+from keras_psm.export import size_report, to_tflite
+from keras_psm.methods import available_methods, get_method
+
+PROG = "keras-psm"
+
+
+class CommandError(Exception):
+    """An error the user can fix; ``main`` prints it as one line."""
+
+
+# ----------------------------------------------------------------------------
+# Method options given on the command line as key=value, typed by the
+# method's config dataclass.
+
+_TRUE = ("true", "yes", "1", "on")
+_FALSE = ("false", "no", "0", "off")
+
+
+def option_types(config_class):
+    """``field name -> type annotation`` of a method's config dataclass."""
+    hints = typing.get_type_hints(config_class)
+    return {field.name: hints.get(field.name, str) for field in dataclasses.fields(config_class)}
+
+
+def type_name(annotation):
+    """A short, readable name for a type annotation (``int or none``, ``'a'|'b'``)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("none" if arg is type(None) else type_name(arg) for arg in args)
+    if origin is typing.Literal:
+        return "|".join(repr(arg) for arg in args)
+    if origin in (tuple, list):
+        return f"comma-separated {type_name(args[0]) if args else 'values'}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def parse_value(text, annotation):
+    """Convert the command-line ``text`` to ``annotation`` (raises ValueError)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() == "none" and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return parse_value(text, arg)
+                except ValueError:
+                    pass
+        raise ValueError
+    if origin is typing.Literal:
+        for choice in args:
+            if str(choice) == text:
+                return choice
+        raise ValueError
+    if origin in (tuple, list):
+        item = args[0] if args else str
+        return origin(parse_value(part.strip(), item) for part in text.split(",") if part.strip())
+    if annotation is bool:
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError
+    if annotation in (int, float, str):
+        return annotation(text)
+    raise ValueError
+
+
+def method_options(method, pairs):
+    """Options for ``method`` from ``key=value`` strings, typed by its config class."""
+    types_ = option_types(method.config_class)
+    options = {}
+    for pair in pairs:
+        key, separator, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not separator or not key:
+            raise CommandError(f"--option {pair!r}: expected key=value, e.g. sparsity=4.")
+        if key not in types_:
+            raise CommandError(
+                f"method {method.name!r} has no option {key!r}; its options are "
+                f"{', '.join(types_)} (see `{PROG} methods`).")
+        try:
+            options[key] = parse_value(text.strip(), types_[key])
+        except ValueError:
+            raise CommandError(
+                f"--option {key}={text}: method {method.name!r} expects "
+                f"{type_name(types_[key])} for {key!r}.") from None
+    return options
+
+
+# ----------------------------------------------------------------------------
+# Files
+
+
+def existing_file(path, what):
+    if not os.path.isfile(path):
+        raise CommandError(f"{what} {path!r} does not exist or is not a file.")
+    return path
+
+
+def writable_path(path, suffix, what):
+    if not path.endswith(suffix):
+        raise CommandError(f"{what} {path!r} must end in {suffix}.")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CommandError(f"{what} {path!r}: folder {directory!r} does not exist.")
+    return path
+
+
+#: Longest reason quoted from Keras when a file does not load (its messages
+#: can hold a whole model config).
+MAX_REASON = 300
+
+
+def saved_by(path):
+    """``"keras"`` or ``"tf_keras"``: which Keras wrote a .keras file; None if unknown."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            version = str(json.loads(archive.read("metadata.json")).get("keras_version", ""))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return {"2": "tf_keras", "3": "keras"}.get(version.split(".")[0])
+
+
+def load_model(path):
+    """A Keras model from a .keras or .h5 file, uncompiled."""
+    existing_file(path, "input model")
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for files it cannot read
+        reason = demo.one_line(error).split(" Full object config:")[0]
+        if len(reason) > MAX_REASON:
+            reason = reason[:MAX_REASON] + "..."
+        hint = ""
+        if saved_by(path) not in (None, KERAS_NAME):
+            hint = (" The file was saved by Keras 3: unset TF_USE_LEGACY_KERAS to load it."
+                    if LEGACY_KERAS else
+                    " The file was saved by tf_keras: set TF_USE_LEGACY_KERAS=1 to load it.")
+        raise CommandError(f"cannot load a Keras model from {path!r} with {KERAS_NAME}: "
+                           f"{type(error).__name__}: {reason}{hint}") from None
+    if not isinstance(model, keras.Model):
+        raise CommandError(f"{path!r} holds a {type(model).__name__}, not a Keras model.")
+    return model
+
+
+# ----------------------------------------------------------------------------
+# Subcommands
+
+
+def run_compress(args):
+    writable_path(args.output, ".keras", "output model")
+    method = get_method(args.method)
+    options = method_options(method, args.option)
+    for flag, key, value in (("--factors", "n_factors", args.factors),
+                             ("--sparsity", "sparsity", args.sparsity)):
+        if value is not None:
+            if key not in option_types(method.config_class):
+                raise CommandError(f"{flag}: method {method.name!r} has no option {key!r}; "
+                                   f"see `{PROG} methods`.")
+            options[key] = value
+    method.make_config(**options)  # validate before the (slow) model load
+    model = load_model(args.input)
+    executor = None
+    if args.jobs > 1:
+        executor = concurrent.futures.ProcessPoolExecutor(
+            args.jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        compressed, report = compress(model, method.name, layers=args.layers,
+                                      executor=executor, verbose=0 if args.quiet else 1,
+                                      **options)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    compressed.save(args.output)
+    print(f"wrote {args.output}: {report.params_before:,} -> {report.params_after:,} "
+          f"parameters in the layers with weights (x{report.compression_ratio:.1f}). "
+          "Compile it and fine-tune with model.fit"
+          + (" passing the method's callbacks" if report.callbacks else "") + ".")
+    return 0
+
+
+def run_export(args):
+    writable_path(args.output, ".tflite", "output file")
+    model = load_model(args.input)
+    quantization = None if args.quantization == "none" else args.quantization
+    sparse = {"auto": "auto", "yes": True, "no": False}[args.sparse]
+    to_tflite(model, args.output, quantization=quantization, sparse=sparse,
+              batch_size=None if args.batch_size == 0 else args.batch_size)
+    print(size_report(model, args.output))
+    print(f"wrote {args.output}; it runs with LiteRT and matches the Keras model.")
+    return 0
+
+
+LAYER_NAMES = {"dense": "Dense", "conv2d": "Conv2D"}
+
+
+def describe_methods():
+    """Text listing every registered method: description, layers, paper, options, presets."""
+    blocks = []
+    for name in available_methods():
+        method = get_method(name)
+        defaults = {f.name: f.default for f in dataclasses.fields(method.config_class)}
+        layers = ", ".join(LAYER_NAMES[kind] for kind in method.layer_kinds)
+        lines = [f"{name}: {method.description}", f"  layers:  {layers}"]
+        if method.paper:
+            lines.append(f"  paper:   {method.paper}")
+        types_ = option_types(method.config_class)
+        width = max(map(len, types_), default=0)
+        lines.append("  options:")
+        for key, annotation in types_.items():
+            default = ("required" if defaults[key] is dataclasses.MISSING
+                       else f"default {defaults[key]!r}")
+            lines.append(f"    {key.ljust(width)}  {type_name(annotation)}, {default}")
+        for budget, options in method.presets.items():
+            lines.append(f"  preset {budget}: {demo.format_options(options)}")
+        if method.callbacks is not None:
+            lines.append("  fine-tune with model.fit(..., callbacks=report.callbacks)")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def run_methods(args):
+    print(describe_methods())
+    return 0
+
+
+def run_demo_command(args):
+    settings = dataclasses.replace(demo.QUICK if args.quick else demo.FULL,
+                                   dataset=args.dataset)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise CommandError(f"--output {args.output!r} exists and is not a folder.")
+    for name in args.methods or ():
+        get_method(name)
+    demo.run_demo(settings, output_dir=args.output, methods=args.methods,
+                  export=not args.no_export, min_ratio=args.min_ratio,
+                  progress=not args.no_progress)
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# The parser
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps each paragraph of a description; keeps paragraphs with indented lines (examples)."""
+
+    def _fill_text(self, text, width, indent):
+        paragraphs = []
+        for paragraph in text.split("\n\n"):
+            if any(line.startswith(" ") for line in paragraph.splitlines()):
+                paragraphs.append(textwrap.indent(paragraph, indent))
+            else:
+                paragraphs.append(textwrap.fill(" ".join(paragraph.split()), width,
+                                                initial_indent=indent, subsequent_indent=indent))
+        return "\n\n".join(paragraphs)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Compress a trained Keras model by replacing its Dense and Conv2D weight "
+            "matrices with structured factorizations (PSM: products of sparse "
+            "matrices, and other methods), then fine-tune it with model.fit and "
+            "export it to TFLite."),
+        epilog=(
+            "examples:\n"
+            f"  {PROG} demo --quick\n"
+            f"  {PROG} methods\n"
+            f"  {PROG} compress lenet.keras lenet_psm.keras --method psm --factors 3 "
+            "--sparsity 14\n"
+            f"  {PROG} export lenet_psm.keras lenet_psm.tflite\n\n"
+            "Keras 3 is used by default; set TF_USE_LEGACY_KERAS=1 to use tf_keras. "
+            "Run '%(prog)s COMMAND --help' for a command's options."),
+        formatter_class=HelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    compress_parser = commands.add_parser(
+        "compress", help="compress a saved model and save the result",
+        description=(
+            "Load a trained model (.keras or .h5 file), replace its "
+            "Dense/Conv2D layers with the METHOD's compressed layers fitted to their "
+            "weights, print the per-layer report (parameters before/after, relative "
+            "error ||W - W_hat||_F / ||W||_F, seconds) and save the compressed model "
+            "as .keras. It reloads with keras.models.load_model once keras_psm is "
+            "imported. Fine-tune it afterwards: compile, then model.fit."),
+        epilog=(
+            "example:\n"
+            f"  {PROG} compress lenet.keras lenet_psm.keras --method psm --factors 3 "
+            "--sparsity 4 --option max_iter=100 --layers conv2 fc1 fc2\n\n"
+            f"'{PROG} methods' lists each method's options, their types and defaults."),
+        formatter_class=HelpFormatter,
+    )
+    add = compress_parser.add_argument
+    add("input", metavar="IN", help="trained model file (.keras, .h5)")
+    add("output", metavar="OUT.keras", help="where to save the compressed model")
+    add("--method", default="psm",
+        help=f"compression method (default: psm; see '{PROG} methods')")
+    add("--factors", type=int, metavar="Q",
+        help="number of sparse factors per layer (option n_factors)")
+    add("--sparsity", type=int, metavar="K",
+        help="nonzeros per row and column of each factor (option sparsity)")
+    add("--layers", nargs="+", metavar="NAME",
+        help="names of the layers to compress (default: every Dense/Conv2D layer the "
+             "method supports)")
+    add("--option", action="append", default=[], metavar="KEY=VALUE",
+        help="any option of the method, repeatable, e.g. --option max_iter=100 "
+             "--option rank=none")
+    add("--jobs", type=int, default=1, metavar="N",
+        help="fit N layers at a time in worker processes (default: 1)")
+    add("--quiet", action="store_true", help="no progress bar and no per-layer report")
+    compress_parser.set_defaults(run=run_compress)
+
+    export_parser = commands.add_parser(
+        "export", help="export a model to a .tflite file that keeps its compression",
+        description=(
+            "Convert a (compressed) model to TFLite with each factor kept as its own "
+            "constant and sparse constants in TFLite's sparse encoding when that is "
+            "smaller. The file is run with the LiteRT interpreter and checked against "
+            "the Keras model before it is written; the per-layer sizes are printed."),
+        formatter_class=HelpFormatter,
+    )
+    add = export_parser.add_argument
+    add("input", metavar="IN", help="model file (.keras, .h5)")
+    add("output", metavar="OUT.tflite", help="where to write the TFLite file")
+    add("--quantization", choices=("none", "float16", "dynamic_int8"), default="none",
+        help="post-training weight quantization (default: none, float32 weights)")
+    add("--sparse", choices=("auto", "yes", "no"), default="auto",
+        help="TFLite sparse encoding of constants; auto keeps the smaller file "
+             "(default: auto)")
+    add("--batch-size", type=int, default=1, metavar="N",
+        help="the file's fixed batch size, 0 for one chosen at run time (default: 1)")
+    export_parser.set_defaults(run=run_export)
+
+    methods_parser = commands.add_parser(
+        "methods", help="list the compression methods, their options and papers",
+        description="List every registered method with its layers, paper, options and "
+                    "presets.",
+        formatter_class=HelpFormatter,
+    )
+    methods_parser.set_defaults(run=run_methods)
+
+    quick, full = demo.QUICK, demo.FULL
+    demo_parser = commands.add_parser(
+        "demo", help="train LeNet-5 on MNIST digits, compress it every way, compare",
+        description=(
+            "Train a LeNet-5 on the 5,000 MNIST digits bundled with keras_psm (no "
+            "network needed), compress it with every method at a small and a large "
+            "parameter budget, fine-tune each with model.fit (Adam, the same epochs "
+            "for all), print a table (parameters in Conv2D and Dense layers, "
+            "compression ratio, accuracy before and after fine-tuning, seconds), and "
+            "write results.csv and tradeoff.png (accuracy against parameters, log "
+            "scale) to the output folder. The best model is exported to best.tflite: "
+            "the most accurate one with at least --min-ratio times fewer parameters, "
+            "or the most compressed one if none gets there. A full run trains on "
+            f"{full.train_samples} samples and fine-tunes {full.finetune_epochs} epochs "
+            f"(minutes on a laptop CPU); --quick uses {quick.train_samples} samples, "
+            f"{quick.finetune_epochs} epoch and {quick.max_iter} palm4MSA iterations."),
+        formatter_class=HelpFormatter,
+    )
+    add = demo_parser.add_argument
+    add("--quick", action="store_true", help="fewer samples, epochs and palm4MSA iterations")
+    add("--dataset", default="mnist_5k", choices=DATASETS,
+        help="mnist_5k is bundled; the others are downloaded by keras.datasets "
+             "(default: mnist_5k)")
+    add("--output", default="keras_psm_demo", metavar="DIR",
+        help="folder for results.csv, tradeoff.png and best.tflite "
+             "(default: ./keras_psm_demo)")
+    add("--methods", nargs="+", metavar="METHOD",
+        help="run only these methods (default: every registered one)")
+    add("--min-ratio", type=float, default=demo.MIN_RATIO, metavar="R",
+        help=f"compression ratio the exported model must reach (default: {demo.MIN_RATIO:g})")
+    add("--no-export", action="store_true", help="skip the TFLite export")
+    add("--no-progress", action="store_true", help="no progress bars")
+    demo_parser.set_defaults(run=run_demo_command)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of the ``keras-psm`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (CommandError, ValueError, TypeError, OSError, RuntimeError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

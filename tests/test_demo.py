@@ -1,0 +1,206 @@
+"""The demo pipeline: trials from the registry, measured results, table, CSV, plot, the command."""
+
+import csv
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import keras_psm
+from keras_psm import demo
+from keras_psm.methods import registry
+from keras_psm.methods.pruning import kept_count
+from keras_psm.methods.psm import PSM
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def keras_psm_command():
+    """The installed ``keras-psm`` script of this Python environment."""
+    script = os.path.join(os.path.dirname(sys.executable), "keras-psm")
+    assert os.path.exists(script), f"{script} is missing: install the package (pip install -e .)"
+    return script
+
+
+def failing_fit(kernel, config):
+    raise ValueError("this method cannot fit a kernel of shape %s" % (kernel.shape,))
+
+
+@pytest.fixture
+def extra_methods(monkeypatch):
+    """Two methods registered for one test: a working copy of psm and one whose fit fails."""
+    copy = dataclasses.replace(PSM, name="psm-copy", presets={"tiny": dict(n_factors=2,
+                                                                            sparsity=2)})
+    failing = dataclasses.replace(PSM, name="always-fails", fit=failing_fit, presets={})
+    for method in (copy, failing):
+        monkeypatch.setitem(registry._METHODS, method.name, method)
+    return copy, failing
+
+
+def test_trials_come_from_the_registry_presets(extra_methods):
+    trials = demo.preset_trials(budgets=("small", "large", "tiny"), max_iter=30)
+    expected = []
+    for name in keras_psm.available_methods():
+        presets = keras_psm.get_method(name).presets
+        budgets = [b for b in ("small", "large", "tiny") if b in presets] or ["default"]
+        expected += [(name, budget) for budget in budgets]
+    assert [(t.method, t.budget) for t in trials] == expected
+    by_key = {(t.method, t.budget): t.options for t in trials}
+    # palm4MSA methods get max_iter capped at 30; the others keep their preset untouched.
+    assert by_key[("psm", "large")] == dict(n_factors=3, sparsity=14, max_iter=30)
+    assert by_key[("psm-copy", "tiny")] == dict(n_factors=2, sparsity=2, max_iter=30)
+    assert by_key[("always-fails", "default")] == dict(max_iter=30)
+    for (name, budget), options in by_key.items():
+        fields = {f.name for f in dataclasses.fields(keras_psm.get_method(name).config_class)}
+        if "max_iter" not in fields and budget != "default":
+            assert options == dict(keras_psm.get_method(name).presets[budget])
+    assert demo.preset_trials(["psm"], max_iter=None)[1].options == dict(n_factors=3,
+                                                                         sparsity=14)
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        demo.preset_trials(["no-such-method"])
+
+
+def test_pruning_schedule_is_fitted_to_the_fine_tuning():
+    method = keras_psm.get_method("iterative-pruning")
+    options = demo.fit_schedule(method, dict(target_sparsity=0.9, end_step=500, frequency=50),
+                                total_steps=300)
+    assert options == dict(target_sparsity=0.9, end_step=200, frequency=20)
+    options = demo.fit_schedule(method, dict(begin_step=10), total_steps=30)
+    assert options == dict(begin_step=10, end_step=20, frequency=1)
+    psm_options = dict(n_factors=2, sparsity=4)
+    assert demo.fit_schedule(PSM, psm_options, total_steps=300) == psm_options
+
+
+def test_results_are_measured_and_failures_reported(trained_lenet, mnist_small,
+                                                    extra_methods):
+    (x, y), (x_test, y_test) = mnist_small
+    data = ((x[:500], y[:500]), (x_test, y_test))
+    settings = demo.Settings(train_samples=500, test_samples=500, finetune_epochs=1,
+                             max_iter=20)
+    trials = [
+        demo.Trial("psm-copy", "tiny", dict(n_factors=2, sparsity=2, max_iter=20)),
+        demo.Trial("always-fails", "default", {}),
+        demo.Trial("iterative-pruning", "large", dict(target_sparsity=0.9)),
+    ]
+    results = demo.run_trials(trained_lenet, trials, data, settings, progress=False,
+                              keep_models=True)
+    psm_result, failed, pruned = results
+
+    base_params = trained_lenet.count_params()
+    assert demo.param_count(trained_lenet, demo.conv_dense_names(trained_lenet)) == \
+        base_params
+    _, report = keras_psm.compress(trained_lenet, "psm", n_factors=2, sparsity=2, max_iter=20,
+                                   verbose=0)
+    assert psm_result.params == report.params_after  # supports fixed during fine-tuning
+    assert psm_result.compression_ratio == pytest.approx(base_params / report.params_after)
+    evaluated = psm_result.model.evaluate(x_test, y_test, verbose=0)[1]
+    assert psm_result.accuracy_after == pytest.approx(evaluated, abs=1e-6)
+    assert 0.0 <= psm_result.accuracy_before <= 1.0
+    assert psm_result.compress_seconds > 0 and psm_result.fit_seconds > 0
+
+    assert failed.failed and failed.params is None and failed.model is None
+    assert failed.error.startswith("ValueError: ")
+    assert "cannot fit a kernel of shape" in failed.error and "\n" not in failed.error
+
+    # report.callbacks reached fit: the schedule ran to its target sparsity.
+    steps = -(-500 // settings.batch_size)
+    assert pruned.options["end_step"] == round(demo.SCHEDULE_FRACTION * steps)
+    kernels = [trained_lenet.get_layer(n).kernel for n in demo.conv_dense_names(trained_lenet)]
+    biases = [trained_lenet.get_layer(n).bias for n in demo.conv_dense_names(trained_lenet)]
+    most = sum(kept_count(int(np.prod(k.shape)), 0.9) for k in kernels) + \
+        sum(int(b.shape[0]) for b in biases)
+    assert most - 20 <= pruned.params <= most
+    assert pruned.accuracy_before == pytest.approx(
+        demo.accuracy(trained_lenet, x_test, y_test))
+
+
+def make_result(method, budget, params, ratio, accuracy, error=""):
+    return demo.Result("lenet5", method, budget, {"option": 1}, params=params,
+                       compression_ratio=ratio, accuracy_before=accuracy and accuracy / 2,
+                       accuracy_after=accuracy, compress_seconds=1.0, fit_seconds=2.0,
+                       error=error)
+
+
+RESULTS = [
+    make_result("base", "", 60000, 1.0, 0.98),
+    make_result("psm", "small", 2000, 30.0, 0.90),
+    make_result("psm", "large", 15000, 4.0, 0.97),
+    make_result("svd", "small", 10000, 6.0, 0.93),
+    make_result("tt", "small", None, None, None, error="ValueError: rank too large"),
+]
+
+
+def test_best_result_rule():
+    assert demo.best_result(RESULTS, min_ratio=5.0).label == "svd (small)"
+    assert demo.best_result(RESULTS, min_ratio=10.0).label == "psm (small)"
+    assert demo.best_result(RESULTS, min_ratio=50.0).label == "psm (small)"  # most compressed
+    assert demo.best_result([RESULTS[0], RESULTS[-1]]) is None
+
+
+def test_table_csv_and_plot(tmp_path):
+    table = demo.format_table(RESULTS)
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["method", "budget", "params", "ratio"]
+    assert len(lines) == 2 + len(RESULTS)
+    assert lines[4].split()[:6] == ["psm", "large", "15,000", "x4.0", "0.4850", "0.9700"]
+    assert lines[-1].startswith("tt") and lines[-1].endswith("FAILED ValueError: rank too large")
+
+    path = demo.write_csv(RESULTS, tmp_path / "results.csv")
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["method"] for row in rows] == [r.method for r in RESULTS]
+    assert float(rows[3]["compression_ratio"]) == 6.0 and rows[3]["options"] == '{"option": 1}'
+    assert rows[4]["params"] == "" and rows[4]["error"] == "ValueError: rank too large"
+
+    png = demo.plot_tradeoff(RESULTS, tmp_path / "tradeoff.png", title="test")
+    assert open(png, "rb").read(8) == PNG_SIGNATURE
+
+    from matplotlib.figure import Figure
+
+    axes = Figure().add_subplot()
+    demo.plot_tradeoff(RESULTS, None, axes=axes)
+    assert axes.get_xscale() == "log"
+    series = {line.get_label(): line for line in axes.get_lines() if line.get_label()[0] != "_"}
+    assert sorted(series) == ["base (uncompressed)", "psm", "svd"]  # the failure is left out
+    np.testing.assert_array_equal(series["psm"].get_xdata(), [2000, 15000])
+    np.testing.assert_array_equal(series["psm"].get_ydata(), [0.90, 0.97])
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="Settings: `train_samples` must be >= 1, got 0"):
+        demo.Settings(train_samples=0)
+    with pytest.raises(ValueError, match="`dataset` must be one of"):
+        demo.Settings(dataset="imagenet")
+    with pytest.raises(TypeError, match="`max_iter` must be an integer"):
+        demo.Settings(max_iter=2.5)
+    assert demo.QUICK.train_samples < demo.FULL.train_samples
+
+
+@pytest.mark.slow
+def test_quick_demo_command(tmp_path):
+    """``keras-psm demo --quick`` as a user runs it: table, CSV, PNG, TFLite, status 0."""
+    output = tmp_path / "demo"
+    completed = subprocess.run(
+        [keras_psm_command(), "demo", "--quick", "--output", str(output), "--no-progress"],
+        capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with open(output / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = [("base", "")] + [(t.method, t.budget) for t in demo.preset_trials()]
+    assert [(row["method"], row["budget"]) for row in rows] == expected
+    assert {name for name, _ in expected} == {"base", *keras_psm.available_methods()}
+
+    lines = completed.stdout.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("method ")))
+    table = [line.split()[:2] for line in lines[start + 2:start + 2 + len(expected)]]
+    assert [tuple(cells) for cells in table[1:]] == expected[1:]
+    base = rows[0]
+    assert int(base["params"]) == 61706 and float(base["accuracy_after"]) > 0.8
+    for row in rows[1:]:
+        assert row["error"] or 0.0 <= float(row["accuracy_after"]) <= 1.0
+    assert open(output / "tradeoff.png", "rb").read(8) == PNG_SIGNATURE
+    assert (output / "best.tflite").stat().st_size > 0
+    assert "best model (" in completed.stdout
