@@ -35,43 +35,10 @@ import numpy as np  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 import keras_psm  # noqa: E402
-from keras_psm import export  # noqa: E402
-from keras_psm.backend import keras  # noqa: E402
+from keras_psm import demo, export  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PSM_GRID = [(q, k) for q in (2, 3) for k in (2, 4, 8)]
-
-
-def lenet5():
-    keras.utils.set_random_seed(0)
-    return keras.Sequential([
-        keras.Input((28, 28, 1)),
-        keras.layers.Conv2D(6, 5, padding="same", activation="relu", name="conv1"),
-        keras.layers.MaxPooling2D(name="pool1"),
-        keras.layers.Conv2D(16, 5, activation="relu", name="conv2"),
-        keras.layers.MaxPooling2D(name="pool2"),
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(120, activation="relu", name="fc1"),
-        keras.layers.Dense(84, activation="relu", name="fc2"),
-        keras.layers.Dense(10, activation="softmax", name="fc3"),
-    ], name="lenet5")
-
-
-def vgg_cifar():
-    """Three blocks of two 3 x 3 convolutions (32, 64, 128 filters), then 512 -> 10."""
-    keras.utils.set_random_seed(0)
-    layers = [keras.Input((32, 32, 3))]
-    for block, filters in enumerate((32, 64, 128), start=1):
-        for index in (1, 2):
-            layers.append(keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
-                                              name=f"conv{block}_{index}"))
-        layers.append(keras.layers.MaxPooling2D(name=f"pool{block}"))
-    layers += [
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(512, activation="relu", name="fc1"),
-        keras.layers.Dense(10, activation="softmax", name="fc2"),
-    ]
-    return keras.Sequential(layers, name="vgg_cifar")
 
 
 @dataclasses.dataclass
@@ -209,7 +176,10 @@ def main():
     parser.add_argument("--models", nargs="+", default=["lenet5", "vgg_cifar"],
                         choices=["lenet5", "vgg_cifar"])
     args = parser.parse_args()
-    builders = {"lenet5": lenet5, "vgg_cifar": vgg_cifar}
+    builders = {
+        "lenet5": demo.lenet5,
+        "vgg_cifar": lambda: demo.vgg_small(widths=(32, 64, 128), units=512),
+    }
     rows = run([builders[name] for name in args.models], args.runs, args.max_iter, args.workers)
     print()
     print(table(rows))

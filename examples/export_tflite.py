@@ -17,24 +17,8 @@ import os
 import numpy as np
 
 import keras_psm
-from keras_psm import export
-from keras_psm.backend import keras
+from keras_psm import demo, export
 from keras_psm.datasets import load_mnist_5k
-
-
-def lenet5():
-    keras.utils.set_random_seed(0)
-    return keras.Sequential([
-        keras.Input((28, 28, 1)),
-        keras.layers.Conv2D(6, 5, padding="same", activation="relu", name="conv1"),
-        keras.layers.MaxPooling2D(name="pool1"),
-        keras.layers.Conv2D(16, 5, activation="relu", name="conv2"),
-        keras.layers.MaxPooling2D(name="pool2"),
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(120, activation="relu", name="fc1"),
-        keras.layers.Dense(84, activation="relu", name="fc2"),
-        keras.layers.Dense(10, activation="softmax", name="fc3"),
-    ], name="lenet5")
 
 
 def main():
@@ -43,7 +27,7 @@ def main():
     args = parser.parse_args()
     (x_train, y_train), (x_test, y_test) = load_mnist_5k(test_size=500, seed=0)
 
-    dense = lenet5()
+    dense = demo.lenet5()
     dense.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     dense.fit(x_train, y_train, epochs=2, batch_size=64, verbose=0)
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from keras_psm import demo
 from keras_psm.backend import keras
 from keras_psm.datasets import load_mnist_5k
 
@@ -14,25 +15,12 @@ def mnist_small():
 
 
 def build_lenet(sequential=False, seed=0):
-    """A LeNet-5-style CNN for 28x28x1 digits (functional or Sequential)."""
-    keras.utils.set_random_seed(seed)
-    layers = [
-        keras.layers.Conv2D(6, 5, padding="same", activation="relu", name="conv1"),
-        keras.layers.MaxPooling2D(name="pool1"),
-        keras.layers.Conv2D(16, 5, activation="relu", name="conv2"),
-        keras.layers.MaxPooling2D(name="pool2"),
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(120, activation="relu", name="fc1"),
-        keras.layers.Dense(84, activation="relu", name="fc2"),
-        keras.layers.Dense(10, activation="softmax", name="fc3"),
-    ]
-    if sequential:
-        return keras.Sequential([keras.Input((28, 28, 1))] + layers, name="lenet_seq")
-    inputs = keras.Input((28, 28, 1))
-    outputs = inputs
-    for layer in layers:
-        outputs = layer(outputs)
-    return keras.Model(inputs, outputs, name="lenet")
+    """The demo's LeNet-5 for 28x28x1 digits, functional or as a Sequential model."""
+    model = demo.lenet5(seed=seed)
+    if not sequential:
+        return model
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    return keras.Sequential([keras.Input((28, 28, 1))] + layers, name="lenet_seq")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import keras_psm
-from keras_psm import cli
+from keras_psm import cli, demo
 from keras_psm.backend import KERAS_NAME, LEGACY_KERAS, keras
 from keras_psm.export import verify_tflite
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
@@ -36,18 +36,7 @@ def own_stderr_lines(completed):
 def saved_lenet(tmp_path_factory, mnist_small):
     """A LeNet built, trained and saved by plain Keras (no keras_psm layers in it)."""
     (x, y), _ = mnist_small
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((28, 28, 1)),
-        keras.layers.Conv2D(6, 5, padding="same", activation="relu", name="conv1"),
-        keras.layers.MaxPooling2D(name="pool1"),
-        keras.layers.Conv2D(16, 5, activation="relu", name="conv2"),
-        keras.layers.MaxPooling2D(name="pool2"),
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(120, activation="relu", name="fc1"),
-        keras.layers.Dense(84, activation="relu", name="fc2"),
-        keras.layers.Dense(10, activation="softmax", name="fc3"),
-    ])
+    model = demo.lenet5()  # plain Keras layers only
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x, y, epochs=1, batch_size=64, verbose=0)
     path = tmp_path_factory.mktemp("models") / "lenet.keras"
