@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import keras_psm
-from keras_psm.backend import keras
+from conftest import check_fine_tunes_and_round_trips
 from keras_psm.factorize.lowrank import (
     alds_allocation,
     factored_size,
@@ -173,17 +173,6 @@ def test_svd_ranks_follow_the_ratio(trained_lenet):
 ])
 def test_compressed_model_trains_and_round_trips(trained_lenet, mnist_small, tmp_path,
                                                  method, options):
-    (x, y), (x_test, y_test) = mnist_small
     compressed, report = keras_psm.compress(trained_lenet, method, verbose=0, **options)
-    compressed.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy",
-                       metrics=["accuracy"])
-    loss_before, accuracy_before = compressed.evaluate(x_test, y_test, verbose=0)
-    compressed.fit(x, y, epochs=2, batch_size=64, verbose=0)
-    loss_after, accuracy_after = compressed.evaluate(x_test, y_test, verbose=0)
-    assert loss_after < loss_before and accuracy_after > accuracy_before
-    path = str(tmp_path / f"{method}.keras")
-    compressed.save(path)
-    reloaded = keras.models.load_model(path)
-    np.testing.assert_array_equal(compressed.predict(x_test[:16], verbose=0),
-                                  reloaded.predict(x_test[:16], verbose=0))
+    check_fine_tunes_and_round_trips(compressed, mnist_small, tmp_path / f"{method}.keras")
     assert report.params_after < report.params_before

@@ -8,6 +8,7 @@ import tensorly as tl
 from tensorly.tt_matrix import tt_matrix_to_matrix
 
 import keras_psm
+from conftest import check_fine_tunes_and_round_trips
 from keras_psm.backend import keras, tf
 from keras_psm.factorize.tensor import (
     balanced_factors,
@@ -228,19 +229,9 @@ def test_tucker_svd_method_reports_the_tucker_and_svd_parameter_counts(trained_l
 ])
 def test_compressed_model_trains_and_round_trips(trained_lenet, mnist_small, tmp_path,
                                                  method, options):
-    (x, y), (x_test, y_test) = mnist_small
     compressed, _ = keras_psm.compress(trained_lenet, method, verbose=0, **options)
-    compressed.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy",
-                       metrics=["accuracy"])
-    loss_before, accuracy_before = compressed.evaluate(x_test, y_test, verbose=0)
-    compressed.fit(x, y, epochs=2, batch_size=64, verbose=0)
-    loss_after, accuracy_after = compressed.evaluate(x_test, y_test, verbose=0)
-    assert loss_after < loss_before and accuracy_after > accuracy_before
-    path = str(tmp_path / f"{method}.keras")
-    compressed.save(path)
-    reloaded = keras.models.load_model(path)
-    np.testing.assert_array_equal(compressed.predict(x_test[:16], verbose=0),
-                                  reloaded.predict(x_test[:16], verbose=0))
+    reloaded = check_fine_tunes_and_round_trips(compressed, mnist_small,
+                                                tmp_path / f"{method}.keras")
     for layer in compressed.layers:
         if hasattr(layer, "count_nonzero_params"):
             clone = reloaded.get_layer(layer.name)
