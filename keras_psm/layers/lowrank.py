@@ -52,6 +52,18 @@ class DenseFactorsLayer(CompressedLayer):
         return int(self.count_params())
 
 
+class DenseReplacement(DenseFactorsLayer):
+    """A ``Dense`` replacement with dense factors: ``_apply`` maps (n, in) to
+    (n, units); inputs of any rank >= 2 are accepted, like ``Dense``."""
+
+    def call(self, inputs):
+        inputs = tf.cast(inputs, self.compute_dtype)
+        return self._finish(matmul_last_axis(inputs, self._apply))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.units,)
+
+
 class ConvFactorsLayer(ConvOptions, DenseFactorsLayer):
     """A ``Conv2D`` replacement with dense factors.
 
@@ -62,7 +74,7 @@ class ConvFactorsLayer(ConvOptions, DenseFactorsLayer):
 
 
 @register_serializable
-class LowRankDense(DenseFactorsLayer):
+class LowRankDense(DenseReplacement):
     """``Dense`` whose kernel is the rank-j product ``encoder @ decoder`` per input chunk.
 
     ``outputs = activation(concat_g(x_g @ E_g) @ decoder + bias)``, where x_g is
@@ -111,13 +123,6 @@ class LowRankDense(DenseFactorsLayer):
             tf.reshape(encoder, (chunk, self.groups, self.rank)),
         )
         return tf.matmul(tf.reshape(hidden, (-1, self.groups * self.rank)), decoder)
-
-    def call(self, inputs):
-        inputs = tf.cast(inputs, self.compute_dtype)
-        return self._finish(matmul_last_axis(inputs, self._apply))
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:-1]) + (self.units,)
 
     @property
     def kernel(self):

@@ -25,8 +25,8 @@ import math
 import numpy as np
 
 from keras_psm.backend import keras, register_serializable, tf
-from keras_psm.layers.base import fitted_values, matmul_last_axis
-from keras_psm.layers.lowrank import ConvFactorsLayer, DenseFactorsLayer
+from keras_psm.layers.base import fitted_values
+from keras_psm.layers.lowrank import ConvFactorsLayer, DenseReplacement
 from keras_psm.validation import check_int
 
 
@@ -152,7 +152,7 @@ def _add_tt_cores(layer, input_factors, output_factors, n_in, n_out):
 
 
 @register_serializable
-class TTDense(DenseFactorsLayer):
+class TTDense(DenseReplacement):
     """``Dense`` whose kernel is a TT matrix, applied core by core.
 
     The input (padded with zero features to ``prod(input_factors)``) is
@@ -209,13 +209,6 @@ class TTDense(DenseFactorsLayer):
             state = tf.reshape(state, (-1, following, rest // following, done,
                                        self.ranks[k + 1]))
         return tf.reshape(state, (-1, done))[:, : self.units]
-
-    def call(self, inputs):
-        inputs = tf.cast(inputs, self.compute_dtype)
-        return self._finish(matmul_last_axis(inputs, self._apply))
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:-1]) + (self.units,)
 
     @property
     def kernel(self):
