@@ -7,7 +7,10 @@ checked against its Keras model) and timed with the LiteRT interpreter on
 one thread, one sample at a time (median of ``--runs`` invocations):
 
 - dense: the model itself;
-- psm Q=q K=k: ``compress(method="psm")`` for Q in {2, 3}, K in {2, 4, 8};
+- psm Q=q K=k: ``compress(method="psm")`` for Q in {2, 3}, K in {2, 4, 8},
+  exported with the default ``factor_form="auto"`` (per layer, the factors
+  one op at a time unless LiteRT runs their product faster) and, as
+  "... sequence", with every factor its own op (the smallest file);
 - hard-pruning @ psm Q=q K=k: magnitude pruning keeping as many nonzeros in
   total as that PSM model;
 - every other registered method at each of its presets (low-rank, tensor,
@@ -70,28 +73,29 @@ def latency_us(path, runs, warmup=20):
     return 1e6 * float(np.median(times))
 
 
-def measure(name, variant, model, directory, runs, inputs):
+def measure(name, variant, model, directory, runs, inputs, factor_form="auto"):
     path = export.to_tflite(model, os.path.join(directory, f"{name}_{variant}.tflite"),
-                            inputs=inputs)
+                            inputs=inputs, factor_form=factor_form)
     report = export.size_report(model, path)
     return Row(name, variant, report.nonzero, report.file_bytes, latency_us(path, runs),
                max_abs_error=export.verify_tflite(path, model, inputs))
 
 
 def variants(dense, max_iter, executor):
-    """``(label, compressed model)`` for every variant of the benchmark."""
+    """``(label, compressed model, factor_form)`` for every variant of the benchmark."""
     psm_nonzero = {}
     for n_factors, sparsity in PSM_GRID:
         model, report = keras_psm.compress(dense, "psm", n_factors=n_factors, sparsity=sparsity,
                                            max_iter=max_iter, executor=executor, verbose=0)
         psm_nonzero[(n_factors, sparsity)] = report
-        yield f"psm Q={n_factors} K={sparsity}", model
+        yield f"psm Q={n_factors} K={sparsity}", model, "auto"
+        yield f"psm Q={n_factors} K={sparsity} sequence", model, "sequence"
     if "hard-pruning" in keras_psm.available_methods():
         for (n_factors, sparsity), report in psm_nonzero.items():
             kept = report.params_after / report.params_before
             model, _ = keras_psm.compress(dense, "hard-pruning", target_sparsity=1 - kept,
                                           verbose=0)
-            yield f"hard-pruning @ psm Q={n_factors} K={sparsity}", model
+            yield f"hard-pruning @ psm Q={n_factors} K={sparsity}", model, "auto"
     for method_name in keras_psm.available_methods():
         if method_name == "psm":
             continue
@@ -107,7 +111,7 @@ def variants(dense, max_iter, executor):
             except (ValueError, TypeError, RuntimeError) as error:
                 print(f"  {method_name} ({preset}) skipped: {error}")
                 continue
-            yield f"{method_name} ({preset})", model
+            yield f"{method_name} ({preset})", model, "auto"
 
 
 def run(models, runs, max_iter, workers):
@@ -121,9 +125,9 @@ def run(models, runs, max_iter, workers):
             base = measure(dense.name, "dense", dense, directory, runs, inputs)
             rows.append(base)
             print(f"{dense.name}: dense {base.file_bytes:,} bytes, {base.latency_us:.0f} us")
-            for label, model in variants(dense, max_iter, executor):
+            for label, model, factor_form in variants(dense, max_iter, executor):
                 row = measure(dense.name, label.replace(" ", "_"), model, directory, runs,
-                              inputs)
+                              inputs, factor_form)
                 row.variant = label
                 row.size_ratio = base.file_bytes / row.file_bytes
                 row.latency_ratio = row.latency_us / base.latency_us

@@ -211,6 +211,7 @@ def run_export(args):
     quantization = None if args.quantization == "none" else args.quantization
     sparse = {"auto": "auto", "yes": True, "no": False}[args.sparse]
     to_tflite(model, args.output, quantization=quantization, sparse=sparse,
+              factor_form=args.factor_form,
               batch_size=None if args.batch_size == 0 else args.batch_size)
     print(size_report(model, args.output))
     print(f"wrote {args.output}; it runs with LiteRT and matches the Keras model.")
@@ -341,9 +342,9 @@ def build_parser():
     export_parser = commands.add_parser(
         "export", help="export a model to a .tflite file that keeps its compression",
         description=(
-            "Convert a (compressed) model to TFLite with each factor kept as its own "
-            "constant and sparse constants in TFLite's sparse encoding when that is "
-            "smaller. The file is run with the LiteRT interpreter and checked against "
+            "Convert a (compressed) model to TFLite with its factors kept as their own "
+            "constants where LiteRT runs them at least as fast as their product, and "
+            "sparse constants in TFLite's sparse encoding when that is smaller. The file is run with the LiteRT interpreter and checked against "
             "the Keras model before it is written; the per-layer sizes are printed."),
         formatter_class=HelpFormatter,
     )
@@ -355,6 +356,11 @@ def build_parser():
     add("--sparse", choices=("auto", "yes", "no"), default="auto",
         help="TFLite sparse encoding of constants; auto keeps the smaller file "
              "(default: auto)")
+    add("--factor-form", choices=("auto", "sequence", "product"), default="auto",
+        help="how PSM layers apply their factors: sequence (one op per factor, the "
+             "smallest file), product (one op with the product kernel, the dense "
+             "layer's speed), auto (per layer, the sequence unless LiteRT runs the "
+             "product faster) (default: auto)")
     add("--batch-size", type=int, default=1, metavar="N",
         help="the file's fixed batch size, 0 for one chosen at run time (default: 1)")
     export_parser.set_defaults(run=run_export)

@@ -16,6 +16,16 @@ model in which
   its factors in sequence needs none. Masks (``weight * mask``) are constant
   products that the converter folds into the weights.
 
+The sequence keeps the file smallest, but it is not always fastest: LiteRT
+runs most sparse weights densified (``keras_psm.litert_cost``), so a Conv2D
+layer's first factor, reshaped to (kh, kw, cin, r) with r = filters, costs
+as much as the whole dense convolution and every further factor adds to
+it. A sparse-factor layer (PSM) therefore has two export forms, chosen by
+``factor_form``: ``"sequence"``, ``"product"`` (one op with the product
+kernel, still sparse-encoded where that is smaller), or ``"auto"`` (per
+layer, the sequence unless LiteRT is predicted to run the product faster:
+in practice the product for convolutions, the sequence for Dense layers).
+
 The file is converted with and without TFLite's sparse encoding of
 constants (``Optimize.EXPERIMENTAL_SPARSITY``). Each candidate is run by the
 LiteRT interpreter with its default (XNNPACK) delegate, in a separate
@@ -49,6 +59,7 @@ from keras_psm.validation import check_choice, check_float, check_int
 DEFAULT_TOLERANCES = {None: 1e-4, "float16": 1e-2, "dynamic_int8": 5e-2}
 
 SPARSE_CHOICES = ("auto", True, False)
+FACTOR_FORMS = ("auto", "sequence", "product")
 
 
 def _pruning_wrapper_class():
@@ -74,14 +85,17 @@ def strip_for_export(layer):
     return inner, [masked.get(id(weight), weight.numpy()) for weight in inner.weights]
 
 
-def export_model(model):
+def export_model(model, factor_form="auto"):
     """A copy of ``model`` for conversion; ``model`` itself is not touched.
 
     Every layer is rebuilt from its config with a copy of its weights;
     pruning wrappers are stripped (``strip_for_export``) and a layer whose
-    class defines ``export_call`` runs it as its ``call``.
+    class defines ``export_call`` runs it as its ``call``. A layer with an
+    ``export_form`` (the sparse-factor layers) gets ``factor_form``, or with
+    ``"auto"`` its ``cheaper_export_form()``.
     """
     check_graph_model(model, "export")
+    check_choice(factor_form, "factor_form", FACTOR_FORMS, where="export")
     copies = []
 
     def clone_function(layer):
@@ -99,6 +113,9 @@ def export_model(model):
     exported = keras.models.clone_model(model, clone_function=clone_function)
     for new_layer, weights in copies:
         new_layer.set_weights(weights)
+        if hasattr(new_layer, "export_form"):
+            new_layer.export_form = (new_layer.cheaper_export_form() if factor_form == "auto"
+                                     else factor_form)
     return exported
 
 
@@ -267,13 +284,14 @@ def _random_inputs(model, n_samples, seed=0):
     ]
 
 
-def to_tflite(model, path, *, quantization=None, sparse="auto", inputs=None, tolerance=None,
-              batch_size=1):
+def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="auto", inputs=None,
+              tolerance=None, batch_size=1):
     """Write ``model`` as a .tflite file that keeps its compression; returns ``path``.
 
     The model is converted through an export copy (``export_model``):
     pruning wrappers stripped with their masks folded in, factors applied to
-    the input one at a time. Each candidate file (with and without TFLite's
+    the input one at a time (or, for sparse-factor layers, as ``factor_form``
+    says). Each candidate file (with and without TFLite's
     sparse encoding, as ``sparse`` asks) is run by LiteRT on the check inputs
     and compared with ``model``; the smallest one that runs and agrees is
     written.
@@ -292,6 +310,11 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", inputs=None, tol
             and a float16 weight stored in 1x4 sparse blocks reaches the
             fully connected op undecoded. ``"auto"`` then keeps the dense
             file with a warning; True raises.
+        factor_form: how sparse-factor (PSM) layers apply their factors:
+            ``"sequence"`` (one op per factor: the smallest file),
+            ``"product"`` (one op with the product kernel: the dense layer's
+            speed) or ``"auto"`` (per layer, the sequence unless LiteRT is
+            predicted to run the product faster; see the module docstring).
         inputs: samples for the check (an array, or one per model input);
             by default 8 standard-normal samples. Real samples make the check
             meaningful for the model's actual range.
@@ -310,6 +333,7 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", inputs=None, tol
     check_graph_model(model, "export")
     check_choice(quantization, "quantization", tuple(DEFAULT_TOLERANCES), where=where)
     check_choice(sparse, "sparse", SPARSE_CHOICES, where=where)
+    check_choice(factor_form, "factor_form", FACTOR_FORMS, where=where)
     check_int(batch_size, "batch_size", minimum=1, where=where, allow_none=True)
     tolerance = check_float(
         DEFAULT_TOLERANCES[quantization] if tolerance is None else tolerance, "tolerance",
@@ -324,7 +348,7 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", inputs=None, tol
     expected = _keras_outputs(model, arrays)
     allowed = tolerance * max(1.0, max(float(np.max(np.abs(e))) for e in expected))
 
-    exported = export_model(model)
+    exported = export_model(model, factor_form)
     encodings = {"auto": (True, False), True: (True,), False: (False,)}[sparse]
     kept, rejected = None, []
     with tempfile.TemporaryDirectory() as directory:
@@ -345,7 +369,8 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", inputs=None, tol
                     f"{difference:.3g}, more than the tolerance {allowed:.3g}")
             elif kept is None or len(content) < len(kept):
                 kept = content
-    summary = f"model {model.name!r} (quantization={quantization!r}, sparse={sparse!r})"
+    summary = (f"model {model.name!r} (quantization={quantization!r}, sparse={sparse!r}, "
+               f"factor_form={factor_form!r})")
     if kept is None:
         raise RuntimeError(
             f"{where}: no TFLite file of {summary} runs in LiteRT and agrees with the "

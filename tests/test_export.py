@@ -10,7 +10,7 @@ import pytest
 from ai_edge_litert import schema_py_generated as schema
 
 import keras_psm
-from keras_psm import export
+from keras_psm import export, litert_cost
 from keras_psm.backend import LEGACY_KERAS, keras
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
 
@@ -91,7 +91,7 @@ def small_cnn_file(tmp_path_factory):
 def test_dense_product_is_a_chain_of_sparse_fully_connected_ops(tmp_path, n_factors):
     layer = SparseFactorDense(256, n_factors=n_factors, sparsity=4, seed=0)
     model = model_of(layer, (256,))
-    path = export.to_tflite(model, tmp_path / "psm.tflite")
+    path = export.to_tflite(model, tmp_path / "psm.tflite", factor_form="sequence")
     assert export.verify_tflite(path, model, samples((256,))) < 1e-5
     operators, sparse_tensors = tflite_contents(path)
     assert operators["FULLY_CONNECTED"] == n_factors  # one per factor, no product
@@ -107,16 +107,79 @@ def test_dense_product_is_a_chain_of_sparse_fully_connected_ops(tmp_path, n_fact
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("n_factors", [1, 3])
-def test_conv_product_matches_keras(tmp_path, data_format, n_factors):
+@pytest.mark.parametrize("factor_form", ["sequence", "product", "auto"])
+def test_conv_product_matches_keras(tmp_path, data_format, n_factors, factor_form):
     shape = (12, 12, 8) if data_format == "channels_last" else (8, 12, 12)
     layer = SparseFactorConv2D(32, 3, n_factors=n_factors, sparsity=2, seed=0, strides=2,
                                padding="same", data_format=data_format, activation="relu")
     model = model_of(layer, shape)
-    path = export.to_tflite(model, tmp_path / "conv.tflite", inputs=samples(shape))
+    path = export.to_tflite(model, tmp_path / "conv.tflite", inputs=samples(shape),
+                            factor_form=factor_form)
     assert export.verify_tflite(path, model, samples(shape, seed=2)) < 1e-5
     operators, _ = tflite_contents(path)
     assert operators["CONV_2D"] == 1
-    assert operators["FULLY_CONNECTED"] == n_factors - 1
+    # With r = filters the first factor's convolution alone costs the dense
+    # one in LiteRT, so "auto" takes the product kernel.
+    chain = factor_form == "sequence"
+    assert operators["FULLY_CONNECTED"] == (n_factors - 1 if chain else 0)
+
+
+# --- the export form follows what LiteRT runs fast ---
+
+def fully_connected_contents(weight, tmp_path):
+    """``tflite_contents`` of a file computing ``x @ weight`` for one row."""
+    model = model_of(keras.layers.Dense(weight.shape[1], use_bias=False), (weight.shape[0],))
+    model.layers[-1].set_weights([weight])
+    path = tmp_path / "fc.tflite"
+    path.write_bytes(export.convert(model, sparse_encoding=True))
+    return tflite_contents(path)
+
+
+def test_litert_cost_rule_matches_the_converter(tmp_path):
+    rng = np.random.default_rng(0)
+    gaussian = rng.standard_normal((512, 256)).astype("float32")
+    blocks = np.repeat(rng.random((128, 256)) < 0.1, 4, axis=0)  # 1x4 blocks, 10% dense
+    weights = {
+        "random 0.5%": gaussian * (rng.random(gaussian.shape) < 0.005),
+        "random 10%": gaussian * (rng.random(gaussian.shape) < 0.1),
+        "1x4 blocks 10%": gaussian * blocks,
+        "random 80%": gaussian * (rng.random(gaussian.shape) < 0.8),
+    }
+    # name -> (runs on the sparse encoding, stored in the sparse encoding)
+    expected = {"random 0.5%": (True, True), "random 10%": (False, True),
+                "1x4 blocks 10%": (True, True), "random 80%": (False, False)}
+    for name, weight in weights.items():
+        runs_sparse, encoded = expected[name]
+        assert litert_cost.runs_sparse(weight) == runs_sparse, name
+        operators, sparse_tensors = fully_connected_contents(weight, tmp_path)
+        assert sparse_tensors == int(encoded), name
+        assert ("DENSIFY" in operators) == (encoded and not runs_sparse), name
+        dense_cost = float(weight.size)
+        cost = litert_cost.cost_per_row(weight)
+        assert (cost < dense_cost) if name == "random 0.5%" else (cost <= dense_cost), name
+        assert litert_cost.cost_per_row(weight, fully_connected=False) == dense_cost
+
+
+def test_auto_form_keeps_a_large_sparse_dense_layer_as_a_chain(tmp_path):
+    layer = SparseFactorDense(1024, n_factors=2, sparsity=2, seed=0)
+    model = model_of(layer, (1024,))
+    exported = export.export_model(model)
+    assert exported.layers[-1].export_form == "sequence"
+    assert layer.export_form == "sequence" and "export_form" not in vars(layer)
+    path = export.to_tflite(model, tmp_path / "fc.tflite")
+    operators, sparse_tensors = tflite_contents(path)
+    assert operators["FULLY_CONNECTED"] == 2 and "DENSIFY" not in operators
+    assert sparse_tensors == 2
+    assert export.verify_tflite(path, model, samples((1024,))) < 1e-5
+
+
+def test_product_form_is_one_op_with_the_product_kernel(tmp_path):
+    layer = SparseFactorDense(256, n_factors=3, sparsity=4, seed=0)
+    model = model_of(layer, (256,))
+    path = export.to_tflite(model, tmp_path / "p.tflite", factor_form="product")
+    operators, _ = tflite_contents(path)
+    assert operators["FULLY_CONNECTED"] == 1
+    assert export.verify_tflite(path, model, samples((256,))) < 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +294,8 @@ def test_bad_arguments_name_the_parameter(tmp_path):
         export.to_tflite(model, tmp_path / "m.tflite", quantization="int4")
     with pytest.raises(ValueError, match="sparse"):
         export.to_tflite(model, tmp_path / "m.tflite", sparse="yes")
+    with pytest.raises(ValueError, match="factor_form.*'auto', 'sequence', 'product'"):
+        export.to_tflite(model, tmp_path / "m.tflite", factor_form="chain")
     with pytest.raises(ValueError, match="inputs"):
         export.to_tflite(model, tmp_path / "m.tflite", inputs=samples((10,)))
     with pytest.raises(ValueError, match="batch_size"):
@@ -330,7 +395,9 @@ def test_every_method_exports_smaller_and_exact(tmp_path, small_cnn_file, method
     model, report = keras_psm.compress(dense, method_name, verbose=0,
                                        **_small_options(keras_psm.get_method(method_name)))
     x = samples((16, 16, 1))
-    path = export.to_tflite(model, tmp_path / "c.tflite", inputs=x)
+    # The sequence form keeps every factor as stored; "auto" may trade file
+    # bytes for speed (tested above).
+    path = export.to_tflite(model, tmp_path / "c.tflite", inputs=x, factor_form="sequence")
     assert export.verify_tflite(path, model, samples((16, 16, 1), seed=4)) < 1e-4
     if report.params_after < report.params_before:
         assert os.path.getsize(path) < dense_bytes

@@ -9,11 +9,14 @@ For a kernel matrix of shape (in, out) the Q factors have shapes
 A Conv2D kernel (kh, kw, cin, cout) is the matrix (kh * kw * cin, cout).
 """
 
+import functools
+
 import numpy as np
 
 from keras_psm.backend import register_serializable, tf
 from keras_psm.factorize.palm4msa import factor_shapes, palm4msa
 from keras_psm.initializers import random_supports, sparse_factor_init
+from keras_psm.litert_cost import cost_per_row
 from keras_psm.layers.base import (
     CompressedLayer,
     ConvOptions,
@@ -65,7 +68,15 @@ def chain_matmul(inputs, factors):
 
 
 class _SparseFactors(CompressedLayer):
-    """Holds Q masked factors of an (in, out) matrix; subclasses apply them."""
+    """Holds Q masked factors of an (in, out) matrix; subclasses apply them.
+
+    ``export_form`` says how ``export_call`` applies them: ``"sequence"``
+    (one op per factor, each factor its own sparse constant in the file) or
+    ``"product"`` (one op with the product kernel); ``keras_psm.export``
+    sets it on its export copy.
+    """
+
+    export_form = "sequence"
 
     def __init__(self, n_factors=3, sparsity=14, rank=None, seed=None, **kwargs):
         super().__init__(**kwargs)
@@ -112,6 +123,22 @@ class _SparseFactors(CompressedLayer):
     def factors(self):
         """The effective factors ``weight * mask``, in the compute dtype."""
         return self._factors(self.compute_dtype)
+
+    def cheaper_export_form(self):
+        """``"sequence"``, or ``"product"`` where LiteRT runs the product faster.
+
+        Compares the multiply-adds per output row ``litert_cost`` predicts for
+        the factors applied one at a time and for their product. In a
+        Conv2D layer the first factor and the product are convolution
+        kernels, which LiteRT always runs dense.
+        """
+        factors = [np.asarray(f) for f in self._factors("float32")]
+        convolution = isinstance(self, ConvOptions)
+        sequence = sum(cost_per_row(factor, fully_connected=not (convolution and index == 0))
+                       for index, factor in enumerate(factors))
+        product = cost_per_row(functools.reduce(np.matmul, factors),
+                               fully_connected=not convolution)
+        return "sequence" if sequence <= product else "product"
 
     def count_nonzero_params(self):
         """Nonzeros of all supports plus the bias."""
@@ -205,11 +232,17 @@ class SparseFactorDense(_SparseFactors):
         return self._finish(outputs)
 
     def export_call(self, inputs):
-        """The forward TFLite export traces (``keras_psm.export``): the factors
-        applied to the input one at a time, so that the converter keeps them
-        as separate sparse constants instead of folding their product."""
+        """The forward TFLite export traces (``keras_psm.export``). In the
+        ``"sequence"`` form the factors are applied to the input one at a
+        time, so that the converter keeps them as separate sparse constants
+        instead of folding their product; in the ``"product"`` form the
+        input meets the product kernel."""
         inputs = tf.cast(inputs, self.compute_dtype)
-        outputs = matmul_last_axis(inputs, lambda x: apply_in_sequence(x, self.factors))
+        if self.export_form == "product":
+            kernel = self._product(self.compute_dtype)
+            outputs = matmul_last_axis(inputs, lambda x: tf.matmul(x, kernel))
+        else:
+            outputs = matmul_last_axis(inputs, lambda x: apply_in_sequence(x, self.factors))
         return self._finish(outputs)
 
     def compute_output_shape(self, input_shape):
@@ -267,10 +300,15 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
         return self._from_channels_last(self._finish(outputs))
 
     def export_call(self, inputs):
-        """The forward TFLite export traces (``keras_psm.export``): a convolution
-        by the first factor reshaped to (kh, kw, cin, r), then the other factors
-        applied to the channels one at a time (fully connected ops), so that
-        the converter keeps every factor as its own sparse constant."""
+        """The forward TFLite export traces (``keras_psm.export``). In the
+        ``"sequence"`` form: a convolution by the first factor reshaped to
+        (kh, kw, cin, r), then the other factors applied to the channels one
+        at a time (fully connected ops), so that the converter keeps every
+        factor as its own sparse constant. In the ``"product"`` form: one
+        convolution by the product kernel, as in ``call`` (which the export
+        copy replaces by this method)."""
+        if self.export_form == "product":
+            return SparseFactorConv2D.call(self, inputs)
         first, *rest = self.factors
         kernel = tf.reshape(first, self.kernel_size + (self.in_channels, -1))
         outputs = self._conv(self._to_channels_last(inputs), kernel, self.strides,

@@ -1,0 +1,62 @@
+"""What LiteRT spends applying a constant weight, to choose an export form.
+
+TensorFlow's converter (``Optimize.EXPERIMENTAL_SPARSITY``) stores a
+constant weight with at least 30% zeros in TFLite's sparse encoding. A fully
+connected op then runs on the sparse weight itself when the weight is
+"1x4 block sparse": its (out, in) layout, cut into blocks of 4 consecutive
+inputs, has more than 0.9 times as many all-zero blocks, relatively, as it
+has zeros. Every other sparse weight, and every convolution weight, is
+densified when the file is loaded (a ``DENSIFY`` op) and costs what a dense
+weight costs. (TensorFlow 2.21, ``dense_to_sparse.cc``; LiteRT 2.3.)
+
+``cost_per_row`` turns that into multiply-adds per row of the input, in
+units of the dense kernel's multiply-add: LiteRT's sparse kernel computes
+each nonzero 1x4 block in full, about ``SPARSE_BLOCK_COST`` times slower per
+multiply-add than its dense (XNNPACK) kernel.
+"""
+
+import numpy as np
+
+#: The converter keeps a weight dense below this fraction of zeros.
+MIN_ZERO_FRACTION = 0.3
+#: All-zero 1x4 blocks / zeros (as fractions) above which a fully connected
+#: op keeps its weight sparse.
+BLOCK_OVER_RANDOM_RATIO = 0.9
+#: Cost of one multiply-add in LiteRT's sparse 1x4 kernel, in dense ones
+#: (measured on x86: about 3 for one input row, 8 for 64 rows or more).
+SPARSE_BLOCK_COST = 8.0
+
+BLOCK = 4
+
+
+def _nonzero_blocks(matrix):
+    """Nonzero 1x4 blocks of the (in, out) ``matrix`` in TFLite's (out, in) layout."""
+    n_in, n_out = matrix.shape
+    padded = np.zeros((-(-n_in // BLOCK) * BLOCK, n_out), dtype=bool)
+    padded[:n_in] = matrix != 0
+    return int(np.count_nonzero(padded.reshape(-1, BLOCK, n_out).any(axis=1)))
+
+
+def runs_sparse(matrix):
+    """Whether a fully connected op with the (in, out) weight ``matrix`` runs
+    on TFLite's sparse encoding instead of densifying it."""
+    matrix = np.asarray(matrix)
+    zeros = 1.0 - np.count_nonzero(matrix) / matrix.size
+    if zeros < MIN_ZERO_FRACTION:
+        return False
+    blocks = -(-matrix.shape[0] // BLOCK) * matrix.shape[1]
+    zero_blocks = 1.0 - _nonzero_blocks(matrix) / blocks
+    return zero_blocks / zeros > BLOCK_OVER_RANDOM_RATIO
+
+
+def cost_per_row(matrix, fully_connected=True):
+    """Dense-equivalent multiply-adds LiteRT spends per input row on ``matrix``.
+
+    A fully connected op whose weight ``runs_sparse`` costs
+    ``SPARSE_BLOCK_COST * 4 * (nonzero 1x4 blocks)``; any other op (a
+    convolution: ``fully_connected=False``) costs the dense ``in * out``.
+    """
+    matrix = np.asarray(matrix)
+    if fully_connected and runs_sparse(matrix):
+        return SPARSE_BLOCK_COST * BLOCK * _nonzero_blocks(matrix)
+    return float(matrix.size)
