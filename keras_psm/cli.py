@@ -344,8 +344,9 @@ def build_parser():
         description=(
             "Convert a (compressed) model to TFLite with its factors kept as their own "
             "constants where LiteRT runs them at least as fast as their product, and "
-            "sparse constants in TFLite's sparse encoding when that is smaller. The file is run with the LiteRT interpreter and checked against "
-            "the Keras model before it is written; the per-layer sizes are printed."),
+            "sparse constants in TFLite's sparse encoding when that is smaller. The file "
+            "is run with the LiteRT interpreter and checked against the Keras model "
+            "before it is written; the per-layer sizes are printed."),
         formatter_class=HelpFormatter,
     )
     add = export_parser.add_argument

@@ -37,16 +37,21 @@ def _nonzero_blocks(matrix):
     return int(np.count_nonzero(padded.reshape(-1, BLOCK, n_out).any(axis=1)))
 
 
+def _runtime_blocks(matrix):
+    """Nonzero 1x4 blocks of the weight if a fully connected op runs on its
+    sparse encoding, else None."""
+    zeros = 1.0 - np.count_nonzero(matrix) / matrix.size
+    if zeros < MIN_ZERO_FRACTION:
+        return None
+    nonzero_blocks = _nonzero_blocks(matrix)
+    zero_blocks = 1.0 - nonzero_blocks / (-(-matrix.shape[0] // BLOCK) * matrix.shape[1])
+    return nonzero_blocks if zero_blocks / zeros > BLOCK_OVER_RANDOM_RATIO else None
+
+
 def runs_sparse(matrix):
     """Whether a fully connected op with the (in, out) weight ``matrix`` runs
     on TFLite's sparse encoding instead of densifying it."""
-    matrix = np.asarray(matrix)
-    zeros = 1.0 - np.count_nonzero(matrix) / matrix.size
-    if zeros < MIN_ZERO_FRACTION:
-        return False
-    blocks = -(-matrix.shape[0] // BLOCK) * matrix.shape[1]
-    zero_blocks = 1.0 - _nonzero_blocks(matrix) / blocks
-    return zero_blocks / zeros > BLOCK_OVER_RANDOM_RATIO
+    return _runtime_blocks(np.asarray(matrix)) is not None
 
 
 def cost_per_row(matrix, fully_connected=True):
@@ -57,6 +62,5 @@ def cost_per_row(matrix, fully_connected=True):
     convolution: ``fully_connected=False``) costs the dense ``in * out``.
     """
     matrix = np.asarray(matrix)
-    if fully_connected and runs_sparse(matrix):
-        return SPARSE_BLOCK_COST * BLOCK * _nonzero_blocks(matrix)
-    return float(matrix.size)
+    blocks = _runtime_blocks(matrix) if fully_connected else None
+    return float(matrix.size) if blocks is None else SPARSE_BLOCK_COST * BLOCK * blocks
