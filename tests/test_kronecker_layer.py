@@ -5,6 +5,7 @@ import pytest
 
 import keras_psm
 from keras_psm.backend import keras, tf
+from keras_psm.datasets import load_mnist_5k
 from keras_psm.factorize.kronecker import kronecker_sum, nearest_kronecker_sum
 from keras_psm.layers import (
     KroneckerDense,
@@ -112,7 +113,8 @@ def test_l1_penalty_shrinks_s_during_fit():
 def test_keras_round_trip_is_exact_without_custom_objects(tmp_path):
     inputs = keras.Input((13,))
     hidden = KroneckerDense(7, (4, 2), rank=2, seed=1, l1=0.01, activation="relu")(inputs)
-    outputs = KroneckerPatternDense(6, [(7, 3), (1, 2)], rank=2, seed=2)(hidden)
+    outputs = KroneckerPatternDense(6, [(7, 3), (1, 2)], rank=2, factor_decay=0.5,
+                                    seed=2)(hidden)
     model = keras.Model(inputs, outputs)
     model.layers[1].s.assign(np.random.default_rng(0).random((4, 4)).astype("float32"))
     assert 0 < model.layers[1].sparsify(0.5) < 1
@@ -127,6 +129,7 @@ def test_keras_round_trip_is_exact_without_custom_objects(tmp_path):
     assert reloaded.layers[1].get_config() == model.layers[1].get_config()
     assert reloaded.layers[1].l1_strength.numpy() == 0.25
     assert reloaded.layers[2].block_shapes == [(7, 3), (1, 2)]
+    assert reloaded.layers[2].factor_decay == 0.5
 
 
 def test_constructor_errors_name_the_layer_and_argument():
@@ -142,13 +145,19 @@ def test_constructor_errors_name_the_layer_and_argument():
         KroneckerPatternDense(4, [(2, 2)], name="p")
     with pytest.raises(ValueError, match="repeats a block shape"):
         KroneckerPatternDense(4, [(2, 2), 2])
+    with pytest.raises(ValueError, match="KroneckerPatternDense 'p'.*`factor_decay`"):
+        KroneckerPatternDense(4, [(2, 2), (4, 4)], factor_decay=-0.1, name="p")
+    with pytest.raises(TypeError, match="PenaltySchedule.*`stop_when_one_remains`"):
+        PenaltySchedule(stop_when_one_remains="yes")
+    with pytest.raises(ValueError, match="PenaltySchedule.*`tolerance`"):
+        PenaltySchedule(tolerance=2.0)
     with pytest.raises(ValueError, match="last input dimension must be known"):
         KroneckerDense(4, 2).build((None, None))
 
 
 def test_pattern_layer_is_the_sum_of_its_patterns():
     layer = KroneckerPatternDense(10, [(2, 2), (4, 5), (3, 2)], rank=2, seed=0, group=0.5,
-                                  l1=0.25)
+                                  l1=0.25, factor_decay=0.125)
     x = np.random.default_rng(0).standard_normal((3, 12)).astype("float32")
     out = layer(x).numpy()
     expected_kernel = 0
@@ -158,8 +167,13 @@ def test_pattern_layer_is_the_sum_of_its_patterns():
     np.testing.assert_allclose(out, x @ expected_kernel, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(layer.kernel.numpy(), expected_kernel, rtol=1e-5, atol=1e-6)
     penalty = sum(0.5 * np.linalg.norm(s.numpy()) + 0.25 * np.abs(s.numpy()).sum()
-                  for s in layer.s)
+                  + 0.125 * (np.sum(a.numpy() ** 2) + np.sum(b.numpy() ** 2))
+                  for s, a, b in zip(layer.s, layer.a, layer.b))
     assert layer.losses[0].numpy() == pytest.approx(penalty, rel=1e-5)
+    kernel_norms = [np.linalg.norm(kronecker_sum(s.numpy()[None] * a.numpy(), b.numpy()))
+                    for s, a, b in zip(layer.s, layer.a, layer.b)]
+    np.testing.assert_allclose(layer.kernel_norms(), kernel_norms, rtol=1e-5)
+    assert layer.selected_pattern == int(np.argmax(kernel_norms))
     selected = select_pattern(layer)
     assert isinstance(selected, KroneckerDense) and selected.name == layer.name
     assert selected.block_shape == layer.block_shapes[layer.selected_pattern]
@@ -178,6 +192,22 @@ def test_penalty_schedule_raises_strengths_every_few_epochs():
         assert strength.numpy() == pytest.approx(0.014)
     assert len(schedule.history["pattern"]) == 11
     assert schedule.history["pattern"][-1].shape == (2,)
+    assert schedule.stopped_epoch is None
+
+
+def test_penalty_schedule_stops_when_one_pattern_remains():
+    pattern = KroneckerPatternDense(4, [(2, 2), (4, 4)], rank=1, seed=0)
+    model = keras.Sequential([keras.Input((8,)), pattern])
+    model.compile("sgd", "mse")
+    x, y = np.ones((8, 8)), np.zeros((8, 4))
+    schedule = PenaltySchedule(stop_when_one_remains=True)
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[schedule])
+    assert schedule.stopped_epoch is None and len(schedule.history[pattern.name]) == 3
+    pattern.s[1].assign(np.zeros_like(pattern.s[1].numpy()))  # pattern 1 is gone
+    assert pattern.surviving_patterns(tolerance=0.01) == [0]
+    schedule = PenaltySchedule(stop_when_one_remains=True)
+    model.fit(x, model.predict(x, verbose=0), epochs=5, verbose=0, callbacks=[schedule])
+    assert schedule.stopped_epoch == 1 and len(schedule.history[pattern.name]) == 1
 
 
 @pytest.mark.slow
@@ -205,6 +235,30 @@ def test_pattern_selection_keeps_the_true_block_pattern():
     error = np.linalg.norm(kept.kernel.numpy() - target) / np.linalg.norm(target)
     assert error < 0.05
     assert model.layers[-1] is layer  # the original model is left alone
+
+
+@pytest.mark.slow
+def test_pattern_selection_on_mnist_keeps_one_pattern():
+    # Section 6.1's run: blocks (2, 2) ... (16, 2) of a 784 -> 10 softmax layer, rank 2,
+    # the paper's schedule under plain gradient descent, weight decay on the factors.
+    (x, y), (x_test, y_test) = load_mnist_5k(test_size=1000, seed=0)
+    keras.utils.set_random_seed(0)
+    layer = KroneckerPatternDense(10, [(2, 2), (4, 2), (8, 2), (16, 2)], rank=2,
+                                  factor_decay=0.03, seed=0, activation="softmax")
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), layer])
+    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    schedule = PenaltySchedule(start=0.01, step=0.002, every=5, stop_when_one_remains=True)
+    model.fit(x, y, epochs=120, batch_size=64, verbose=0, callbacks=[schedule])
+    assert schedule.stopped_epoch is not None
+    norms = layer.kernel_norms()
+    assert np.sum(norms > 0.01 * norms.max()) == 1
+    selected = keep_selected_patterns(model)
+    kept = selected.layers[-1]
+    assert kept.block_shape == layer.block_shapes[int(np.argmax(norms))]
+    selected.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy",
+                     metrics=["accuracy"])
+    selected.fit(x, y, epochs=5, batch_size=64, verbose=0)
+    assert selected.evaluate(x_test, y_test, verbose=0)[1] > 0.85  # a dense softmax: 0.90
 
 
 def test_compress_kpd_fits_dense_layers_and_skips_conv(trained_lenet):
