@@ -59,7 +59,8 @@ def parse_args():
     parser.add_argument("--threshold", type=float, default=0.01,
                         help="sparsify: blocks with |S| <= threshold become zero")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="5 + 2 epochs, at most 20 for patterns")
+    parser.add_argument("--quick", action="store_true",
+                        help="5 + 2 epochs, at most 20 for patterns")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.finetune_epochs, args.pattern_epochs = 5, 2, 20
