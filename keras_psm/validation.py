@@ -59,6 +59,13 @@ def check_float(value, name, *, minimum=None, maximum=None, exclusive_minimum=Fa
     return value
 
 
+def check_bool(value, name, *, where=None):
+    """Return ``value`` if it is True or False (not 0/1 or a string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{_prefix(where)}`{name}` must be True or False, got {value!r}.")
+    return value
+
+
 def check_choice(value, name, choices, *, where=None):
     """Return ``value`` if it is one of ``choices``."""
     if value not in choices:

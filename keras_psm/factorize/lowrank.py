@@ -44,7 +44,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from keras_psm.validation import check_choice, check_finite_array, check_float, check_int
+from keras_psm.validation import (
+    check_bool, check_choice, check_finite_array, check_float, check_int,
+)
 
 __all__ = [
     "NORMS",
@@ -483,8 +485,7 @@ def alds_allocation(kernels, target, *, plus=False, n_seeds=15, n_iter=4, norm="
     n_seeds = check_int(n_seeds, "n_seeds", minimum=1, where=where)
     n_iter = check_int(n_iter, "n_iter", minimum=0, where=where)
     norm = check_choice(norm, "norm", NORMS, where=where)
-    if not isinstance(plus, bool):
-        raise TypeError(f"{where}: `plus` must be True or False, got {plus!r}.")
+    check_bool(plus, "plus", where=where)
     names = list(kernels)
     arrays = [check_finite_array(kernels[name], "kernel", where=f"{where}: layer {name!r}")
               for name in names]

@@ -46,7 +46,7 @@ from keras_psm.layers.kronecker import (
     l1_norm,
     layer_input_size,
 )
-from keras_psm.validation import check_float, check_int
+from keras_psm.validation import check_bool, check_float, check_int
 
 # Keeps the gradient of the group norm finite when a pattern's S reaches zero.
 _GROUP_NORM_EPSILON = 1e-12
@@ -254,10 +254,8 @@ class PenaltySchedule(keras.callbacks.Callback):
         self.start = check_float(start, "start", minimum=0.0, where="PenaltySchedule")
         self.step = check_float(step, "step", minimum=0.0, where="PenaltySchedule")
         self.every = check_int(every, "every", minimum=1, where="PenaltySchedule")
-        if not isinstance(stop_when_one_remains, bool):
-            raise TypeError("PenaltySchedule: `stop_when_one_remains` must be True or False, "
-                            f"got {stop_when_one_remains!r}.")
-        self.stop_when_one_remains = stop_when_one_remains
+        self.stop_when_one_remains = check_bool(stop_when_one_remains, "stop_when_one_remains",
+                                                where="PenaltySchedule")
         self.tolerance = check_float(tolerance, "tolerance", minimum=0.0, maximum=1.0,
                                      where="PenaltySchedule")
         self.history = {}

@@ -24,7 +24,7 @@ from keras_psm.factorize.kronecker import (
 from keras_psm.layers.base import common_options, normalize_tuple
 from keras_psm.layers.kronecker import KroneckerDense
 from keras_psm.methods.registry import Method, register_method
-from keras_psm.validation import check_float, check_int
+from keras_psm.validation import check_bool, check_float, check_int
 
 KPD_PAPER = "An Efficient Training Algorithm for Models with Block-wise Sparsity"
 
@@ -64,8 +64,7 @@ class KPDConfig:
             raise ValueError(f"{where}: `block_sparsity` must be < 1 (1 zeroes every block), "
                              f"got {self.block_sparsity}.")
         check_float(self.l1, "l1", minimum=0.0, where=where)
-        if not isinstance(self.pad, bool):
-            raise TypeError(f"{where}: `pad` must be True or False, got {self.pad!r}.")
+        check_bool(self.pad, "pad", where=where)
 
 
 @dataclasses.dataclass

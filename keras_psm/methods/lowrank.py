@@ -24,17 +24,12 @@ from keras_psm.factorize.lowrank import (
 from keras_psm.layers.base import common_options, conv_options
 from keras_psm.layers.lowrank import LowRankConv, LowRankDense
 from keras_psm.methods.registry import Method, register_method
-from keras_psm.validation import check_choice, check_float, check_int
+from keras_psm.validation import check_bool, check_choice, check_float, check_int
 
 ALDS_PAPER = (
     "Compressing Neural Networks: Towards Determining the Optimal Layer-wise "
     "Decomposition (ALDS)"
 )
-
-
-def _check_bool(value, name, where):
-    if not isinstance(value, bool):
-        raise TypeError(f"{where}: `{name}` must be True or False, got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +79,7 @@ class ALDSConfig:
                     where=where)
         if self.target >= 1.0:
             raise ValueError(f"{where}: `target` must be < 1, got {self.target}.")
-        _check_bool(self.alds_plus, "alds_plus", where)
+        check_bool(self.alds_plus, "alds_plus", where=where)
         check_int(self.n_seeds, "n_seeds", minimum=1, where=where)
         check_int(self.n_iter, "n_iter", minimum=0, where=where)
         check_choice(self.norm, "norm", NORMS, where=where)

@@ -13,7 +13,7 @@ from keras_psm.backend import keras
 from keras_psm.factorize.palm4msa import hierarchical_palm4msa, palm4msa
 from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
 from keras_psm.methods.registry import Method, register_method
-from keras_psm.validation import check_float, check_int
+from keras_psm.validation import check_bool, check_float, check_int
 
 PSM_PAPER = "Sparse matrix products for neural network compression (PSM)"
 
@@ -50,8 +50,7 @@ class PSMConfig:
         check_int(self.max_iter, "max_iter", minimum=1, where=where)
         check_float(self.tol, "tol", minimum=0.0, where=where)
         check_int(self.seed, "seed", minimum=0, where=where, allow_none=True)
-        if not isinstance(self.hierarchical, bool):
-            raise TypeError(f"{where}: `hierarchical` must be True or False, got {self.hierarchical!r}.")
+        check_bool(self.hierarchical, "hierarchical", where=where)
 
 
 def kernel_matrix(kernel):
