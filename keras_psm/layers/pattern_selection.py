@@ -149,13 +149,9 @@ class KroneckerPatternDense(CompressedLayer):
         return tf.add_n([geometry.kernel(grid_factors, blocks)
                          for geometry, grid_factors, blocks in self._patterns("float32")])
 
-    def pattern_norms(self, ord="fro"):
-        """``||S_k||`` for each pattern k, as a NumPy array (``ord``: "fro" or 1)."""
-        if ord not in ("fro", 1):
-            raise ValueError(f"KroneckerPatternDense {self.name!r}: `ord` must be 'fro' or 1, "
-                             f"got {ord!r}.")
-        return np.array([np.linalg.norm(s.numpy().ravel(), 2 if ord == "fro" else 1)
-                         for s in self.s])
+    def s_l1_norms(self):
+        """``||S_k||_1`` for each pattern k, as a NumPy array (the paper's Figure 3)."""
+        return np.array([np.abs(s.numpy()).sum() for s in self.s])
 
     def kernel_norms(self):
         """``||W_k||_F``, the norm of each pattern's kernel, as a NumPy array."""
@@ -276,7 +272,7 @@ class PenaltySchedule(keras.callbacks.Callback):
         pattern_layers = [layer for layer in _nested_layers(self.model)
                           if isinstance(layer, KroneckerPatternDense)]
         for layer in pattern_layers:
-            self.history.setdefault(layer.name, []).append(layer.pattern_norms(ord=1))
+            self.history.setdefault(layer.name, []).append(layer.s_l1_norms())
         if self.stop_when_one_remains and pattern_layers and all(
                 len(layer.surviving_patterns(self.tolerance)) == 1 for layer in pattern_layers):
             self.stopped_epoch = epoch + 1
