@@ -11,7 +11,11 @@ from keras_psm.backend import KERAS_NAME, LEGACY_KERAS, keras
 from keras_psm.compress import compress
 from keras_psm.export import size_report, to_tflite, verify_tflite
 from keras_psm.layers import (
+    CompressedConv1D,
+    CompressedEinsumDense,
     CompressedLayer,
+    CompressedMultiHeadAttention,
+    CompressedSeparableConv2D,
     KroneckerDense,
     KroneckerPatternDense,
     LowRankConv,
@@ -49,7 +53,11 @@ __all__ = [
     "LEGACY_KERAS",
     "ALDSConfig",
     "ButterflyConfig",
+    "CompressedConv1D",
+    "CompressedEinsumDense",
     "CompressedLayer",
+    "CompressedMultiHeadAttention",
+    "CompressedSeparableConv2D",
     "CompressionReport",
     "HardPruningConfig",
     "IterativePruning",

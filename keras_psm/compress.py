@@ -12,13 +12,20 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from keras_psm.backend import keras
+from keras_psm.layers.adapters import (
+    CompressedConv1D,
+    CompressedEinsumDense,
+    CompressedSeparableConv2D,
+)
+from keras_psm.layers.attention import PROJECTIONS, CompressedMultiHeadAttention
 from keras_psm.layers.base import CompressedLayer
 from keras_psm.methods import get_method
-from keras_psm.model_layers import check_graph_model, is_graph_model, leaf_layers
+from keras_psm.model_layers import check_graph_model, clone_replacing, leaf_layers
 from keras_psm.report import COMPRESSED, SKIPPED, CompressionReport, LayerReport
 from keras_psm.validation import check_choice, check_finite_array
 
-_KIND_NAMES = {"dense": "Dense", "conv2d": "Conv2D"}
+_KIND_NAMES = {"dense": "Dense and EinsumDense",
+               "conv2d": "Conv1D, Conv2D and SeparableConv2D"}
 
 
 def compress(model, method="psm", layers=None, *, config=None, executor=None,
@@ -54,9 +61,11 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
 
     candidates, skipped = _classify(model, spec)
     targets = _select(candidates, layers, model)
+    presented = {name: _presented(layer) for name, layer in targets.items()}
     kernels = {
-        name: check_finite_array(layer.get_weights()[0], "kernel", where=f"layer {name!r}")
-        for name, layer in targets.items()
+        name: check_finite_array(fitted_layer.get_weights()[0], "kernel",
+                                 where=f"layer {name!r}")
+        for name, (fitted_layer, _) in presented.items()
     }
     configs = (
         dict(spec.allocate(kernels, config)) if spec.allocate is not None
@@ -65,26 +74,33 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
     fits = _fit_all(spec, kernels, configs, executor, verbose)
 
     replaced = {}
-    copied = []
+    attention = []
 
-    def clone_function(layer):
-        if is_graph_model(layer):
-            return keras.models.clone_model(layer, clone_function=clone_function)
-        if layer.name in fits:
-            new_layer = spec.build(layer, fits[layer.name][0], configs[layer.name])
-            replaced[layer.name] = new_layer
+    def replacement(name):
+        fitted_layer, wrap = presented[name]
+        replaced[name] = wrap(spec.build(fitted_layer, fits[name][0], configs[name]))
+        return replaced[name]
+
+    def replace(layer):
+        if type(layer) is keras.layers.MultiHeadAttention:
+            projections = {
+                role: replacement(f"{layer.name}/{getattr(layer, attribute).name}")
+                for role, attribute in PROJECTIONS.items()
+                if f"{layer.name}/{getattr(layer, attribute).name}" in fits
+            }
+            if not projections:
+                return None
+            new_layer = CompressedMultiHeadAttention.replacing(layer, projections)
+            attention.append((layer, new_layer))
             return new_layer
-        new_layer = layer.__class__.from_config(layer.get_config())
-        copied.append((layer, new_layer))
-        return new_layer
+        return replacement(layer.name) if layer.name in fits else None
 
-    compressed = keras.models.clone_model(model, clone_function=clone_function)
-    for old, new in copied:
-        new.set_weights(old.get_weights())
+    compressed = clone_replacing(model, replace)
+    for old, new in attention:
+        new.copy_kept_projections(old)
 
     report = CompressionReport(method=spec.name)
-    for layer in leaf_layers(model):
-        name = layer.name
+    for name, layer in _kernel_layers(model):
         before = int(layer.count_params())
         if name in replaced:
             new_layer = replaced[name]
@@ -107,39 +123,87 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
     return compressed, report
 
 
+#: Layer types whose kernel is fitted through a stand-in Dense or Conv2D, and
+#: the wrapper that then takes their place (``keras_psm.layers.adapters``).
+_WRAPPERS = {
+    keras.layers.EinsumDense: CompressedEinsumDense,
+    keras.layers.Conv1D: CompressedConv1D,
+    keras.layers.SeparableConv2D: CompressedSeparableConv2D,
+}
+
+_NOT_MATRICES = {
+    keras.layers.DepthwiseConv2D: "DepthwiseConv2D holds one small filter per channel, not "
+                                  "a matrix",
+    keras.layers.Conv2DTranspose: "Conv2DTranspose scatters each input position over a "
+                                  "window of outputs, not one matrix per position",
+}
+
+
 def _layer_kind(layer):
-    """``("dense" | "conv2d", None)`` for a replaceable layer, else ``(None, reason)``."""
-    if isinstance(layer, CompressedLayer):
+    """``(kind, None)`` for a layer whose kernel a method can replace, where
+    kind is ``"dense"`` (Dense, EinsumDense) or ``"conv2d"`` (Conv2D, Conv1D,
+    SeparableConv2D's pointwise kernel), else ``(None, reason)``."""
+    kind = type(layer)
+    if isinstance(layer, (CompressedLayer, CompressedMultiHeadAttention)):
         return None, "already compressed"
-    if type(layer) is keras.layers.Dense:
-        if getattr(layer, "quantization_mode", None):
-            return None, "quantized Dense"
+    if getattr(layer, "quantization_mode", None):
+        return None, f"quantized {kind.__name__}"
+    if kind in (keras.layers.Dense, keras.layers.EinsumDense):
+        if kind is keras.layers.EinsumDense and CompressedEinsumDense.matrix_dims(layer) is None:
+            return None, (f"EinsumDense equation {layer.equation!r} does not contract the "
+                          "trailing input axes into the trailing output axes")
         return "dense", None
-    if type(layer) is keras.layers.Conv2D:
+    if kind in (keras.layers.Conv2D, keras.layers.Conv1D, keras.layers.SeparableConv2D):
         if getattr(layer, "groups", 1) != 1:
             return None, f"grouped convolution (groups={layer.groups})"
         return "conv2d", None
-    return None, f"{type(layer).__name__} is not a Dense or Conv2D layer"
+    if kind in _NOT_MATRICES:
+        return None, _NOT_MATRICES[kind]
+    return None, (f"{kind.__name__} is not a Dense, EinsumDense, Conv1D, Conv2D or "
+                  "SeparableConv2D layer")
+
+
+def _kernel_layers(model):
+    """``(name, layer)`` for every layer of ``model`` (nested models included)
+    and, in place of a ``MultiHeadAttention``, its four projections, named
+    ``"<attention layer>/<projection>"``."""
+    for layer in leaf_layers(model, wrapped=False):
+        if type(layer) is keras.layers.MultiHeadAttention:
+            for attribute in PROJECTIONS.values():
+                projection = getattr(layer, attribute)
+                yield f"{layer.name}/{projection.name}", projection
+        else:
+            yield layer.name, layer
 
 
 def _classify(model, spec):
     """Split the layers with weights into replaceable candidates and skipped ones."""
     candidates, skipped = {}, {}
-    for layer in leaf_layers(model):
+    for name, layer in _kernel_layers(model):
         kind, reason = _layer_kind(layer)
         if kind is not None and kind not in spec.layer_kinds:
             supported = " and ".join(_KIND_NAMES[k] for k in spec.layer_kinds)
             kind, reason = None, f"method {spec.name!r} replaces {supported} layers only"
         if kind is not None:
-            if layer.name in candidates:
+            if name in candidates:
                 raise ValueError(
-                    f"two layers are named {layer.name!r} (in nested models); "
+                    f"two layers are named {name!r} (in nested models); "
                     "give them distinct names before compressing."
                 )
-            candidates[layer.name] = layer
+            candidates[name] = layer
         elif layer.weights:
-            skipped[layer.name] = reason
+            skipped[name] = reason
     return candidates, skipped
+
+
+def _presented(layer):
+    """The Dense or Conv2D whose kernel a method fits for ``layer`` (the layer
+    itself, or a stand-in) and the function from the method's new layer to the
+    layer that takes ``layer``'s place."""
+    wrapper = _WRAPPERS.get(type(layer))
+    if wrapper is None:
+        return layer, lambda new_layer: new_layer
+    return wrapper.stand_in(layer), lambda new_layer: wrapper.wrapping(layer, new_layer)
 
 
 def _select(candidates, layers, model):
@@ -155,7 +219,7 @@ def _select(candidates, layers, model):
             "`layers` must be None, a list of layer names or a predicate "
             f"layer -> bool, got {type(layers).__name__}."
         )
-    known = {layer.name: layer for layer in leaf_layers(model)}
+    known = dict(_kernel_layers(model))
     unknown = sorted(name for name in layers if name not in known)
     if unknown:
         raise ValueError(
@@ -196,8 +260,7 @@ def _fit_all(spec, kernels, configs, executor, verbose):
     return results
 
 
-
-
 def _relative_error(kernel, approximation):
-    approximation = np.asarray(approximation, dtype=np.float64)
+    """``||W - W_hat||_F / ||W||_F``, ``W_hat`` in the original layer's kernel shape."""
+    approximation = np.asarray(approximation, dtype=np.float64).reshape(kernel.shape)
     return float(np.linalg.norm(kernel - approximation) / max(np.linalg.norm(kernel), 1e-300))

@@ -1,5 +1,9 @@
-"""Checking models and walking the layers of functional and Sequential models,
-nested ones included."""
+"""Checking models, walking their layers and cloning them with some layers replaced.
+
+Functional and Sequential models (nested ones included) are walked and
+cloned here; every other module that rebuilds a model goes through
+``clone_replacing``.
+"""
 
 from keras_psm.backend import keras
 
@@ -14,13 +18,70 @@ def is_graph_model(layer):
     )
 
 
-def leaf_layers(model):
-    """The layers of ``model``, descending into nested functional/Sequential models."""
+def leaf_layers(model, wrapped=True):
+    """The layers of ``model``, descending into nested functional/Sequential models.
+
+    With ``wrapped`` (the default) each layer is followed by the layers it
+    wraps (``layer.wrapped_layers``: the compressed layer inside a
+    ``CompressedConv1D`` or ``CompressedEinsumDense``, the projections of a
+    ``CompressedMultiHeadAttention``), so a walk for sparse factors finds
+    them wherever they sit.
+    """
     for layer in model.layers:
         if is_graph_model(layer):
-            yield from leaf_layers(layer)
+            yield from leaf_layers(layer, wrapped)
+            continue
+        yield layer
+        if wrapped:
+            yield from _wrapped(layer)
+
+
+def _wrapped(layer):
+    for inner in getattr(layer, "wrapped_layers", ()):
+        yield inner
+        yield from _wrapped(inner)
+
+
+def is_operation(layer):
+    """True for a graph node that is not a layer: a Keras 3 operation such as
+    the ``Add`` that ``x + y`` creates, or ``keras.ops.*`` applied to a tensor."""
+    return not isinstance(layer, keras.layers.Layer)
+
+
+def clone_replacing(model, replace):
+    """A copy of ``model`` in which ``replace`` chooses new layers.
+
+    ``replace(layer)`` is called once for each layer of the graph (nested
+    models are descended into, never passed): it returns the new layer, or
+    None to keep a copy of ``layer`` (rebuilt from its config, with a copy
+    of its weights). Operations that are not layers (Keras 3 ``x + y`` and
+    ``keras.ops`` nodes) are rebuilt from their config, as Keras's own
+    ``clone_model`` does; tf_keras's ``TFOpLambda`` is a layer without
+    weights and is copied. A layer shared by several nodes, in one model or
+    across nested ones, stays one shared layer. ``model`` is not modified.
+    """
+    clones = {}
+    copies = []
+
+    def clone_function(layer):
+        if id(layer) in clones:
+            return clones[id(layer)]
+        if is_graph_model(layer):
+            new_layer = keras.models.clone_model(layer, clone_function=clone_function)
+        elif is_operation(layer):
+            new_layer = type(layer).from_config(layer.get_config())
         else:
-            yield layer
+            new_layer = replace(layer)
+            if new_layer is None:
+                new_layer = type(layer).from_config(layer.get_config())
+                copies.append((layer, new_layer))
+        clones[id(layer)] = new_layer
+        return new_layer
+
+    cloned = keras.models.clone_model(model, clone_function=clone_function)
+    for old, new in copies:
+        new.set_weights(old.get_weights())
+    return cloned
 
 
 def check_graph_model(model, purpose):

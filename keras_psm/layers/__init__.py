@@ -1,5 +1,13 @@
-"""Keras layers that replace Dense/Conv2D with structured factorizations."""
+"""Keras layers that replace Dense/Conv2D with structured factorizations, and
+the wrappers that put them in place of EinsumDense, Conv1D, SeparableConv2D
+and MultiHeadAttention's projections."""
 
+from keras_psm.layers.adapters import (
+    CompressedConv1D,
+    CompressedEinsumDense,
+    CompressedSeparableConv2D,
+)
+from keras_psm.layers.attention import CompressedMultiHeadAttention
 from keras_psm.layers.base import CompressedLayer
 from keras_psm.layers.kronecker import KroneckerDense
 from keras_psm.layers.lowrank import LowRankConv, LowRankDense
@@ -13,7 +21,11 @@ from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
 from keras_psm.layers.tensor import TTConv2D, TTDense, TuckerConv
 
 __all__ = [
+    "CompressedConv1D",
+    "CompressedEinsumDense",
     "CompressedLayer",
+    "CompressedMultiHeadAttention",
+    "CompressedSeparableConv2D",
     "KroneckerDense",
     "KroneckerPatternDense",
     "LowRankConv",

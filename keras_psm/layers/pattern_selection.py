@@ -46,6 +46,7 @@ from keras_psm.layers.kronecker import (
     l1_norm,
     layer_input_size,
 )
+from keras_psm.model_layers import clone_replacing
 from keras_psm.validation import check_bool, check_float, check_int
 
 # Keeps the gradient of the group norm finite when a pattern's S reaches zero.
@@ -209,24 +210,17 @@ def select_pattern(layer, l1=0.0):
 
 
 def keep_selected_patterns(model, l1=0.0):
-    """A copy of ``model`` where each top-level ``KroneckerPatternDense`` is its
-    ``select_pattern``; every other layer keeps a copy of its weights.
+    """A copy of ``model`` where each ``KroneckerPatternDense`` (nested models
+    included) is its ``select_pattern``; every other layer keeps a copy of its
+    weights.
 
     ``model`` is not modified; compile the copy before fine-tuning it.
     """
-    copied = []
-
-    def clone_function(layer):
-        if isinstance(layer, KroneckerPatternDense):
-            return select_pattern(layer, l1=l1)
-        new_layer = layer.__class__.from_config(layer.get_config())
-        copied.append((layer, new_layer))
-        return new_layer
-
-    selected = keras.models.clone_model(model, clone_function=clone_function)
-    for old, new in copied:
-        new.set_weights(old.get_weights())
-    return selected
+    return clone_replacing(
+        model,
+        lambda layer: select_pattern(layer, l1=l1) if isinstance(layer, KroneckerPatternDense)
+        else None,
+    )
 
 
 class PenaltySchedule(keras.callbacks.Callback):
