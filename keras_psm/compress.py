@@ -15,7 +15,7 @@ from keras_psm.backend import keras
 from keras_psm.layers.adapters import (
     CompressedConv1D,
     CompressedEinsumDense,
-    CompressedSeparableConv2D,
+    CompressedSeparableConv,
 )
 from keras_psm.layers.attention import PROJECTIONS, CompressedMultiHeadAttention
 from keras_psm.layers.base import CompressedLayer
@@ -24,8 +24,8 @@ from keras_psm.model_layers import check_graph_model, clone_replacing, leaf_laye
 from keras_psm.report import COMPRESSED, SKIPPED, CompressionReport, LayerReport
 from keras_psm.validation import check_choice, check_finite_array
 
-_KIND_NAMES = {"dense": "Dense and EinsumDense",
-               "conv2d": "Conv1D, Conv2D and SeparableConv2D"}
+_KIND_NAMES = {"dense": "Dense, EinsumDense and SeparableConv",
+               "conv2d": "Conv1D and Conv2D"}
 
 
 def compress(model, method="psm", layers=None, *, config=None, executor=None,
@@ -128,7 +128,8 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
 _WRAPPERS = {
     keras.layers.EinsumDense: CompressedEinsumDense,
     keras.layers.Conv1D: CompressedConv1D,
-    keras.layers.SeparableConv2D: CompressedSeparableConv2D,
+    keras.layers.SeparableConv1D: CompressedSeparableConv,
+    keras.layers.SeparableConv2D: CompressedSeparableConv,
 }
 
 _NOT_MATRICES = {
@@ -141,8 +142,8 @@ _NOT_MATRICES = {
 
 def _layer_kind(layer):
     """``(kind, None)`` for a layer whose kernel a method can replace, where
-    kind is ``"dense"`` (Dense, EinsumDense) or ``"conv2d"`` (Conv2D, Conv1D,
-    SeparableConv2D's pointwise kernel), else ``(None, reason)``."""
+    kind is ``"dense"`` (Dense, EinsumDense, the pointwise kernel of
+    SeparableConv1D/2D) or ``"conv2d"`` (Conv2D, Conv1D), else ``(None, reason)``."""
     kind = type(layer)
     if isinstance(layer, (CompressedLayer, CompressedMultiHeadAttention)):
         return None, "already compressed"
@@ -153,14 +154,19 @@ def _layer_kind(layer):
             return None, (f"EinsumDense equation {layer.equation!r} does not contract the "
                           "trailing input axes into the trailing output axes")
         return "dense", None
-    if kind in (keras.layers.Conv2D, keras.layers.Conv1D, keras.layers.SeparableConv2D):
+    if kind in (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D):
+        if layer.data_format == "channels_first":
+            return None, (f"channels_first {kind.__name__} (its pointwise kernel is "
+                          "compressed on channels_last inputs only)")
+        return "dense", None
+    if kind in (keras.layers.Conv2D, keras.layers.Conv1D):
         if getattr(layer, "groups", 1) != 1:
             return None, f"grouped convolution (groups={layer.groups})"
         return "conv2d", None
     if kind in _NOT_MATRICES:
         return None, _NOT_MATRICES[kind]
     return None, (f"{kind.__name__} is not a Dense, EinsumDense, Conv1D, Conv2D or "
-                  "SeparableConv2D layer")
+                  "SeparableConv layer")
 
 
 def _kernel_layers(model):

@@ -1,11 +1,11 @@
 """Keras layers that replace Dense/Conv2D with structured factorizations, and
-the wrappers that put them in place of EinsumDense, Conv1D, SeparableConv2D
+the wrappers that put them in place of EinsumDense, Conv1D, SeparableConv1D/2D
 and MultiHeadAttention's projections."""
 
 from keras_psm.layers.adapters import (
     CompressedConv1D,
     CompressedEinsumDense,
-    CompressedSeparableConv2D,
+    CompressedSeparableConv,
 )
 from keras_psm.layers.attention import CompressedMultiHeadAttention
 from keras_psm.layers.base import CompressedLayer
@@ -25,7 +25,7 @@ __all__ = [
     "CompressedEinsumDense",
     "CompressedLayer",
     "CompressedMultiHeadAttention",
-    "CompressedSeparableConv2D",
+    "CompressedSeparableConv",
     "KroneckerDense",
     "KroneckerPatternDense",
     "LowRankConv",

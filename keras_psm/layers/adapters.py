@@ -17,10 +17,11 @@ it takes the original layer's inputs and gives its outputs (``wrapping``):
   cout). ``CompressedConv1D`` adds a unit height axis, applies the
   Conv2D-like layer and removes it; causal padding is a left padding of
   ``dilation * (k - 1)`` steps followed by ``"valid"``.
-- ``SeparableConv2D``: its pointwise kernel (1, 1, cin * depth_multiplier,
-  filters) as a 1x1 Conv2D. ``CompressedSeparableConv2D`` keeps the
-  depthwise step as a ``DepthwiseConv2D`` and applies the compressed 1x1
-  convolution after it.
+- ``SeparableConv1D``/``SeparableConv2D`` (channels_last): the pointwise
+  kernel as the Dense kernel (cin * depth_multiplier, filters).
+  ``CompressedSeparableConv`` keeps the depthwise step as a
+  ``DepthwiseConv1D``/``DepthwiseConv2D`` and applies the compressed
+  Dense-like layer to the channel axis after it.
 
 A wrapper counts, exports and prunes through the layer it wraps
 (``wrapped_layers``); its ``kernel`` has the original layer's kernel shape.
@@ -297,14 +298,16 @@ class CompressedConv1D(_Wrapper):
 
 
 @register_serializable
-class CompressedSeparableConv2D(_Wrapper):
-    """A ``SeparableConv2D``: its depthwise step as a ``DepthwiseConv2D``,
-    then its pointwise (1x1) kernel held by a compressed Conv2D-like ``layer``.
+class CompressedSeparableConv(_Wrapper):
+    """A ``SeparableConv1D`` or ``SeparableConv2D`` (channels_last): its
+    depthwise step as a ``DepthwiseConv1D``/``DepthwiseConv2D``, then its
+    pointwise kernel, a matrix (cin * depth_multiplier, filters) over the
+    channel axis, held by a compressed Dense-like ``layer``.
 
     Args:
-        layer: the 1x1 Conv2D-like layer (or its serialized config), holding
-            the bias and activation.
-        depthwise: the ``DepthwiseConv2D`` (or its serialized config), with the
+        layer: the Dense-like layer (or its serialized config), holding the
+            bias and activation.
+        depthwise: the depthwise layer (or its serialized config), with the
             separable layer's kernel size, strides, padding, dilation and
             depth multiplier and no bias.
     """
@@ -312,6 +315,10 @@ class CompressedSeparableConv2D(_Wrapper):
     def __init__(self, layer, depthwise, **kwargs):
         super().__init__(layer, **kwargs)
         self.depthwise = as_layer(depthwise)
+
+    @property
+    def wrapped_layers(self):
+        return [self.depthwise, self.layer]
 
     def _own_weights(self):
         return self.depthwise.weights
@@ -331,41 +338,46 @@ class CompressedSeparableConv2D(_Wrapper):
 
     @property
     def kernel(self):
-        """The pointwise kernel (1, 1, cin * depth_multiplier, filters)."""
-        return self.layer.kernel
+        """The pointwise kernel (1, [1,] cin * depth_multiplier, filters)."""
+        ones = (1,) * len(self.depthwise.kernel_size)
+        return tf.reshape(self.layer.kernel, ones + tuple(self.layer.kernel.shape))
 
     def get_config(self):
         config = super().get_config()
         config.update(depthwise=keras.layers.serialize(self.depthwise))
         return config
 
+    @staticmethod
+    def _depthwise_class(layer):
+        if isinstance(layer, keras.layers.SeparableConv1D):
+            return keras.layers.DepthwiseConv1D
+        return keras.layers.DepthwiseConv2D
+
     @classmethod
     def stand_in(cls, layer):
-        """A built 1x1 ``Conv2D`` holding ``layer``'s pointwise kernel, bias and activation."""
-        conv = keras.layers.Conv2D(
-            layer.filters, 1, data_format=layer.data_format, activation=layer.activation,
-            use_bias=layer.use_bias, **_replacement_options(layer),
-        )
+        """A built ``Dense`` holding ``layer``'s pointwise kernel as the matrix
+        (cin * depth_multiplier, filters), its bias and activation."""
         pointwise = layer.pointwise_kernel.numpy()
-        channels = pointwise.shape[2]
-        conv.build((None, channels, None, None) if layer.data_format == "channels_first"
-                   else (None, None, None, channels))
-        conv.set_weights([pointwise] + ([layer.bias.numpy()] if layer.use_bias else []))
-        return conv
+        dense = keras.layers.Dense(
+            layer.filters, activation=layer.activation, use_bias=layer.use_bias,
+            **_replacement_options(layer),
+        )
+        dense.build((None, pointwise.shape[-2]))
+        dense.set_weights([pointwise.reshape(dense.kernel.shape)]
+                          + ([layer.bias.numpy()] if layer.use_bias else []))
+        return dense
 
     @classmethod
     def wrapping(cls, layer, replacement):
-        """The wrapper standing in for SeparableConv2D ``layer``: a copy of its
+        """The wrapper standing in for separable ``layer``: a copy of its
         depthwise kernel, then ``replacement``."""
-        depthwise = keras.layers.DepthwiseConv2D(
+        kernel = layer.depthwise_kernel.numpy()
+        depthwise = cls._depthwise_class(layer)(
             layer.kernel_size, strides=layer.strides, padding=layer.padding,
             depth_multiplier=layer.depth_multiplier, data_format=layer.data_format,
             dilation_rate=layer.dilation_rate, use_bias=False,
             name=f"{layer.name}_depthwise", dtype=layer.dtype_policy,
         )
-        kernel = layer.depthwise_kernel.numpy()
-        channels = kernel.shape[2]
-        depthwise.build((None, channels, None, None) if layer.data_format == "channels_first"
-                        else (None, None, None, channels))
+        depthwise.build((None,) * (kernel.ndim - 1) + (kernel.shape[-2],))
         depthwise.set_weights([kernel])
         return cls(replacement, depthwise, **_replacement_options(layer))
