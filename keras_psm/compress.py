@@ -170,10 +170,14 @@ def _layer_kind(layer):
 
 
 def _kernel_layers(model):
-    """``(name, layer)`` for every layer of ``model`` (nested models included)
-    and, in place of a ``MultiHeadAttention``, its four projections, named
+    """``(name, layer)`` for every layer of ``model`` (nested models included,
+    each layer once) and, in place of a ``MultiHeadAttention``, its four projections, named
     ``"<attention layer>/<projection>"``."""
+    seen = set()
     for layer in leaf_layers(model, wrapped=False):
+        if id(layer) in seen:  # a layer shared by a nested model and its parent
+            continue
+        seen.add(id(layer))
         if type(layer) is keras.layers.MultiHeadAttention:
             for attribute in PROJECTIONS.values():
                 projection = getattr(layer, attribute)
