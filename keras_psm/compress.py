@@ -24,8 +24,9 @@ from keras_psm.model_layers import check_graph_model, clone_replacing, leaf_laye
 from keras_psm.report import COMPRESSED, SKIPPED, CompressionReport, LayerReport
 from keras_psm.validation import check_choice, check_finite_array
 
-_KIND_NAMES = {"dense": "Dense, EinsumDense and SeparableConv",
-               "conv2d": "Conv1D and Conv2D"}
+#: Kind -> (its name, the layers a method of that kind replaces).
+_KIND_NAMES = {"dense": ("Dense", "Dense, EinsumDense, SeparableConv pointwise kernels"),
+               "conv2d": ("Conv2D", "Conv2D, Conv1D")}
 
 
 def compress(model, method="psm", layers=None, *, config=None, executor=None,
@@ -192,8 +193,10 @@ def _classify(model, spec):
     for name, layer in _kernel_layers(model):
         kind, reason = _layer_kind(layer)
         if kind is not None and kind not in spec.layer_kinds:
-            supported = " and ".join(_KIND_NAMES[k] for k in spec.layer_kinds)
-            kind, reason = None, f"method {spec.name!r} replaces {supported} layers only"
+            supported = " and ".join(_KIND_NAMES[k][0] for k in spec.layer_kinds)
+            layer_types = "; ".join(_KIND_NAMES[k][1] for k in spec.layer_kinds)
+            kind, reason = None, (f"method {spec.name!r} replaces {supported} layers only "
+                                  f"({layer_types})")
         if kind is not None:
             if name in candidates:
                 raise ValueError(
