@@ -1,9 +1,14 @@
-"""``compress(model, method, ...)``: replace Dense/Conv2D layers by fitted ones.
+"""``compress(model, method, ...)``: replace the layers whose kernel is a matrix
+by fitted ones.
 
-The model is rebuilt with ``keras.models.clone_model(model, clone_function=...)``:
+The model is rebuilt with ``keras_psm.model_layers.clone_replacing``:
 selected layers are replaced by the method's layers, built from factors
-fitted to their trained kernels; every other layer is cloned from its config
-and given a copy of its weights. The input model is never modified.
+fitted to their trained kernels; every other layer is cloned from its
+config and given a copy of its weights, and operations are carried over.
+Dense and Conv2D kernels go to the method as they are; EinsumDense
+(attention projections included), Conv1D and separable pointwise kernels
+through a stand-in Dense or Conv2D, and the method's layer is then wrapped
+(``keras_psm.layers.adapters``). The input model is never modified.
 """
 
 import time
@@ -31,7 +36,7 @@ _KIND_NAMES = {"dense": ("Dense", "Dense, EinsumDense, SeparableConv pointwise k
 
 def compress(model, method="psm", layers=None, *, config=None, executor=None,
              verbose=1, **options):
-    """Compress the Dense and Conv2D layers of a trained model.
+    """Compress the layers of a trained model whose kernel is a matrix.
 
     Args:
         model: a built functional or Sequential Keras model (nested models
@@ -39,8 +44,10 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
         method: a registered method name (``keras_psm.available_methods()``):
             ``"psm"`` fits each kernel as a product of sparse factors with
             palm4MSA.
-        layers: which layers to replace: ``None`` (every Dense/Conv2D the
-            method supports), a list of layer names, or a predicate
+        layers: which layers to replace: ``None`` (every Dense, EinsumDense,
+            Conv1D, Conv2D, separable and attention projection the method
+            supports), a list of layer names (an attention projection is
+            ``"<attention layer>/<projection>"``), or a predicate
             ``layer -> bool``.
         config: the method's config dataclass (e.g. ``PSMConfig``), instead of
             keyword ``options``.

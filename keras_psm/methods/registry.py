@@ -11,6 +11,12 @@ A compression method is four things:
   given an executor, so it must be a module-level (picklable) function.
 - ``build(layer, fitted, config)``: from the original Keras layer and the
   fit result to the new, unbuilt layer (same name, activation, bias, ...).
+  ``layer`` is always a ``Dense`` or a ``Conv2D``: ``compress`` presents the
+  other layers whose kernel is a matrix (EinsumDense and attention
+  projections, separable pointwise kernels as Dense; Conv1D as Conv2D)
+  through a stand-in holding the same kernel, bias and activation, and
+  wraps the layer ``build`` returns (``keras_psm.layers.adapters``), so a
+  method written for Dense and Conv2D covers them with no change.
 - optionally ``allocate(kernels, config)``: a global step run before the
   per-layer fits, mapping each layer name to its own config (ALDS shares a
   parameter budget across layers this way).
@@ -28,7 +34,8 @@ the ``keras-psm`` command.
 import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
-#: Layer kinds a method can replace.
+#: Layer kinds a method can replace: "dense" (Dense, EinsumDense, separable
+#: pointwise kernels) and "conv2d" (Conv2D, Conv1D).
 LAYER_KINDS = ("dense", "conv2d")
 
 
