@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from keras_psm.backend import keras
 from keras_psm.compress import compress
 from keras_psm.datasets import DATASETS, load_dataset
+from keras_psm.files import write_atomically
 from keras_psm.methods import available_methods, get_method
 from keras_psm.validation import check_choice, check_float, check_int
 
@@ -400,7 +401,7 @@ CSV_FIELDS = ("model_name", "method", "budget", "options", "params", "compressio
 
 def write_csv(results, path):
     """Write the results (options as JSON) to ``path``."""
-    with open(path, "w", newline="") as handle:
+    with write_atomically(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for result in results:
@@ -457,7 +458,8 @@ def plot_tradeoff(results, path, title="", axes=None, series_of=None):
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     if figure is not None:
-        figure.savefig(path, dpi=120)
+        with write_atomically(path) as temporary:
+            figure.savefig(temporary, dpi=120)
     return path
 
 
