@@ -214,3 +214,95 @@ def test_a_file_of_the_other_keras_gets_a_hint(saved_lenet, tmp_path, capsys):
     line, = capsys.readouterr().err.splitlines()
     assert line.endswith("unset TF_USE_LEGACY_KERAS to load it." if LEGACY_KERAS
                          else "set TF_USE_LEGACY_KERAS=1 to load it.")
+
+
+# ----------------------------------------------------------------------------
+# No lost files: the input is never overwritten, an existing output only with
+# --overwrite, and an interrupted write leaves the previous file as it was.
+
+def only_error_line(capsys):
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("keras-psm: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("command, suffix, through", [
+    ("compress", ".keras", "same path"),
+    ("compress", ".keras", "symbolic link"),
+    ("compress", ".keras", "hard link"),
+    ("export", ".tflite", "symbolic link"),  # an export's own name ends in .tflite
+    ("export", ".tflite", "hard link"),
+])
+def test_the_input_file_is_never_the_output(command, suffix, through, saved_lenet, tmp_path,
+                                            capsys):
+    source = tmp_path / "trained.keras"
+    source.write_bytes(saved_lenet[0].read_bytes())
+    contents = source.read_bytes()
+    output = tmp_path / f"out{suffix}"
+    if through == "same path":
+        output = source
+    elif through == "symbolic link":
+        output.symlink_to(source)
+    else:
+        os.link(source, output)
+    for extra in ([], ["--overwrite"]):  # --overwrite does not allow it either
+        assert cli.main([command, str(source), str(output), *extra]) == 1
+        assert f"is the input file '{source}'" in only_error_line(capsys)
+        assert source.read_bytes() == contents
+
+
+@pytest.mark.parametrize("command, suffix", [("compress", ".keras"), ("export", ".tflite")])
+def test_an_existing_output_is_kept_without_overwrite(command, suffix, saved_lenet, tmp_path,
+                                                      capsys):
+    output = tmp_path / f"previous{suffix}"
+    output.write_bytes(b"previous result")
+    assert cli.main([command, str(saved_lenet[0]), str(output)]) == 1
+    assert only_error_line(capsys).endswith(
+        f"output {'model' if command == 'compress' else 'file'} '{output}' exists; "
+        "pass --overwrite to replace it.")
+    assert output.read_bytes() == b"previous result"
+    assert os.listdir(tmp_path) == [output.name]
+
+
+def test_overwrite_replaces_an_existing_output(saved_lenet, tmp_path, capsys):
+    output = tmp_path / "small.keras"
+    output.write_bytes(b"previous result")
+    assert cli.main(["compress", str(saved_lenet[0]), str(output), "--quiet", "--layers", "fc1",
+                     "--factors", "2", "--sparsity", "4", "--option", "max_iter=5",
+                     "--overwrite"]) == 0
+    assert f"wrote {output}" in capsys.readouterr().out
+    assert isinstance(keras.models.load_model(output).get_layer("fc1"), SparseFactorDense)
+    assert os.listdir(tmp_path) == [output.name]
+
+
+def write_half_then_fail(path):
+    with open(path, "wb") as handle:
+        handle.write(b"PK\x03\x04 half a file")
+    raise OSError(28, "No space left on device")
+
+
+def test_an_interrupted_save_keeps_the_previous_model(saved_lenet, tmp_path, capsys,
+                                                      monkeypatch):
+    output = tmp_path / "small.keras"
+    output.write_bytes(saved_lenet[0].read_bytes())
+    previous = output.read_bytes()
+    monkeypatch.setattr(keras.Model, "save",
+                        lambda model, path, *args, **kwargs: write_half_then_fail(path))
+    assert cli.main(["compress", str(saved_lenet[0]), str(output), "--quiet", "--layers", "fc1",
+                     "--factors", "2", "--sparsity", "4", "--option", "max_iter=5",
+                     "--overwrite"]) == 1
+    assert "No space left on device" in only_error_line(capsys)
+    assert output.read_bytes() == previous
+    assert os.listdir(tmp_path) == [output.name]  # no temporary file left behind
+
+
+def test_an_interrupted_export_keeps_the_previous_file(saved_lenet, tmp_path, capsys,
+                                                       monkeypatch):
+    output = tmp_path / "model.tflite"
+    output.write_bytes(b"a good TFLite file")
+    monkeypatch.setattr(cli, "to_tflite",
+                        lambda model, path, **options: write_half_then_fail(path))
+    assert cli.main(["export", str(saved_lenet[0]), str(output), "--overwrite"]) == 1
+    assert "No space left on device" in only_error_line(capsys)
+    assert output.read_bytes() == b"a good TFLite file"
+    assert os.listdir(tmp_path) == [output.name]
