@@ -448,7 +448,8 @@ def build_parser():
         "demo", help="train LeNet-5 on MNIST digits, compress it every way, compare",
         description=(
             "Train a LeNet-5 on the 5,000 MNIST digits bundled with keras_psm (no "
-            "network needed), compress it with every method at a small and a large "
+            "network needed; --dataset fashion_mnist_5k for the bundled Fashion-MNIST "
+            "images), compress it with every method at a small and a large "
             "parameter budget, fine-tune each with model.fit (Adam, the same epochs "
             "for all), print a table (parameters in Conv2D and Dense layers, "
             "compression ratio, accuracy before and after fine-tuning, seconds), and "
@@ -464,8 +465,9 @@ def build_parser():
     add = demo_parser.add_argument
     add("--quick", action="store_true", help="fewer samples, epochs and palm4MSA iterations")
     add("--dataset", default="mnist_5k", choices=DATASETS,
-        help="mnist_5k is bundled; the others are downloaded by keras.datasets "
-             "(default: mnist_5k)")
+        help="mnist_5k and fashion_mnist_5k are bundled; mnist, fashion_mnist and cifar10 "
+             "are downloaded by keras.datasets, and mnist and fashion_mnist fall back to "
+             "the bundled subset offline (default: mnist_5k)")
     add("--output", default="keras_psm_demo", metavar="DIR",
         help="folder for results.csv, tradeoff.png and best.tflite "
              "(default: ./keras_psm_demo)")
@@ -474,7 +476,8 @@ def build_parser():
     add("--min-ratio", type=float, default=demo.MIN_RATIO, metavar="R",
         help=f"compression ratio the exported model must reach (default: {demo.MIN_RATIO:g})")
     add("--no-export", action="store_true", help="skip the TFLite export")
-    add("--no-progress", action="store_true", help="no progress bars")
+    add("--no-progress", action="store_true",
+        help="no progress bars (they are drawn only when standard error is a terminal)")
     demo_parser.set_defaults(run=run_demo_command)
 
     for command_parser in (compress_parser, export_parser, methods_parser, demo_parser):

@@ -1,7 +1,7 @@
 """Train, compress with every method, fine-tune, compare: the demo and experiment pipeline.
 
 ``run_demo`` is what ``keras-psm demo`` runs. A LeNet-5 is trained on the
-bundled MNIST digits, then compressed by every registered method at each of
+bundled MNIST digits (or another of ``keras_psm.datasets.DATASETS``), then compressed by every registered method at each of
 its presets (a "small" and a "large" parameter budget), each compressed
 model is fine-tuned with ``model.fit`` (same optimizer and epochs for all),
 and the results are compared in a table, a CSV file and a plot of accuracy
@@ -49,8 +49,10 @@ class Settings:
     """Sizes of one run: data, training, fine-tuning.
 
     Attributes:
-        dataset: one of ``keras_psm.datasets.DATASETS``; ``"mnist_5k"`` is
-            bundled, the others come from ``keras.datasets`` (network).
+        dataset: one of ``keras_psm.datasets.DATASETS``; ``"mnist_5k"`` and
+            ``"fashion_mnist_5k"`` are bundled, the others come from
+            ``keras.datasets`` (network; ``"mnist"`` and ``"fashion_mnist"``
+            fall back to the bundled subset offline).
         train_samples, test_samples: how many samples of each split are used.
         train_epochs: epochs of training of the uncompressed model.
         finetune_epochs: epochs of ``model.fit`` after compression, the same
@@ -201,7 +203,8 @@ def load_data(settings):
     except Exception as error:  # keras.datasets raises a bare Exception on download failure
         raise RuntimeError(
             f"could not load the {settings.dataset!r} data set from keras.datasets "
-            f"({one_line(error)}); the bundled 'mnist_5k' needs no network."
+            f"({one_line(error)}); the bundled 'mnist_5k' and 'fashion_mnist_5k' need no "
+            "network."
         ) from error
     return ((x_train[:settings.train_samples], y_train[:settings.train_samples]),
             (x_test[:settings.test_samples], y_test[:settings.test_samples]))
