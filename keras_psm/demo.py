@@ -1,12 +1,12 @@
 """Train, compress with every method, fine-tune, compare: the demo and experiment pipeline.
 
 ``run_demo`` is what ``keras-psm demo`` runs. A LeNet-5 is trained on the
-bundled MNIST digits (or another of ``keras_psm.datasets.DATASETS``), then compressed by every registered method at each of
-its presets (a "small" and a "large" parameter budget), each compressed
-model is fine-tuned with ``model.fit`` (same optimizer and epochs for all),
-and the results are compared in a table, a CSV file and a plot of accuracy
-against parameters on a log scale (as in Figure 1 of the PSM paper). The
-most accurate model among those compressed at least ``MIN_RATIO`` times is
+bundled MNIST digits (or another of ``keras_psm.datasets.DATASETS``), then
+compressed by every registered method at each of its presets (a "small"
+and a "large" parameter budget), each compressed model is fine-tuned with
+``model.fit`` (same optimizer and epochs for all), and the results are
+compared in a table, a CSV file and a plot of accuracy against parameters on
+a log scale (as in Figure 1 of the PSM paper). The most accurate model among those compressed at least ``MIN_RATIO`` times is
 exported to TFLite.
 
 The steps are separate functions (``lenet5``, ``preset_trials``,

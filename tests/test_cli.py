@@ -1,7 +1,6 @@
 """The ``keras-psm`` command, run as a user runs it (a subprocess), and its option parsing."""
 
 import os
-import re
 import subprocess
 import sys
 from typing import Optional, Tuple
@@ -15,21 +14,7 @@ from keras_psm.backend import KERAS_NAME, LEGACY_KERAS, keras
 from keras_psm.export import verify_tflite
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
 
-#: Lines TensorFlow's C++ runtime writes to stderr when it is imported on a
-#: machine without CUDA (absl log lines), before the command's code runs.
-NATIVE_LOG = re.compile(
-    r"^([IWEF]\d{4} |WARNING: All log messages before absl|To enable the following instructions)")
-
-
-def run_command(*arguments):
-    script = os.path.join(os.path.dirname(sys.executable), "keras-psm")
-    assert os.path.exists(script), f"{script} is missing: install the package (pip install -e .)"
-    return subprocess.run([script, *map(str, arguments)], capture_output=True, text=True,
-                          timeout=600)
-
-
-def own_stderr_lines(completed):
-    return [line for line in completed.stderr.splitlines() if line and not NATIVE_LOG.match(line)]
+from command_line import TENSORFLOW_LOG, run_command
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +43,9 @@ def test_compress_writes_a_model_that_reloads_and_evaluates(saved_lenet, compres
                                                             mnist_small):
     completed, output = compressed_run
     assert completed.returncode == 0, completed.stderr[-2000:]
+    # Only its own output: no TensorFlow log line, no progress bar when piped.
+    assert completed.stderr == ""
+    assert not TENSORFLOW_LOG.search(completed.stdout) and "\r" not in completed.stdout
     _, original = saved_lenet
     loaded = keras.models.load_model(output)  # no custom_objects
     assert isinstance(loaded.get_layer("conv2"), SparseFactorConv2D)
@@ -89,13 +77,25 @@ def test_compress_writes_a_model_that_reloads_and_evaluates(saved_lenet, compres
 def test_export_writes_a_tflite_file_that_matches(compressed_run, tmp_path, mnist_small):
     _, model_path = compressed_run
     output = tmp_path / "lenet_psm.tflite"
-    completed = run_command("export", model_path, output)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    assert f"wrote {output}" in completed.stdout
-    assert f"file: {output.stat().st_size:,} bytes" in completed.stdout
+    log = tmp_path / "export.log"
+    with open(log, "w") as handle:  # both streams piped to a file, as in `... > log 2>&1`
+        completed = run_command("export", model_path, output, stdout=handle,
+                                stderr=subprocess.STDOUT)
+    printed = log.read_text()
+    assert completed.returncode == 0, printed[-2000:]
+    assert not TENSORFLOW_LOG.search(printed), printed[-2000:]
+    assert printed.endswith(f"wrote {output}; it runs with LiteRT and matches the Keras model.\n")
+    assert f"file: {output.stat().st_size:,} bytes" in printed
     _, (x_test, _) = mnist_small
     model = keras.models.load_model(model_path)
+    # float32 TFLite kernels against TF's: a few ulps of round-off per layer on outputs
+    # of order 1; 1e-4 leaves room for that, far below a wrong weight (~1e-1).
     assert verify_tflite(output, model, x_test[:16]) < 1e-4
+
+    # --verbose shows what the quiet run hid (the pattern above matches real output).
+    verbose = run_command("export", model_path, output, "--overwrite", "--verbose")
+    assert verbose.returncode == 0, verbose.stderr[-2000:]
+    assert TENSORFLOW_LOG.search(verbose.stderr), verbose.stderr[-2000:]
 
 
 def test_methods_lists_every_method_with_options_and_paper():
@@ -123,8 +123,8 @@ def test_errors_are_one_line_and_exit_nonzero(arguments, message, saved_lenet, t
                  model=saved_lenet[0], tmp=tmp_path)
     completed = run_command(*(argument.format(**names) for argument in arguments))
     assert completed.returncode == 1
-    lines = own_stderr_lines(completed)
-    assert len(lines) == 1, completed.stderr
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1, completed.stderr  # no TensorFlow log line either
     assert lines[0].startswith("keras-psm: error: ")
     assert message.format(**names) in lines[0]
     assert completed.stdout == ""
