@@ -6,8 +6,8 @@ compressed by every registered method at each of its presets (a "small"
 and a "large" parameter budget), each compressed model is fine-tuned with
 ``model.fit`` (same optimizer and epochs for all), and the results are
 compared in a table, a CSV file and a plot of accuracy against parameters on
-a log scale (as in Figure 1 of the PSM paper). The most accurate model among those compressed at least ``MIN_RATIO`` times is
-exported to TFLite.
+a log scale (as in Figure 1 of the PSM paper). The most accurate model
+among those compressed at least ``MIN_RATIO`` times is exported to TFLite.
 
 The steps are separate functions (``lenet5``, ``preset_trials``,
 ``run_trials``, ``format_table``, ``write_csv``, ``plot_tradeoff``,
