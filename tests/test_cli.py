@@ -14,7 +14,8 @@ from keras_psm.backend import KERAS_NAME, LEGACY_KERAS, keras
 from keras_psm.export import verify_tflite
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
 
-from command_line import TENSORFLOW_LOG, run_command
+import keras_psm_cli
+from command_line import TENSORFLOW_LOG, command_environment, run_command
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +307,36 @@ def test_an_interrupted_export_keeps_the_previous_file(saved_lenet, tmp_path, ca
     assert "No space left on device" in only_error_line(capsys)
     assert output.read_bytes() == b"a good TFLite file"
     assert os.listdir(tmp_path) == [output.name]
+
+
+# ----------------------------------------------------------------------------
+# Only its own output: the entry point keras_psm_cli hides TensorFlow's C++ logs.
+
+def test_verbose_is_found_as_argparse_would_accept_it():
+    assert keras_psm_cli.verbose_requested(["demo", "--quick", "--verbose"])
+    assert keras_psm_cli.verbose_requested(["export", "a.keras", "a.tflite", "--verb"])
+    assert not keras_psm_cli.verbose_requested(["compress", "a.keras", "b.keras", "--quiet"])
+    assert not keras_psm_cli.verbose_requested(["compress", "--", "--verbose", "b.keras"])
+    assert not keras_psm_cli.verbose_requested(["-v"])  # no short form: argparse refuses it
+    args = cli.build_parser().parse_args(["export", "a.keras", "a.tflite", "--verb"])
+    assert args.verbose
+
+
+def test_native_writes_to_standard_error_are_hidden_while_importing():
+    code = ("import os, sys; from keras_psm_cli import native_stderr_hidden\n"
+            "with native_stderr_hidden():\n"
+            "    os.write(2, b'native line while loading\\n')\n"
+            "os.write(2, b'native line afterwards\\n'); print('own line', file=sys.stderr)")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=60, env=command_environment())
+    assert completed.stderr == "native line afterwards\nown line\n"
+
+
+@pytest.mark.slow
+def test_worker_processes_print_nothing(saved_lenet, tmp_path):
+    output = tmp_path / "lenet_psm.keras"
+    completed = run_command("compress", saved_lenet[0], output, "--jobs", "2", "--factors", "2",
+                            "--sparsity", "4", "--option", "max_iter=5", "--layers", "fc1", "fc2")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stderr == ""  # each spawned worker imports TensorFlow too
+    assert f"wrote {output}" in completed.stdout
