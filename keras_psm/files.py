@@ -42,7 +42,7 @@ def write_atomically(path):
     temporary = temporary_name(target)
     try:
         yield temporary
-        with open(temporary, "rb") as handle:
+        with open(temporary, "r+b") as handle:  # writable: Windows fsyncs only those
             os.fsync(handle.fileno())
         os.replace(temporary, target)
     except BaseException:
