@@ -256,7 +256,8 @@ def run_compress(args):
     progress = not args.quiet and terminal()
     try:
         compressed, report = compress(model, method.name, layers=args.layers,
-                                      executor=executor, verbose=int(progress), **options)
+                                      executor=executor, verbose=int(progress),
+                                      **options)
     finally:
         if executor is not None:
             executor.shutdown()
