@@ -1,6 +1,7 @@
 """The ``keras-psm`` command, run as a user runs it (a subprocess), and its option parsing."""
 
 import os
+import re
 import subprocess
 import sys
 from typing import Optional, Tuple
@@ -340,3 +341,16 @@ def test_worker_processes_print_nothing(saved_lenet, tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stderr == ""  # each spawned worker imports TensorFlow too
     assert f"wrote {output}" in completed.stdout
+
+
+@pytest.mark.parametrize("on_terminal", [True, False])
+def test_progress_bars_only_on_a_terminal(on_terminal, saved_lenet, tmp_path, capsys,
+                                          monkeypatch):
+    monkeypatch.setattr(cli, "terminal", lambda: on_terminal)
+    output = tmp_path / "small.keras"
+    assert cli.main(["compress", str(saved_lenet[0]), str(output), "--layers", "fc1",
+                     "--factors", "2", "--sparsity", "4", "--option", "max_iter=5"]) == 0
+    captured = capsys.readouterr()
+    assert ("1/1 [" in captured.err) is on_terminal  # tqdm's "1/1 [00:00<00:00, ...]"
+    # The per-layer report is printed either way.
+    assert re.search(r"^fc1 +Dense +compressed", captured.out, re.MULTILINE)
