@@ -8,18 +8,30 @@
 Every subcommand has ``--help``. Errors the user can fix (a missing file, a
 file that is not a Keras model, an unknown method or option) end the
 command with status 1 and one line on standard error, never a traceback.
+
+An output file is never the input file, replaces an existing file only with
+``--overwrite``, and is written whole or not at all (``keras_psm.files``).
+
+The command prints only its own output: TensorFlow's, Keras's and absl's log
+lines and warnings show with ``--verbose`` only (the ``keras-psm`` script,
+``keras_psm_cli.main``, also hides TensorFlow's C++ logs, which must be
+silenced before TensorFlow loads), and progress bars are drawn only when
+standard error is a terminal.
 """
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
+import logging
 import multiprocessing
 import os
 import sys
 import textwrap
 import types
 import typing
+import warnings
 import zipfile
 
 from keras_psm import demo
@@ -27,7 +39,9 @@ from keras_psm.backend import KERAS_NAME, LEGACY_KERAS, keras
 from keras_psm.compress import compress
 from keras_psm.datasets import DATASETS
 from keras_psm.export import size_report, to_tflite
+from keras_psm.files import write_atomically
 from keras_psm.methods import available_methods, get_method
+from keras_psm_cli import quiet_worker
 
 PROG = "keras-psm"
 
@@ -124,12 +138,22 @@ def existing_file(path, what):
     return path
 
 
-def writable_path(path, suffix, what):
+def writable_path(path, suffix, what, source, overwrite=False):
+    """Check ``path`` before any slow work: the right suffix, an existing folder, not
+    the ``source`` file (by name or through a link), and no existing file unless
+    ``overwrite``."""
     if not path.endswith(suffix):
         raise CommandError(f"{what} {path!r} must end in {suffix}.")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CommandError(f"{what} {path!r}: folder {directory!r} does not exist.")
+    if os.path.isdir(path):
+        raise CommandError(f"{what} {path!r} is a folder.")
+    if os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
+        raise CommandError(f"{what} {path!r} is the input file {source!r}; "
+                           "write to another path to keep the input.")
+    if os.path.exists(path) and not overwrite:
+        raise CommandError(f"{what} {path!r} exists; pass --overwrite to replace it.")
     return path
 
 
@@ -170,11 +194,49 @@ def load_model(path):
 
 
 # ----------------------------------------------------------------------------
+# Output: the command's own lines only
+
+
+def terminal():
+    """Whether standard error is a terminal: progress bars are drawn there only."""
+    return sys.stderr.isatty()
+
+
+#: Modules whose Python warnings a quiet run hides: library internals the
+#: user cannot act on. keras_psm's own warnings still show.
+FRAMEWORK_MODULES = r"(tensorflow|tf_keras|keras|absl|tensorflow_model_optimization|google)(\.|$)"
+
+#: Python loggers of the frameworks, raised to ERROR in a quiet run.
+FRAMEWORK_LOGGERS = ("absl", "tensorflow", "keras", "tf_keras")
+
+
+@contextlib.contextmanager
+def framework_logs_hidden():
+    """Hide the frameworks' Python log records below ERROR and their warnings in the block.
+
+    (Among them absl's "Please consider providing the trackable_obj argument"
+    from every TFLite conversion.) The loggers' levels and the warning
+    filters are restored afterwards.
+    """
+    loggers = [logging.getLogger(name) for name in FRAMEWORK_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=FRAMEWORK_MODULES)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+# ----------------------------------------------------------------------------
 # Subcommands
 
 
 def run_compress(args):
-    writable_path(args.output, ".keras", "output model")
+    writable_path(args.output, ".keras", "output model", args.input, args.overwrite)
     method = get_method(args.method)
     options = method_options(method, args.option)
     for flag, key, value in (("--factors", "n_factors", args.factors),
@@ -189,15 +251,20 @@ def run_compress(args):
     executor = None
     if args.jobs > 1:
         executor = concurrent.futures.ProcessPoolExecutor(
-            args.jobs, mp_context=multiprocessing.get_context("spawn"))
+            args.jobs, mp_context=multiprocessing.get_context("spawn"),
+            initializer=None if args.verbose else quiet_worker)
+    progress = not args.quiet and terminal()
     try:
         compressed, report = compress(model, method.name, layers=args.layers,
-                                      executor=executor, verbose=0 if args.quiet else 1,
+                                      executor=executor, verbose=int(progress),
                                       **options)
     finally:
         if executor is not None:
             executor.shutdown()
-    compressed.save(args.output)
+    if not args.quiet and not progress:
+        print(report)  # compress printed it under its progress bar otherwise
+    with write_atomically(args.output) as temporary:
+        compressed.save(temporary)
     print(f"wrote {args.output}: {report.params_before:,} -> {report.params_after:,} "
           f"parameters in the layers with weights (x{report.compression_ratio:.1f}). "
           "Compile it and fine-tune with model.fit"
@@ -206,13 +273,14 @@ def run_compress(args):
 
 
 def run_export(args):
-    writable_path(args.output, ".tflite", "output file")
+    writable_path(args.output, ".tflite", "output file", args.input, args.overwrite)
     model = load_model(args.input)
     quantization = None if args.quantization == "none" else args.quantization
     sparse = {"auto": "auto", "yes": True, "no": False}[args.sparse]
-    to_tflite(model, args.output, quantization=quantization, sparse=sparse,
-              factor_form=args.factor_form,
-              batch_size=None if args.batch_size == 0 else args.batch_size)
+    with write_atomically(args.output) as temporary:
+        to_tflite(model, temporary, quantization=quantization, sparse=sparse,
+                  factor_form=args.factor_form,
+                  batch_size=None if args.batch_size == 0 else args.batch_size)
     print(size_report(model, args.output))
     print(f"wrote {args.output}; it runs with LiteRT and matches the Keras model.")
     return 0
@@ -260,7 +328,7 @@ def run_demo_command(args):
         get_method(name)
     demo.run_demo(settings, output_dir=args.output, methods=args.methods,
                   export=not args.no_export, min_ratio=args.min_ratio,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress and terminal())
     return 0
 
 
@@ -337,6 +405,7 @@ def build_parser():
     add("--jobs", type=int, default=1, metavar="N",
         help="fit N layers at a time in worker processes (default: 1)")
     add("--quiet", action="store_true", help="no progress bar and no per-layer report")
+    add("--overwrite", action="store_true", help="replace OUT.keras if it exists")
     compress_parser.set_defaults(run=run_compress)
 
     export_parser = commands.add_parser(
@@ -364,6 +433,7 @@ def build_parser():
              "product faster) (default: auto)")
     add("--batch-size", type=int, default=1, metavar="N",
         help="the file's fixed batch size, 0 for one chosen at run time (default: 1)")
+    add("--overwrite", action="store_true", help="replace OUT.tflite if it exists")
     export_parser.set_defaults(run=run_export)
 
     methods_parser = commands.add_parser(
@@ -379,7 +449,8 @@ def build_parser():
         "demo", help="train LeNet-5 on MNIST digits, compress it every way, compare",
         description=(
             "Train a LeNet-5 on the 5,000 MNIST digits bundled with keras_psm (no "
-            "network needed), compress it with every method at a small and a large "
+            "network needed; --dataset fashion_mnist_5k for the bundled Fashion-MNIST "
+            "images), compress it with every method at a small and a large "
             "parameter budget, fine-tune each with model.fit (Adam, the same epochs "
             "for all), print a table (parameters in Conv2D and Dense layers, "
             "compression ratio, accuracy before and after fine-tuning, seconds), and "
@@ -395,8 +466,9 @@ def build_parser():
     add = demo_parser.add_argument
     add("--quick", action="store_true", help="fewer samples, epochs and palm4MSA iterations")
     add("--dataset", default="mnist_5k", choices=DATASETS,
-        help="mnist_5k is bundled; the others are downloaded by keras.datasets "
-             "(default: mnist_5k)")
+        help="mnist_5k and fashion_mnist_5k are bundled; mnist, fashion_mnist and cifar10 "
+             "are downloaded by keras.datasets, and mnist and fashion_mnist fall back to "
+             "the bundled subset offline (default: mnist_5k)")
     add("--output", default="keras_psm_demo", metavar="DIR",
         help="folder for results.csv, tradeoff.png and best.tflite "
              "(default: ./keras_psm_demo)")
@@ -405,20 +477,34 @@ def build_parser():
     add("--min-ratio", type=float, default=demo.MIN_RATIO, metavar="R",
         help=f"compression ratio the exported model must reach (default: {demo.MIN_RATIO:g})")
     add("--no-export", action="store_true", help="skip the TFLite export")
-    add("--no-progress", action="store_true", help="no progress bars")
+    add("--no-progress", action="store_true",
+        help="no progress bars (they are drawn only when standard error is a terminal)")
     demo_parser.set_defaults(run=run_demo_command)
+
+    for command_parser in (compress_parser, export_parser, methods_parser, demo_parser):
+        command_parser.add_argument(
+            "--verbose", action="store_true",
+            help="also show TensorFlow's, Keras's and absl's log lines and warnings")
     return parser
 
 
 def main(argv=None):
-    """Entry point of the ``keras-psm`` command; returns the exit status."""
+    """Run the command ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    The ``keras-psm`` script calls it through ``keras_psm_cli.main``, which
+    also hides TensorFlow's C++ log lines.
+    """
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with contextlib.nullcontext() if args.verbose else framework_logs_hidden():
+            return args.run(args)
     except (CommandError, ValueError, TypeError, OSError, RuntimeError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

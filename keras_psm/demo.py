@@ -1,13 +1,13 @@
 """Train, compress with every method, fine-tune, compare: the demo and experiment pipeline.
 
 ``run_demo`` is what ``keras-psm demo`` runs. A LeNet-5 is trained on the
-bundled MNIST digits, then compressed by every registered method at each of
-its presets (a "small" and a "large" parameter budget), each compressed
-model is fine-tuned with ``model.fit`` (same optimizer and epochs for all),
-and the results are compared in a table, a CSV file and a plot of accuracy
-against parameters on a log scale (as in Figure 1 of the PSM paper). The
-most accurate model among those compressed at least ``MIN_RATIO`` times is
-exported to TFLite.
+bundled MNIST digits (or another of ``keras_psm.datasets.DATASETS``), then
+compressed by every registered method at each of its presets (a "small"
+and a "large" parameter budget), each compressed model is fine-tuned with
+``model.fit`` (same optimizer and epochs for all), and the results are
+compared in a table, a CSV file and a plot of accuracy against parameters on
+a log scale (as in Figure 1 of the PSM paper). The most accurate model
+among those compressed at least ``MIN_RATIO`` times is exported to TFLite.
 
 The steps are separate functions (``lenet5``, ``preset_trials``,
 ``run_trials``, ``format_table``, ``write_csv``, ``plot_tradeoff``,
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from keras_psm.backend import keras
 from keras_psm.compress import compress
 from keras_psm.datasets import DATASETS, load_dataset
+from keras_psm.files import write_atomically
 from keras_psm.methods import available_methods, get_method
 from keras_psm.validation import check_choice, check_float, check_int
 
@@ -48,8 +49,10 @@ class Settings:
     """Sizes of one run: data, training, fine-tuning.
 
     Attributes:
-        dataset: one of ``keras_psm.datasets.DATASETS``; ``"mnist_5k"`` is
-            bundled, the others come from ``keras.datasets`` (network).
+        dataset: one of ``keras_psm.datasets.DATASETS``; ``"mnist_5k"`` and
+            ``"fashion_mnist_5k"`` are bundled, the others come from
+            ``keras.datasets`` (network; ``"mnist"`` and ``"fashion_mnist"``
+            fall back to the bundled subset offline).
         train_samples, test_samples: how many samples of each split are used.
         train_epochs: epochs of training of the uncompressed model.
         finetune_epochs: epochs of ``model.fit`` after compression, the same
@@ -200,7 +203,8 @@ def load_data(settings):
     except Exception as error:  # keras.datasets raises a bare Exception on download failure
         raise RuntimeError(
             f"could not load the {settings.dataset!r} data set from keras.datasets "
-            f"({one_line(error)}); the bundled 'mnist_5k' needs no network."
+            f"({one_line(error)}); the bundled 'mnist_5k' and 'fashion_mnist_5k' need no "
+            "network."
         ) from error
     return ((x_train[:settings.train_samples], y_train[:settings.train_samples]),
             (x_test[:settings.test_samples], y_test[:settings.test_samples]))
@@ -400,7 +404,7 @@ CSV_FIELDS = ("model_name", "method", "budget", "options", "params", "compressio
 
 def write_csv(results, path):
     """Write the results (options as JSON) to ``path``."""
-    with open(path, "w", newline="") as handle:
+    with write_atomically(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for result in results:
@@ -457,7 +461,8 @@ def plot_tradeoff(results, path, title="", axes=None, series_of=None):
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     if figure is not None:
-        figure.savefig(path, dpi=120)
+        with write_atomically(path) as temporary:
+            figure.savefig(temporary, dpi=120)
     return path
 
 

@@ -15,21 +15,8 @@ from keras_psm.backend import KERAS_NAME, LEGACY_KERAS, keras
 from keras_psm.export import verify_tflite
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
 
-#: Lines TensorFlow's C++ runtime writes to stderr when it is imported on a
-#: machine without CUDA (absl log lines), before the command's code runs.
-NATIVE_LOG = re.compile(
-    r"^([IWEF]\d{4} |WARNING: All log messages before absl|To enable the following instructions)")
-
-
-def run_command(*arguments):
-    script = os.path.join(os.path.dirname(sys.executable), "keras-psm")
-    assert os.path.exists(script), f"{script} is missing: install the package (pip install -e .)"
-    return subprocess.run([script, *map(str, arguments)], capture_output=True, text=True,
-                          timeout=600)
-
-
-def own_stderr_lines(completed):
-    return [line for line in completed.stderr.splitlines() if line and not NATIVE_LOG.match(line)]
+import keras_psm_cli
+from command_line import TENSORFLOW_LOG, command_environment, run_command
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +45,9 @@ def test_compress_writes_a_model_that_reloads_and_evaluates(saved_lenet, compres
                                                             mnist_small):
     completed, output = compressed_run
     assert completed.returncode == 0, completed.stderr[-2000:]
+    # Only its own output: no TensorFlow log line, no progress bar when piped.
+    assert completed.stderr == ""
+    assert not TENSORFLOW_LOG.search(completed.stdout) and "\r" not in completed.stdout
     _, original = saved_lenet
     loaded = keras.models.load_model(output)  # no custom_objects
     assert isinstance(loaded.get_layer("conv2"), SparseFactorConv2D)
@@ -89,13 +79,25 @@ def test_compress_writes_a_model_that_reloads_and_evaluates(saved_lenet, compres
 def test_export_writes_a_tflite_file_that_matches(compressed_run, tmp_path, mnist_small):
     _, model_path = compressed_run
     output = tmp_path / "lenet_psm.tflite"
-    completed = run_command("export", model_path, output)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    assert f"wrote {output}" in completed.stdout
-    assert f"file: {output.stat().st_size:,} bytes" in completed.stdout
+    log = tmp_path / "export.log"
+    with open(log, "w") as handle:  # both streams piped to a file, as in `... > log 2>&1`
+        completed = run_command("export", model_path, output, stdout=handle,
+                                stderr=subprocess.STDOUT)
+    printed = log.read_text()
+    assert completed.returncode == 0, printed[-2000:]
+    assert not TENSORFLOW_LOG.search(printed), printed[-2000:]
+    assert printed.endswith(f"wrote {output}; it runs with LiteRT and matches the Keras model.\n")
+    assert f"file: {output.stat().st_size:,} bytes" in printed
     _, (x_test, _) = mnist_small
     model = keras.models.load_model(model_path)
+    # float32 TFLite kernels against TF's: a few ulps of round-off per layer on outputs
+    # of order 1; 1e-4 leaves room for that, far below a wrong weight (~1e-1).
     assert verify_tflite(output, model, x_test[:16]) < 1e-4
+
+    # --verbose shows what the quiet run hid (the pattern above matches real output).
+    verbose = run_command("export", model_path, output, "--overwrite", "--verbose")
+    assert verbose.returncode == 0, verbose.stderr[-2000:]
+    assert TENSORFLOW_LOG.search(verbose.stderr), verbose.stderr[-2000:]
 
 
 def test_methods_lists_every_method_with_options_and_paper():
@@ -123,8 +125,8 @@ def test_errors_are_one_line_and_exit_nonzero(arguments, message, saved_lenet, t
                  model=saved_lenet[0], tmp=tmp_path)
     completed = run_command(*(argument.format(**names) for argument in arguments))
     assert completed.returncode == 1
-    lines = own_stderr_lines(completed)
-    assert len(lines) == 1, completed.stderr
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1, completed.stderr  # no TensorFlow log line either
     assert lines[0].startswith("keras-psm: error: ")
     assert message.format(**names) in lines[0]
     assert completed.stdout == ""
@@ -214,3 +216,141 @@ def test_a_file_of_the_other_keras_gets_a_hint(saved_lenet, tmp_path, capsys):
     line, = capsys.readouterr().err.splitlines()
     assert line.endswith("unset TF_USE_LEGACY_KERAS to load it." if LEGACY_KERAS
                          else "set TF_USE_LEGACY_KERAS=1 to load it.")
+
+
+# ----------------------------------------------------------------------------
+# No lost files: the input is never overwritten, an existing output only with
+# --overwrite, and an interrupted write leaves the previous file as it was.
+
+def only_error_line(capsys):
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("keras-psm: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("command, suffix, through", [
+    ("compress", ".keras", "same path"),
+    ("compress", ".keras", "symbolic link"),
+    ("compress", ".keras", "hard link"),
+    ("export", ".tflite", "symbolic link"),  # an export's own name ends in .tflite
+    ("export", ".tflite", "hard link"),
+])
+def test_the_input_file_is_never_the_output(command, suffix, through, saved_lenet, tmp_path,
+                                            capsys):
+    source = tmp_path / "trained.keras"
+    source.write_bytes(saved_lenet[0].read_bytes())
+    contents = source.read_bytes()
+    output = tmp_path / f"out{suffix}"
+    if through == "same path":
+        output = source
+    elif through == "symbolic link":
+        output.symlink_to(source)
+    else:
+        os.link(source, output)
+    for extra in ([], ["--overwrite"]):  # --overwrite does not allow it either
+        assert cli.main([command, str(source), str(output), *extra]) == 1
+        assert f"is the input file '{source}'" in only_error_line(capsys)
+        assert source.read_bytes() == contents
+
+
+@pytest.mark.parametrize("command, suffix", [("compress", ".keras"), ("export", ".tflite")])
+def test_an_existing_output_is_kept_without_overwrite(command, suffix, saved_lenet, tmp_path,
+                                                      capsys):
+    output = tmp_path / f"previous{suffix}"
+    output.write_bytes(b"previous result")
+    assert cli.main([command, str(saved_lenet[0]), str(output)]) == 1
+    assert only_error_line(capsys).endswith(
+        f"output {'model' if command == 'compress' else 'file'} '{output}' exists; "
+        "pass --overwrite to replace it.")
+    assert output.read_bytes() == b"previous result"
+    assert os.listdir(tmp_path) == [output.name]
+
+
+def test_overwrite_replaces_an_existing_output(saved_lenet, tmp_path, capsys):
+    output = tmp_path / "small.keras"
+    output.write_bytes(b"previous result")
+    assert cli.main(["compress", str(saved_lenet[0]), str(output), "--quiet", "--layers", "fc1",
+                     "--factors", "2", "--sparsity", "4", "--option", "max_iter=5",
+                     "--overwrite"]) == 0
+    assert f"wrote {output}" in capsys.readouterr().out
+    assert isinstance(keras.models.load_model(output).get_layer("fc1"), SparseFactorDense)
+    assert os.listdir(tmp_path) == [output.name]
+
+
+def write_half_then_fail(path):
+    with open(path, "wb") as handle:
+        handle.write(b"PK\x03\x04 half a file")
+    raise OSError(28, "No space left on device")
+
+
+def test_an_interrupted_save_keeps_the_previous_model(saved_lenet, tmp_path, capsys,
+                                                      monkeypatch):
+    output = tmp_path / "small.keras"
+    output.write_bytes(saved_lenet[0].read_bytes())
+    previous = output.read_bytes()
+    monkeypatch.setattr(keras.Model, "save",
+                        lambda model, path, *args, **kwargs: write_half_then_fail(path))
+    assert cli.main(["compress", str(saved_lenet[0]), str(output), "--quiet", "--layers", "fc1",
+                     "--factors", "2", "--sparsity", "4", "--option", "max_iter=5",
+                     "--overwrite"]) == 1
+    assert "No space left on device" in only_error_line(capsys)
+    assert output.read_bytes() == previous
+    assert os.listdir(tmp_path) == [output.name]  # no temporary file left behind
+
+
+def test_an_interrupted_export_keeps_the_previous_file(saved_lenet, tmp_path, capsys,
+                                                       monkeypatch):
+    output = tmp_path / "model.tflite"
+    output.write_bytes(b"a good TFLite file")
+    monkeypatch.setattr(cli, "to_tflite",
+                        lambda model, path, **options: write_half_then_fail(path))
+    assert cli.main(["export", str(saved_lenet[0]), str(output), "--overwrite"]) == 1
+    assert "No space left on device" in only_error_line(capsys)
+    assert output.read_bytes() == b"a good TFLite file"
+    assert os.listdir(tmp_path) == [output.name]
+
+
+# ----------------------------------------------------------------------------
+# Only its own output: the entry point keras_psm_cli hides TensorFlow's C++ logs.
+
+def test_verbose_is_found_as_argparse_would_accept_it():
+    assert keras_psm_cli.verbose_requested(["demo", "--quick", "--verbose"])
+    assert keras_psm_cli.verbose_requested(["export", "a.keras", "a.tflite", "--verb"])
+    assert not keras_psm_cli.verbose_requested(["compress", "a.keras", "b.keras", "--quiet"])
+    assert not keras_psm_cli.verbose_requested(["compress", "--", "--verbose", "b.keras"])
+    assert not keras_psm_cli.verbose_requested(["-v"])  # no short form: argparse refuses it
+    args = cli.build_parser().parse_args(["export", "a.keras", "a.tflite", "--verb"])
+    assert args.verbose
+
+
+def test_native_writes_to_standard_error_are_hidden_while_importing():
+    code = ("import os, sys; from keras_psm_cli import native_stderr_hidden\n"
+            "with native_stderr_hidden():\n"
+            "    os.write(2, b'native line while loading\\n')\n"
+            "os.write(2, b'native line afterwards\\n'); print('own line', file=sys.stderr)")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=60, env=command_environment())
+    assert completed.stderr == "native line afterwards\nown line\n"
+
+
+@pytest.mark.slow
+def test_worker_processes_print_nothing(saved_lenet, tmp_path):
+    output = tmp_path / "lenet_psm.keras"
+    completed = run_command("compress", saved_lenet[0], output, "--jobs", "2", "--factors", "2",
+                            "--sparsity", "4", "--option", "max_iter=5", "--layers", "fc1", "fc2")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stderr == ""  # each spawned worker imports TensorFlow too
+    assert f"wrote {output}" in completed.stdout
+
+
+@pytest.mark.parametrize("on_terminal", [True, False])
+def test_progress_bars_only_on_a_terminal(on_terminal, saved_lenet, tmp_path, capsys,
+                                          monkeypatch):
+    monkeypatch.setattr(cli, "terminal", lambda: on_terminal)
+    output = tmp_path / "small.keras"
+    assert cli.main(["compress", str(saved_lenet[0]), str(output), "--layers", "fc1",
+                     "--factors", "2", "--sparsity", "4", "--option", "max_iter=5"]) == 0
+    captured = capsys.readouterr()
+    assert ("1/1 [" in captured.err) is on_terminal  # tqdm's "1/1 [00:00<00:00, ...]"
+    # The per-layer report is printed either way.
+    assert re.search(r"^fc1 +Dense +compressed", captured.out, re.MULTILINE)
