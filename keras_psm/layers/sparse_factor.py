@@ -250,6 +250,26 @@ class _SparseFactors(CompressedLayer):
         them by magnitude keeps each factor inside its support."""
         return list(self.values)
 
+    def keeping(self, keeps):
+        """A new layer, same config and weights, holding only the stored entries
+        ``keeps`` selects (one boolean array over ``values_i`` per factor).
+
+        Removed entries leave the storage: the new layer's support is smaller.
+        """
+        if len(keeps) != self.n_factors:
+            raise ValueError(f"{type(self).__name__} {self.name!r}: `keeps` must hold one "
+                             f"array per factor ({self.n_factors}), got {len(keeps)}.")
+        initial_values = {} if self.bias is None else {"bias": self.bias.numpy()}
+        for index, keep in enumerate(keeps):
+            keep = np.asarray(keep, dtype=bool)
+            if self.prunable:
+                keep = keep & (self.keeps[index].numpy() > 0)
+            initial_values[f"values_{index}"] = self.values[index].numpy()[keep]
+            initial_values[f"indices_{index}"] = self.indices[index].numpy()[keep]
+        layer = type(self).from_config(dict(self.get_config(), nonzeros=None))
+        layer._initial_values.update(initial_values)
+        return layer
+
     def get_config(self):
         config = super().get_config()
         config.update(
