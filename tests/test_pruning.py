@@ -9,7 +9,7 @@ import pytest
 import keras_psm
 from keras_psm.backend import LEGACY_KERAS, keras
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
-from keras_psm.methods.pruning import kept_count, top_k_mask
+from keras_psm.pruning import kept_count, top_k_mask
 from keras_psm.pruning import (
     IterativePruning,
     hard_pruning,
@@ -92,12 +92,12 @@ def test_native_hard_pruning_gives_the_target_sparsity_at_once(trained_lenet):
 def test_native_hard_pruning_fine_tunes_at_constant_sparsity(trained_lenet, mnist_small):
     model, report = keras_psm.compress(trained_lenet, "hard-pruning", target_sparsity=TARGET,
                                        verbose=0)
-    masks = [f.mask.numpy().copy() for f in masked_factors(model)]
+    masks = [f.layer.masks[f.index].numpy().copy() for f in masked_factors(model)]
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     accuracy_before = model.evaluate(*mnist_small[1], verbose=0)[1]
     assert fine_tune(model, mnist_small, report.callbacks) > accuracy_before + 0.2
     for before, factor in zip(masks, masked_factors(model)):
-        np.testing.assert_array_equal(before, factor.mask.numpy())
+        np.testing.assert_array_equal(before, factor.layer.masks[factor.index].numpy())
 
 
 @pytest.mark.slow
@@ -107,7 +107,7 @@ def test_native_iterative_pruning_reaches_the_target_after_fit(trained_lenet, mn
     model, report = keras_psm.compress(trained_lenet, "iterative-pruning", verbose=0,
                                        target_sparsity=TARGET, **SCHEDULE)
     assert [type(c) for c in report.callbacks] == [IterativePruning]
-    assert all(f.mask.numpy().all() for f in masked_factors(model))   # full masks to start
+    assert all(f.layer.masks[f.index].numpy().all() for f in masked_factors(model))   # full masks to start
     assert [row.relative_error for row in report.compressed] == [0.0] * 5
     fine_tune(model, mnist_small, report.callbacks)
     assert kernel_counts(model) == expected_counts(model, TARGET)
@@ -163,7 +163,7 @@ def test_bad_pruning_options_are_rejected(trained_lenet):
         IterativePruning(0.5, frequency=2.5)
     plain = keras.models.clone_model(trained_lenet)
     plain.compile("adam", "sparse_categorical_crossentropy")
-    with pytest.raises(ValueError, match="no masked layers.*iterative-pruning"):
+    with pytest.raises(ValueError, match="no prunable layers.*iterative-pruning"):
         plain.fit(np.zeros((4, 28, 28, 1)), np.zeros(4), callbacks=[IterativePruning(0.5)],
                   verbose=0)
 
@@ -249,7 +249,7 @@ def test_native_and_tfmot_agree_on_sparsity_and_accuracy(trained_lenet, mnist_sm
 def test_tfmot_prunes_the_factors_of_sparse_factor_layers(trained_lenet, mnist_small):
     model, _ = keras_psm.compress(trained_lenet, "psm", layers=["fc1"], n_factors=2,
                                   sparsity=4, max_iter=20, verbose=0)
-    nonzeros = [np.count_nonzero(w.numpy()) for w in model.get_layer("fc1").factor_weights]
+    nonzeros = [np.count_nonzero(w.numpy()) for w in model.get_layer("fc1").values]
     pruned, callbacks = hard_pruning(model, 0.99, layers=["fc1"])
     stripped = strip(pruned)
     layer = stripped.get_layer("fc1")
