@@ -206,6 +206,13 @@ class _SparseFactors(CompressedLayer):
         """The product of the factors as one (in, out) matrix."""
         return multiply_out(self._factors(dtype))
 
+    def _frozen_factors(self, dtype):
+        """The dense factors as constants, computed eagerly: what an export trace
+        embeds, so that the converter never sees the scatter of values onto indices."""
+        with tf.init_scope():
+            arrays = [factor.numpy() for factor in self._factors(dtype)]
+        return [tf.constant(array) for array in arrays]
+
     @property
     def factors(self):
         """The effective dense factors ``weight * mask``, in the compute dtype."""
@@ -379,11 +386,12 @@ class SparseFactorDense(_SparseFactors):
         instead of folding their product; in the ``"product"`` form the
         input meets the product kernel."""
         inputs = tf.cast(inputs, self.compute_dtype)
+        factors = self._frozen_factors(self.compute_dtype)
         if self.export_form == "product":
-            kernel = self._product(self.compute_dtype)
+            kernel = multiply_out(factors)
             outputs = matmul_last_axis(inputs, lambda x: tf.matmul(x, kernel))
         else:
-            outputs = matmul_last_axis(inputs, lambda x: apply_in_sequence(x, self.factors))
+            outputs = matmul_last_axis(inputs, lambda x: apply_in_sequence(x, factors))
         return self._finish(outputs)
 
     def compute_output_shape(self, input_shape):
@@ -491,12 +499,12 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
         factor as its own sparse constant. In the ``"product"`` form: one
         convolution by the product kernel."""
         inputs = self._to_channels_last(inputs)
+        factors = self._frozen_factors(self.compute_dtype)
         if self.export_form == "product":
-            outputs = self._conv(inputs, self._conv_kernel(self.compute_dtype), self.strides,
-                                 self.dilation_rate)
+            outputs = self._conv(inputs, self._as_conv_kernel(multiply_out(factors)),
+                                 self.strides, self.dilation_rate)
         else:
-            first, *rest = self.factors
-            outputs = self._first_then_rest(inputs, first, rest)
+            outputs = self._first_then_rest(inputs, factors[0], factors[1:])
         return self._from_channels_last(self._finish(outputs))
 
     @classmethod
