@@ -141,9 +141,15 @@ def test_native_masks_follow_the_schedule_step_by_step(trained_lenet, mnist_smal
 
 @pytest.mark.slow
 def test_iterative_pruning_callback_can_prune_psm_factors(trained_lenet, mnist_small):
-    model, _ = keras_psm.compress(trained_lenet, "psm", layers=["fc1"], n_factors=2,
-                                  sparsity=4, max_iter=20, verbose=0)
-    supports = [m.numpy().copy() for m in model.get_layer("fc1").masks]
+    psm, _ = keras_psm.compress(trained_lenet, "psm", layers=["fc1"], n_factors=2,
+                                sparsity=4, max_iter=20, verbose=0)
+    fitted = psm.get_layer("fc1")
+    supports = [m.numpy().copy() for m in fitted.masks]
+    prunable = SparseFactorDense.from_factors(
+        [f.numpy() for f in fitted.factors], supports=[s > 0 for s in supports],
+        bias=fitted.bias.numpy(), activation="relu", prunable=True, name="fc1")
+    model = keras.models.clone_model(
+        psm, clone_function=lambda layer: prunable if layer.name == "fc1" else layer)
     callback = IterativePruning(0.95, begin_step=0, end_step=4, frequency=2, layers=["fc1"])
     fine_tune(model, mnist_small, [callback], epochs=1)
     for support, mask in zip(supports, model.get_layer("fc1").masks):
