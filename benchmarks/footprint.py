@@ -9,8 +9,10 @@ palm4MSA capped at ``--max-iter`` iterations), one run prints:
 - bytes of the model's variables (values, indices and bias);
 - peak resident memory of a ``fit`` (``resource.getrusage`` maxrss of a
   fresh process that loads the ``.keras`` file and trains, Adam);
-- CPU fit-step time at batch 64: median of ``--steps`` ``train_on_batch``
-  calls after two warm-up steps, in that fresh process;
+- CPU fit-step time at batch 64 (Adam, ``train_on_batch``): the variants of
+  a model take turns, one step each, for ``--steps`` rounds after two
+  warm-up steps, so that load from other processes falls on all of them
+  alike; the median per variant;
 - ``.tflite`` bytes (``keras_psm.export.to_tflite``) and single-sample LiteRT
   latency (one thread) for each ``factor_form`` (``--no-tflite`` skips them).
 
@@ -66,36 +68,52 @@ def variable_bytes(model):
     return sum(np.asarray(v.numpy()).nbytes for v in model.weights)
 
 
-def fit_in_fresh_process(path, steps):
-    """``(median fit-step seconds, peak resident bytes)`` of a process that loads
-    ``path`` and trains it on random batches of ``BATCH``."""
+def batch_for(model):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((BATCH,) + tuple(model.inputs[0].shape[1:])).astype("float32")
+    return x, rng.integers(0, 10, BATCH)
+
+
+def compiled(model):
+    model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
+    return model
+
+
+def peak_fit_bytes(path, steps):
+    """Peak resident bytes of a fresh process that loads ``path`` and trains it."""
     done = subprocess.run([sys.executable, os.path.abspath(__file__), "--fit-child", path,
                            "--steps", str(steps)], capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result["step_seconds"], result["peak_bytes"]
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
 def fit_child(path, steps):
-    model = keras.models.load_model(path)
-    model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((BATCH,) + tuple(model.inputs[0].shape[1:])).astype("float32")
-    y = rng.integers(0, 10, BATCH)
-    times = []
-    for step in range(steps + 2):
-        start = time.perf_counter()
+    model = compiled(keras.models.load_model(path))
+    x, y = batch_for(model)
+    for _ in range(steps + 2):
         model.train_on_batch(x, y)
-        if step >= 2:
-            times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KB on Linux
-    print(json.dumps({"step_seconds": float(np.median(times)), "peak_bytes": peak}))
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def step_seconds(models, steps):
+    """Median ``train_on_batch`` seconds of each model, the models taking turns."""
+    models = [compiled(model) for model in models]
+    batches = [batch_for(model) for model in models]
+    times = [[] for _ in models]
+    for step in range(steps + 2):
+        for model, (x, y), spent in zip(models, batches, times):
+            start = time.perf_counter()
+            model.train_on_batch(x, y)
+            if step >= 2:
+                spent.append(time.perf_counter() - start)
+    return [float(np.median(spent)) for spent in times]
 
 
 def measure(model, directory, steps, tflite, runs):
     path = os.path.join(directory, f"{model.name}.keras")
     model.save(path)
-    row = {"keras_bytes": os.path.getsize(path), "variable_bytes": variable_bytes(model)}
-    row["step_seconds"], row["peak_bytes"] = fit_in_fresh_process(path, steps)
+    row = {"keras_bytes": os.path.getsize(path), "variable_bytes": variable_bytes(model),
+           "peak_fit_bytes": peak_fit_bytes(path, steps)}
     if tflite:
         forms = export.FACTOR_FORMS if any(
             isinstance(layer, (keras_psm.SparseFactorDense, keras_psm.SparseFactorConv2D))
@@ -112,24 +130,28 @@ def run(builders, max_iter, steps, tflite, runs):
     for name, build in builders:
         dense = build()
         print(f"\n{name}: {dense.count_params():,} weights", flush=True)
-        base = None
+        models, rows, notes = [], [], []
         with tempfile.TemporaryDirectory() as directory:
             for variant, options in VARIANTS:
                 start = time.perf_counter()
                 model = dense if options is None else keras_psm.compress(
                     dense, "psm", max_iter=max_iter, verbose=0, **options)[0]
-                fit_seconds = time.perf_counter() - start
-                row = measure(model, directory, steps, tflite, runs)
-                base = base or row
-                nonzero = sum(layer.count_nonzero_params() if hasattr(
-                    layer, "count_nonzero_params") else layer.count_params()
-                    for layer in model.layers)
-                print(f"  {variant:14s} nonzero {nonzero:>11,}"
-                      + ("" if options is None else f"  (palm4MSA {fit_seconds:.0f} s)"))
-                for key, value in row.items():
-                    ratio = value / base[key] if key in base else value / base[
-                        "tflite_bytes auto" if key.startswith("tflite") else "latency_us auto"]
-                    print(f"    {key:22s} {value:>14,.4g}   x{ratio:.3f} of dense", flush=True)
+                notes.append("" if options is None else
+                             f"  (palm4MSA {time.perf_counter() - start:.0f} s)")
+                models.append(model)
+                rows.append(measure(model, directory, steps, tflite, runs))
+        for row, seconds in zip(rows, step_seconds(models, steps)):
+            row["fit_step_seconds"] = seconds
+        for (variant, _), model, row, note in zip(VARIANTS, models, rows, notes):
+            nonzero = sum(layer.count_nonzero_params() if hasattr(
+                layer, "count_nonzero_params") else layer.count_params()
+                for layer in model.layers)
+            print(f"  {variant:14s} nonzero {nonzero:>11,}  "
+                  f"x{nonzero / dense.count_params():.3f}{note}")
+            for key, value in row.items():
+                base = rows[0].get(key) or rows[0][
+                    "tflite_bytes auto" if key.startswith("tflite") else "latency_us auto"]
+                print(f"    {key:22s} {value:>14,.4g}   x{value / base:.3f} of dense", flush=True)
 
 
 def main():
