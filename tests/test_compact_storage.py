@@ -117,3 +117,22 @@ def test_tfmot_prune_low_magnitude_trains_sparse_factor_layers():
     for layer in sparse_layers(strip(pruned)):
         for values, count in zip(layer.values, layer.nonzeros):
             assert np.count_nonzero(values.numpy()) <= count - count // 2
+
+
+def test_sparse_product_trains_under_mixed_float16():
+    rng = np.random.default_rng(0)
+    factor = (rng.standard_normal((400, 300)) * (rng.random((400, 300)) < 0.005)).astype("float32")
+    x = rng.standard_normal((3, 400)).astype("float32")
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        layer = SparseFactorDense.from_factors([factor])
+        outputs = layer(x)
+        assert layer._is_sparse(0) and outputs.dtype == "float16"
+        # float16 keeps 11 significant bits: outputs of size ~3 round to ~2e-3.
+        np.testing.assert_allclose(outputs.numpy().astype("float32"), x @ factor, atol=2e-2)
+        model = keras.Sequential([keras.Input((400,)), layer])
+        model.compile("sgd", "mse")
+        history = model.fit(x, np.zeros((3, 300), "float32"), epochs=2, verbose=0)
+        assert np.isfinite(history.history["loss"][-1])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
