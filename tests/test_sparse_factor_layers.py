@@ -208,6 +208,7 @@ def test_trains_under_mirrored_strategy_with_two_cpu_devices():
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from keras_psm.backend import keras
         from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
+        from keras_psm.pruning import IterativePruning
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         assert strategy.num_replicas_in_sync == 2
         with strategy.scope():
@@ -227,6 +228,18 @@ def test_trains_under_mirrored_strategy_with_two_cpu_devices():
             assert int(np.count_nonzero(layer.masks[0].numpy())) == count
             factor = layer.factors[0].numpy()
             assert np.all(factor[layer.masks[0].numpy() == 0] == 0)
+        with strategy.scope():
+            prunable = keras.Sequential([
+                keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                SparseFactorDense(3, n_factors=1, sparsity=8, seed=2, prunable=True),
+            ])
+            prunable.compile("adam", "sparse_categorical_crossentropy")
+        before = prunable.layers[-1].count_nonzero_params()
+        callback = IterativePruning(0.5, begin_step=0, end_step=4, frequency=2)
+        prunable.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[callback])
+        layer = prunable.layers[-1]
+        assert layer.count_nonzero_params() < before
+        assert np.all(layer.factors[0].numpy()[layer.masks[0].numpy() == 0] == 0)
         print("OK", history.history["loss"])
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
