@@ -9,15 +9,16 @@ import pytest
 import keras_psm
 from keras_psm.backend import LEGACY_KERAS, keras
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
-from keras_psm.pruning import kept_count, top_k_mask
 from keras_psm.pruning import (
     IterativePruning,
     hard_pruning,
     is_pruning_step,
     iterative_pruning,
+    kept_count,
     masked_factors,
     polynomial_sparsity,
     strip,
+    top_k_mask,
 )
 
 legacy_only = pytest.mark.skipif(not LEGACY_KERAS, reason="tfmot needs TF_USE_LEGACY_KERAS=1")
@@ -38,6 +39,11 @@ def kernel_counts(model):
 def expected_counts(model, sparsity):
     return {name: kept_count(int(np.prod(model.get_layer(name).kernel.shape)), sparsity)
             for name in KERNEL_LAYERS}
+
+
+def support_of(factor):
+    """The dense 0/1 support of a ``masked_factors`` entry (pruned entries removed)."""
+    return factor.layer.masks[factor.index].numpy()
 
 
 def fine_tune(model, data, callbacks, epochs=2):
@@ -92,12 +98,12 @@ def test_native_hard_pruning_gives_the_target_sparsity_at_once(trained_lenet):
 def test_native_hard_pruning_fine_tunes_at_constant_sparsity(trained_lenet, mnist_small):
     model, report = keras_psm.compress(trained_lenet, "hard-pruning", target_sparsity=TARGET,
                                        verbose=0)
-    masks = [f.layer.masks[f.index].numpy().copy() for f in masked_factors(model)]
+    masks = [support_of(f).copy() for f in masked_factors(model)]
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     accuracy_before = model.evaluate(*mnist_small[1], verbose=0)[1]
     assert fine_tune(model, mnist_small, report.callbacks) > accuracy_before + 0.2
     for before, factor in zip(masks, masked_factors(model)):
-        np.testing.assert_array_equal(before, factor.layer.masks[factor.index].numpy())
+        np.testing.assert_array_equal(before, support_of(factor))
 
 
 @pytest.mark.slow
@@ -107,7 +113,7 @@ def test_native_iterative_pruning_reaches_the_target_after_fit(trained_lenet, mn
     model, report = keras_psm.compress(trained_lenet, "iterative-pruning", verbose=0,
                                        target_sparsity=TARGET, **SCHEDULE)
     assert [type(c) for c in report.callbacks] == [IterativePruning]
-    assert all(f.layer.masks[f.index].numpy().all() for f in masked_factors(model))   # full masks to start
+    assert all(support_of(f).all() for f in masked_factors(model))   # full masks to start
     assert [row.relative_error for row in report.compressed] == [0.0] * 5
     fine_tune(model, mnist_small, report.callbacks)
     assert kernel_counts(model) == expected_counts(model, TARGET)

@@ -1,4 +1,4 @@
-"""Pruning at initialization: random, magnitude, SNIP, GraSP and SynFlow masks."""
+"""Pruning at initialization: random, magnitude, SNIP, GraSP and SynFlow choices."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,7 @@ from conftest import build_lenet
 import keras_psm
 from keras_psm.backend import keras, tf
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
-from keras_psm.pruning import kept_count
-from keras_psm.pruning import masked_factors
+from keras_psm.pruning import kept_count, masked_factors
 from keras_psm.pruning_at_init import (
     SCORES,
     grasp_scores,
@@ -17,7 +16,13 @@ from keras_psm.pruning_at_init import (
     synflow_scores,
 )
 
+
 TARGET = 0.9
+
+
+def support_of(factor):
+    """The dense 0/1 support of a ``masked_factors`` entry (pruned entries removed)."""
+    return factor.layer.masks[factor.index].numpy()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,7 @@ def pruned_masks(fresh_lenet, batch):
     masks = {}
     for score in SCORES:
         model = prune_at_init(fresh_lenet, TARGET, score, batch, iterations=10, seed=0)
-        masks[score] = np.concatenate([f.layer.masks[f.index].numpy().ravel() for f in masked_factors(model)])
+        masks[score] = np.concatenate([support_of(f).ravel() for f in masked_factors(model)])
     return masks
 
 
@@ -157,7 +162,7 @@ def test_synflow_scores_are_path_norm_sensitivities():
 
 def test_butterfly_head_factors_are_scored_inside_their_supports(fresh_lenet, batch):
     model, _ = keras_psm.compress(fresh_lenet, "butterfly", layers=["fc3"], verbose=0)
-    supports = [f.layer.masks[f.index].numpy().copy() for f in masked_factors(model)]
+    supports = [support_of(f).copy() for f in masked_factors(model)]
     pruned = prune_at_init(model, 0.8, "snip", batch)
     factors = masked_factors(pruned)
     names = [(f.layer.name, f.index) for f in factors]
@@ -165,11 +170,11 @@ def test_butterfly_head_factors_are_scored_inside_their_supports(fresh_lenet, ba
     assert [n for n in names if n[0] == "fc3"] == [("fc3", i) for i in range(7)]
     head = list(zip(factors[4:], supports))     # the model held only fc3 as masked layers
     for factor, support in head:
-        assert np.all(factor.layer.masks[factor.index].numpy() <= support)
-    assert any(factor.layer.masks[factor.index].numpy().sum() < support.sum() for factor, support in head)
-    allowed = sum(int(np.prod(f.layer.masks[f.index].shape)) for f in factors[:4]) + \
+        assert np.all(support_of(factor) <= support)
+    assert any(support_of(factor).sum() < support.sum() for factor, support in head)
+    allowed = sum(int(np.prod(support_of(f).shape)) for f in factors[:4]) + \
         sum(int(s.sum()) for _, s in head)
-    assert sum(int(f.layer.masks[f.index].numpy().sum()) for f in factors) == kept_count(allowed, 0.8)
+    assert sum(int(support_of(f).sum()) for f in factors) == kept_count(allowed, 0.8)
 
 
 def test_layer_scope_prunes_every_factor_to_the_target(fresh_lenet, batch):
@@ -177,7 +182,7 @@ def test_layer_scope_prunes_every_factor_to_the_target(fresh_lenet, batch):
                           layers=["conv2", "fc1", "fc2"])
     assert type(model.get_layer("conv1")) is keras.layers.Conv2D
     for factor in masked_factors(model):
-        assert factor.layer.masks[factor.index].numpy().sum() == kept_count(int(np.prod(factor.layer.masks[factor.index].shape)), 0.7)
+        assert support_of(factor).sum() == kept_count(int(np.prod(support_of(factor).shape)), 0.7)
 
 
 def test_bad_arguments_are_rejected(fresh_lenet, batch):
