@@ -181,23 +181,28 @@ class _SparseFactors(CompressedLayer):
         rows, cols = self.factor_shapes[index]
         return self.nonzeros[index] * SPARSE_SLOWDOWN < rows * cols
 
-    def _operands(self, dense, start=0):
-        """Factors ``start``.. in the form ``call`` multiplies by: the ``dense`` ones,
-        or a ``tf.SparseTensor`` where the cost rule prefers it."""
-        operands = []
-        for index in range(start, self.n_factors):
-            if self._is_sparse(index):
-                dtype = dense[index].dtype
-                operands.append(tf.SparseTensor(self._positions(index),
-                                                self._kept_values(index, dtype),
-                                                self.factor_shapes[index]))
-            else:
-                operands.append(dense[index])
-        return operands
+    def _applied_sparse(self, conv_first=False):
+        """Per factor, whether ``call`` applies it as a sparse product (the cost rule;
+        a convolution's first factor is always dense)."""
+        return [self._is_sparse(index) and not (conv_first and index == 0)
+                for index in range(self.n_factors)]
 
-    def _row_cost(self, index):
-        rows, cols = self.factor_shapes[index]
-        return self.nonzeros[index] * SPARSE_SLOWDOWN if self._is_sparse(index) else rows * cols
+    def _call_forms(self, conv_first=False):
+        """``(costs, dense, operands)`` for ``call``: each factor's multiply-adds per row,
+        the dense factors (None where no path needs one) and the factors in the form
+        they are applied one at a time (dense, or a ``tf.SparseTensor``)."""
+        dtype = self.compute_dtype
+        sparse = self._applied_sparse(conv_first)
+        costs = [self.nonzeros[index] * SPARSE_SLOWDOWN if sparse[index] else rows * cols
+                 for index, (rows, cols) in enumerate(self.factor_shapes)]
+        d0, dq = self.factor_shapes[0][0], self.factor_shapes[-1][1]
+        product_possible = self.n_factors > 1 and sum(costs) > d0 * dq
+        dense = [self._dense_factor(index, dtype) if product_possible or not sparse[index]
+                 else None for index in range(self.n_factors)]
+        operands = [tf.SparseTensor(self._positions(index), self._kept_values(index, dtype),
+                                    self.factor_shapes[index]) if sparse[index] else dense[index]
+                    for index in range(self.n_factors)]
+        return costs, dense, operands
 
     def _factors(self, dtype):
         return [self._dense_factor(index, dtype) for index in range(self.n_factors)]
@@ -364,9 +369,7 @@ class SparseFactorDense(_SparseFactors):
 
     def call(self, inputs):
         inputs = tf.cast(inputs, self.compute_dtype)
-        dense = self._factors(self.compute_dtype)
-        operands = self._operands(dense)
-        costs = [self._row_cost(i) for i in range(self.n_factors)]
+        costs, dense, operands = self._call_forms()
 
         def compute(x):
             n_rows = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
@@ -460,18 +463,15 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
 
     def call(self, inputs):
         inputs = self._to_channels_last(inputs)
-        dense = self._factors(self.compute_dtype)
-        rest = self._operands(dense, start=1)
+        costs, dense, operands = self._call_forms(conv_first=True)
 
         def one_at_a_time():
-            return self._first_then_rest(inputs, dense[0], rest)
+            return self._first_then_rest(inputs, dense[0], operands[1:])
 
         def product_first():
             return self._conv(inputs, self._as_conv_kernel(multiply_out(dense)), self.strides,
                               self.dilation_rate)
 
-        rows, cols = self.factor_shapes[0]
-        costs = [rows * cols] + [self._row_cost(i) for i in range(1, self.n_factors)]
         cheaper = one_at_a_time_is_cheaper(self.factor_shapes, costs, self._output_pixels(inputs))
         if isinstance(cheaper, bool):
             outputs = one_at_a_time() if cheaper else product_first()
