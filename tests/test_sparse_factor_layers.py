@@ -68,8 +68,22 @@ def test_dense_and_sparse_forms_match_the_product(rows):
     np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-4, atol=1e-3)
     assert [layer._is_sparse(i) for i in range(3)] == [True, False, False]
     assert 0.005 < 1 / SPARSE_SLOWDOWN
+    np.testing.assert_allclose(layer.kernel.numpy(), product(factors), rtol=1e-4, atol=1e-4)
     unknown_rows = tf.function(layer.call, input_signature=[tf.TensorSpec((None, 400))])
     np.testing.assert_allclose(unknown_rows(x).numpy(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_kernel_of_a_widening_layer_with_a_sparse_last_factor():
+    rng = np.random.default_rng(1)
+    # (100, 100) at 30% then (100, 500) at 0.5% (sparse): multiplied left to right.
+    factors = [(rng.standard_normal(shape) * (rng.random(shape) < density)).astype("float32")
+               for shape, density in (((100, 100), 0.3), ((100, 500), 0.005))]
+    layer = SparseFactorDense.from_factors(factors)
+    x = rng.standard_normal((4, 100)).astype("float32")
+    # float32 sums of about 30 unit-size products.
+    np.testing.assert_allclose(layer(x).numpy(), x @ product(factors), rtol=1e-4, atol=1e-4)
+    assert [layer._is_sparse(i) for i in range(2)] == [False, True]
+    np.testing.assert_allclose(layer.kernel.numpy(), product(factors), rtol=1e-4, atol=1e-5)
 
 
 def test_random_support_has_k_per_row_and_column_and_sparse_he_scale():

@@ -208,8 +208,25 @@ class _SparseFactors(CompressedLayer):
         return [self._dense_factor(index, dtype) for index in range(self.n_factors)]
 
     def _product(self, dtype):
-        """The product of the factors as one (in, out) matrix."""
-        return multiply_out(self._factors(dtype))
+        """The product of the factors as one (in, out) matrix.
+
+        Multiplied from the narrower end, each factor dense or sparse as
+        ``call`` applies it, so that no dense (r, r) factor is formed for
+        factors the cost rule keeps sparse.
+        """
+        sparse = self._applied_sparse()
+        factors = [tf.SparseTensor(self._positions(index), self._kept_values(index, dtype),
+                                   self.factor_shapes[index]) if sparse[index]
+                   else self._dense_factor(index, dtype) for index in range(self.n_factors)]
+        (d0, _), (_, dq) = self.factor_shapes[0], self.factor_shapes[-1]
+        if dq <= d0:    # right to left: (F_1 (F_2 (... F_Q)))
+            matrix = tf.sparse.to_dense(factors[-1]) if sparse[-1] else factors[-1]
+            for factor in reversed(factors[:-1]):
+                matrix = (tf.sparse.sparse_dense_matmul(factor, matrix)
+                          if isinstance(factor, tf.SparseTensor) else tf.matmul(factor, matrix))
+            return matrix
+        first = tf.sparse.to_dense(factors[0]) if sparse[0] else factors[0]
+        return apply_in_sequence(first, factors[1:])
 
     def _frozen_factors(self, dtype):
         """The dense factors as constants, computed eagerly: what an export trace
