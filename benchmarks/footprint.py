@@ -16,6 +16,11 @@ palm4MSA capped at ``--max-iter`` iterations), one run prints:
 - ``.tflite`` bytes (``keras_psm.export.to_tflite``) and single-sample LiteRT
   latency (one thread) for each ``factor_form`` (``--no-tflite`` skips them).
 
+``--break-even`` instead times one factor's forward and backward as a dense
+product (values scattered, then ``tf.matmul``) and as
+``tf.sparse.sparse_dense_matmul`` at several densities: the measurement
+behind ``keras_psm.layers.sparse_factor.SPARSE_SLOWDOWN``.
+
 Weights are He-initialized, not trained: sizes and speeds depend on the
 structure only. Every figure is also printed as a ratio to the dense model.
 Run ``python benchmarks/footprint.py`` (``--width 0.25 --max-iter 5`` for a
@@ -35,7 +40,8 @@ import numpy as np
 
 import keras_psm
 from keras_psm import demo, export
-from keras_psm.backend import keras
+from keras_psm.backend import keras, tf
+from keras_psm.layers.sparse_factor import SPARSE_SLOWDOWN
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tflite_size_latency import latency_us  # noqa: E402
@@ -154,6 +160,44 @@ def run(builders, max_iter, steps, tflite, runs):
                 print(f"    {key:22s} {value:>14,.4g}   x{value / base:.3f} of dense", flush=True)
 
 
+def factor_step_seconds(n_rows, shape, density, sparse, repeats=5):
+    """Median seconds of ``sum((x @ F)^2)`` and its gradient on F's values."""
+    rng = np.random.default_rng(0)
+    flat = np.sort(rng.choice(shape[0] * shape[1], max(1, int(density * shape[0] * shape[1])),
+                              replace=False))
+    positions = tf.constant(np.stack([flat // shape[1], flat % shape[1]], axis=1))
+    values = tf.Variable(rng.standard_normal(flat.size).astype("float32"))
+    x = tf.constant(rng.standard_normal((n_rows, shape[0])).astype("float32"))
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            if sparse:
+                y = tf.sparse.sparse_dense_matmul(x, tf.SparseTensor(positions, values, shape))
+            else:
+                y = x @ tf.scatter_nd(positions, values, shape)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, values)
+
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def break_even():
+    print(f"dense / sparse seconds per factor step (sparse wins above 1; the layers use the "
+          f"sparse product below density 1 / {SPARSE_SLOWDOWN:g})")
+    for n_rows, shape in ((1024, (4608, 512)), (256, (512, 512)), (4096, (2304, 256))):
+        ratios = [factor_step_seconds(n_rows, shape, d, False)
+                  / factor_step_seconds(n_rows, shape, d, True) for d in (0.003, 0.01, 0.03)]
+        print(f"  {n_rows} rows x {shape}: density 0.3% {ratios[0]:.2f}, 1% {ratios[1]:.2f}, "
+              f"3% {ratios[2]:.2f}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=float, default=1.0, help="VGG19 width multiplier")
@@ -163,8 +207,13 @@ def main():
     parser.add_argument("--no-tflite", action="store_true", help="skip the .tflite figures")
     parser.add_argument("--models", nargs="+", default=["lenet5", "vgg19"],
                         choices=["lenet5", "vgg19"])
+    parser.add_argument("--break-even", action="store_true",
+                        help="time dense against sparse products of one factor instead")
     parser.add_argument("--fit-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.break_even:
+        break_even()
+        return
     if args.fit_child:
         fit_child(args.fit_child, args.steps)
         return
