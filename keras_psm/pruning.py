@@ -15,13 +15,18 @@ and training goes on in between (supplement A.3).
   only: run with ``TF_USE_LEGACY_KERAS=1`` set before TensorFlow is imported.
   tfmot is imported inside these functions only, because importing it sets
   ``TF_USE_LEGACY_KERAS=1`` for the whole process.
-- native, under Keras 3 and tf_keras: the masked layers of this package
-  (``SparseFactorDense``/``SparseFactorConv2D`` with one factor) through
-  ``compress(model, method="hard-pruning")`` and
-  ``compress(model, method="iterative-pruning")``, whose ``report.callbacks``
-  hold the ``IterativePruning`` callback below. On the same model, data and
-  schedule both keep the same number of weights: each pruned weight keeps
-  ``max(1, round(size * (1 - s)))`` entries, computed in float32 as tfmot does.
+- native, under Keras 3 and tf_keras: the sparse-factor layers of this
+  package (``SparseFactorDense``/``SparseFactorConv2D`` with one factor)
+  through ``compress(model, method="hard-pruning")`` (a compact support, no
+  mask) and ``compress(model, method="iterative-pruning")`` (``prunable``
+  layers: a 0/1 ``keep`` mask over the stored values), whose
+  ``report.callbacks`` hold the ``IterativePruning`` callback below. On the
+  same model, data and schedule both keep the same number of weights: each
+  pruned weight keeps ``max(1, round(size * (1 - s)))`` entries, computed in
+  float32 as tfmot does.
+
+This module owns magnitude pruning: the counts, the schedule and the
+callback; ``keras_psm.methods.pruning`` registers the two methods on top of it.
 """
 
 import collections
@@ -32,13 +37,64 @@ from keras_psm.backend import LEGACY_KERAS, keras
 from keras_psm.layers.base import CompressedLayer
 from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
 from keras_psm.model_layers import is_graph_model, leaf_layers
-from keras_psm.methods.pruning import check_schedule, check_sparsity, kept_count, top_k_mask
+from keras_psm.validation import check_float, check_int
 
 #: Exponent of Zhu & Gupta's schedule.
 POLYNOMIAL_POWER = 3
 
-#: One masked factor of a layer: ``weight`` (trainable) and its 0/1 ``mask``.
-MaskedFactor = collections.namedtuple("MaskedFactor", "layer index weight mask")
+#: One prunable factor of a layer: its stored ``values`` (trainable), their 0/1
+#: ``keep`` mask, and ``size``, the entries of the dense factor (rows * cols).
+MaskedFactor = collections.namedtuple("MaskedFactor", "layer index values keep size")
+
+
+# --- counts ---
+
+def kept_count(size, sparsity):
+    """Entries kept when ``size`` entries are pruned to ``sparsity``.
+
+    ``max(1, round(size * (1 - sparsity)))`` in float32 with ties to even,
+    exactly as tfmot counts them.
+    """
+    kept = np.float32(size) * (np.float32(1.0) - np.float32(sparsity))
+    return int(max(1, np.round(kept)))
+
+
+def top_k_mask(scores, k, support=None):
+    """Boolean mask of the ``k`` largest ``scores`` among ``support``.
+
+    Exactly ``min(k, support.sum())`` entries are kept (ties broken by
+    position); entries outside ``support`` are never kept.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    flat = scores.ravel()
+    allowed = np.ones(flat.size, dtype=bool) if support is None else \
+        np.asarray(support, dtype=bool).ravel()
+    candidates = np.flatnonzero(allowed)
+    mask = np.zeros(flat.size, dtype=bool)
+    if k >= candidates.size:
+        mask[candidates] = True
+    elif k > 0:
+        mask[candidates[np.argpartition(-flat[candidates], k - 1)[:k]]] = True
+    return mask.reshape(scores.shape)
+
+
+def check_sparsity(value, name, where):
+    """A sparsity (fraction of zeros) in [0, 1), tfmot's range."""
+    value = check_float(value, name, minimum=0.0, where=where)
+    if value >= 1.0:
+        raise ValueError(f"{where}: `{name}` must be >= 0 and < 1, got {value}.")
+    return value
+
+
+def check_schedule(where, target_sparsity, begin_step, end_step, frequency, initial_sparsity):
+    """Validated ``(target_sparsity, begin_step, end_step, frequency, initial_sparsity)``."""
+    target_sparsity = check_sparsity(target_sparsity, "target_sparsity", where)
+    begin_step = check_int(begin_step, "begin_step", minimum=0, where=where)
+    end_step = check_int(end_step, "end_step", minimum=begin_step + 1, where=where)
+    frequency = check_int(frequency, "frequency", minimum=1, where=where)
+    initial_sparsity = check_float(initial_sparsity, "initial_sparsity", minimum=0.0,
+                                   maximum=target_sparsity, where=where)
+    return target_sparsity, begin_step, end_step, frequency, initial_sparsity
 
 
 # --- the schedule ---
@@ -60,10 +116,11 @@ def is_pruning_step(step, begin_step, end_step, frequency):
 # --- native magnitude pruning on masked layers ---
 
 def masked_factors(model, layers=None):
-    """The masked factors of a model's ``SparseFactorDense``/``SparseFactorConv2D`` layers.
+    """The factors of a model's ``SparseFactorDense``/``SparseFactorConv2D`` layers.
 
     ``layers``: None (all of them), a list of layer names, or a predicate
-    ``layer -> bool``. Nested models are searched too.
+    ``layer -> bool``. Nested models are searched too. ``keep`` is None for
+    a layer that is not ``prunable``.
     """
     selected = [
         layer for layer in leaf_layers(model)
@@ -71,22 +128,24 @@ def masked_factors(model, layers=None):
         and is_selected(layer, layers)
     ]
     return [
-        MaskedFactor(layer, index, weight, mask)
+        MaskedFactor(layer, index, values, layer.keeps[index] if layer.prunable else None,
+                     rows * cols)
         for layer in selected
-        for index, (weight, mask) in enumerate(zip(layer.factor_weights, layer.masks))
+        for index, (values, (rows, cols)) in enumerate(zip(layer.values, layer.factor_shapes))
     ]
 
 
 def prune_by_magnitude(factors, sparsity):
-    """Set each factor's mask to its ``kept_count(size, sparsity)`` largest ``|weight * mask|``.
+    """Keep in each factor its ``kept_count(size, sparsity)`` largest ``|values * keep|``.
 
-    Entries already outside a mask stay out.
+    Entries already pruned stay out.
     """
     for factor in factors:
-        weight, mask = factor.weight.numpy(), factor.mask.numpy()
-        support = mask > 0
-        keep = top_k_mask(np.abs(weight) * support, kept_count(weight.size, sparsity), support)
-        factor.mask.assign(keep.astype(mask.dtype))
+        keep = factor.keep.numpy()
+        support = keep > 0
+        kept = top_k_mask(np.abs(factor.values.numpy()) * support,
+                          kept_count(factor.size, sparsity), support)
+        factor.keep.assign(kept.astype(keep.dtype))
 
 
 class IterativePruning(keras.callbacks.Callback):
@@ -124,11 +183,12 @@ class IterativePruning(keras.callbacks.Callback):
                                    self.begin_step, self.end_step)
 
     def on_train_begin(self, logs=None):
-        self._factors = masked_factors(self.model, self.layers)
+        self._factors = [factor for factor in masked_factors(self.model, self.layers)
+                         if factor.keep is not None]
         if not self._factors:
             raise ValueError(
-                f"IterativePruning: model {self.model.name!r} has no masked layers to prune "
-                "(SparseFactorDense/SparseFactorConv2D). Build them with "
+                f"IterativePruning: model {self.model.name!r} has no prunable layers to prune "
+                "(SparseFactorDense/SparseFactorConv2D with prunable=True). Build them with "
                 "keras_psm.compress(model, method='iterative-pruning')."
             )
         self.step = int(self.model.optimizer.iterations.numpy())
@@ -292,6 +352,8 @@ __all__ = [
     "IterativePruning",
     "MaskedFactor",
     "check_layer_names",
+    "check_schedule",
+    "check_sparsity",
     "hard_pruning",
     "is_pruning_step",
     "is_selected",

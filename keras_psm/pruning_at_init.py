@@ -17,16 +17,17 @@ factorized ones (its "butterfly head"). For an entry of ``theta = weight * mask`
   output activation. Scoring and pruning alternate for ``iterations``
   rounds, round i keeping the fraction (1 - s)^(i / iterations).
 
-Gradients are summed over the given batches. Masks are chosen globally (all
+Gradients are summed over the given batches. Entries are chosen globally (all
 scored entries ranked together, the default) or per factor. The target
-sparsity is the fraction of the entries inside the masks that is removed
-(for a plain layer: of all its entries); an entry already outside a mask (a
-butterfly or PSM support) never comes back.
+sparsity is the fraction of the stored entries that is removed (for a plain
+layer: of all its entries); an entry outside a support (a butterfly or PSM
+support) never comes back.
 
-Plain Dense/Conv2D layers are first turned into masked layers with full masks
-(``compress(..., method="hard-pruning", target_sparsity=0)``);
+Plain Dense/Conv2D layers are first turned into sparse-factor layers on the
+full support (``compress(..., method="hard-pruning", target_sparsity=0)``);
 ``SparseFactorDense``/``SparseFactorConv2D`` layers already in the model have
-every factor scored.
+every factor scored. The returned layers store the kept entries only
+(values and indices), so the removed ones stay removed during ``fit``.
 """
 
 import contextlib
@@ -35,8 +36,15 @@ import numpy as np
 
 from keras_psm.backend import keras, tf
 from keras_psm.compress import compress
-from keras_psm.methods.pruning import check_sparsity, kept_count, top_k_mask
-from keras_psm.pruning import check_layer_names, is_selected, masked_factors
+from keras_psm.model_layers import is_graph_model
+from keras_psm.pruning import (
+    check_layer_names,
+    check_sparsity,
+    is_selected,
+    kept_count,
+    masked_factors,
+    top_k_mask,
+)
 from keras_psm.validation import check_choice, check_float, check_int
 
 #: The scores ``prune_at_init`` accepts.
@@ -47,13 +55,13 @@ SCOPES = ("global", "layer")
 def prune_at_init(model, target_sparsity, score="snip", data=None, *,
                   loss="sparse_categorical_crossentropy", layers=None, scope="global",
                   iterations=100, temperature=200.0, seed=None):
-    """A copy of ``model`` whose masks keep the best-scoring entries.
+    """A copy of ``model`` whose sparse-factor layers keep the best-scoring entries.
 
     Args:
         model: a built functional or Sequential model (freshly initialised,
             typically); not modified.
-        target_sparsity: fraction of the entries inside the scored masks
-            to remove (for plain layers: of all their entries), in [0, 1).
+        target_sparsity: fraction of the scored layers' stored entries to
+            remove (for plain layers: of all their entries), in [0, 1).
         score: one of ``SCORES``.
         data: ``(x, y)`` (one batch) or an iterable of ``(x, y)`` batches;
             needed by ``snip`` and ``grasp``.
@@ -81,37 +89,41 @@ def prune_at_init(model, target_sparsity, score="snip", data=None, *,
     batches = _batches(data, score) if score in ("snip", "grasp") else None
     loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
 
-    pruned, _ = compress(model, "hard-pruning", layers=lambda layer: is_selected(layer, layers),
-                         target_sparsity=0.0, verbose=0)
-    factors = masked_factors(pruned, layers)
+    working, _ = compress(model, "hard-pruning", layers=lambda layer: is_selected(layer, layers),
+                          target_sparsity=0.0, verbose=0)
+    factors = masked_factors(working, layers)
     if not factors:
         raise ValueError(f"{where}: model {model.name!r} has no Dense, Conv2D or "
                          "SparseFactor layer to prune among the selected layers.")
-    sizes = [int(np.count_nonzero(factor.mask.numpy())) for factor in factors]
+    keeps = [np.ones(int(f.values.shape[0]), dtype=bool) if f.keep is None
+             else f.keep.numpy() > 0 for f in factors]
+    _remove(factors, keeps)
+    sizes = [int(keep.sum()) for keep in keeps]
     if score == "synflow":
         for round_index in range(1, iterations + 1):
             sparsity = target_sparsity if round_index == iterations else \
                 1.0 - (1.0 - target_sparsity) ** (round_index / iterations)
-            _set_masks(factors, synflow_scores(pruned, factors), sparsity, scope, sizes)
+            keeps = _best(synflow_scores(working, factors), keeps, sparsity, scope, sizes)
+            _remove(factors, keeps)
     else:
         scores = {
             "random": lambda: random_scores(factors, seed),
             "magnitude": lambda: magnitude_scores(factors),
-            "snip": lambda: snip_scores(pruned, factors, batches, loss_fn),
-            "grasp": lambda: grasp_scores(pruned, factors, batches, loss_fn, temperature),
+            "snip": lambda: snip_scores(working, factors, batches, loss_fn),
+            "grasp": lambda: grasp_scores(working, factors, batches, loss_fn, temperature),
         }[score]()
-        _set_masks(factors, scores, target_sparsity, scope, sizes)
-    return pruned
+        keeps = _best(scores, keeps, target_sparsity, scope, sizes)
+    return _keeping_only(working, factors, keeps)
 
 
 def random_scores(factors, seed=None):
     """S ~ U(0, 1) for every entry."""
     rng = np.random.default_rng(seed)
-    return [rng.random(tuple(factor.weight.shape)) for factor in factors]
+    return [rng.random(tuple(factor.values.shape)) for factor in factors]
 
 
 def magnitude_scores(factors):
-    """S = |weight * mask|."""
+    """S = |theta|."""
     return [np.abs(_theta(factor)) for factor in factors]
 
 
@@ -138,7 +150,7 @@ def grasp_scores(model, factors, batches, loss, temperature=200.0):
 def synflow_scores(model, factors):
     """SynFlow: S = theta * dR/dtheta, R = sum f(1; |theta|) without the output activation."""
     inputs = _ones_input(model)
-    weights = [factor.weight for factor in factors]
+    weights = [factor.values for factor in factors]
     with _absolute_weights(model), _output_activation(model, lambda activation: _identity):
         with tf.GradientTape() as tape:
             flow = tf.reduce_sum(tf.cast(model(inputs, training=False), tf.float32))
@@ -146,34 +158,58 @@ def synflow_scores(model, factors):
         return [_numpy(g) * _theta(f) for g, f in zip(gradients, factors)]
 
 
-def _set_masks(factors, scores, sparsity, scope, sizes):
-    """Keep the best ``scores`` inside the current masks: ``kept_count(size, sparsity)``
+def _best(scores, keeps, sparsity, scope, sizes):
+    """The best ``scores`` among the entries ``keeps`` holds: ``kept_count(size, sparsity)``
     entries, ``sizes`` being the factors' support sizes before pruning."""
-    supports = [factor.mask.numpy() > 0 for factor in factors]
     if scope == "layer":
-        keeps = [top_k_mask(s, kept_count(n, sparsity), m)
-                 for s, m, n in zip(scores, supports, sizes)]
-    else:
-        flat = top_k_mask(np.concatenate([s.ravel() for s in scores]),
-                          kept_count(sum(sizes), sparsity),
-                          np.concatenate([m.ravel() for m in supports]))
-        splits = np.cumsum([s.size for s in scores])[:-1]
-        keeps = [k.reshape(s.shape) for k, s in zip(np.split(flat, splits), scores)]
+        return [top_k_mask(s, kept_count(n, sparsity), k) for s, k, n in zip(scores, keeps, sizes)]
+    flat = top_k_mask(np.concatenate([s.ravel() for s in scores]),
+                      kept_count(sum(sizes), sparsity),
+                      np.concatenate([k.ravel() for k in keeps]))
+    return np.split(flat, np.cumsum([s.size for s in scores])[:-1])
+
+
+def _remove(factors, keeps):
+    """Set the values of the entries ``keeps`` leaves out to zero."""
     for factor, keep in zip(factors, keeps):
-        factor.mask.assign(keep.astype(factor.mask.numpy().dtype))
+        factor.values.assign(factor.values.numpy() * keep)
+
+
+def _keeping_only(model, factors, keeps):
+    """A copy of ``model`` whose scored layers store the entries ``keeps`` selects only."""
+    chosen = {}
+    for factor, keep in zip(factors, keeps):
+        chosen.setdefault(id(factor.layer), (factor.layer, {}))[1][factor.index] = keep
+    replacements = {key: layer.keeping([by_index[i] for i in range(layer.n_factors)])
+                    for key, (layer, by_index) in chosen.items()}
+    copies = []
+
+    def clone_function(layer):
+        if is_graph_model(layer):
+            return keras.models.clone_model(layer, clone_function=clone_function)
+        if id(layer) in replacements:
+            return replacements[id(layer)]
+        copy = layer.__class__.from_config(layer.get_config())
+        copies.append((layer, copy))
+        return copy
+
+    pruned = keras.models.clone_model(model, clone_function=clone_function)
+    for original, copy in copies:
+        copy.set_weights(original.get_weights())
+    return pruned
 
 
 def _gradients(model, factors, x, y, loss):
-    """dL/dweight for one batch (zero outside the masks: dL/dtheta on the support)."""
-    weights = [factor.weight for factor in factors]
+    """dL/dtheta on the stored entries, for one batch."""
+    weights = [factor.values for factor in factors]
     with tf.GradientTape() as tape:
         value = _loss(model, x, y, loss)
     return [_numpy(g) for g in tape.gradient(value, weights)]
 
 
 def _hessian_gradient(model, factors, x, y, loss, held):
-    """H g for one batch: the gradient of ``sum(held * dL/dweight)``."""
-    weights = [factor.weight for factor in factors]
+    """H g for one batch: the gradient of ``sum(held * dL/dtheta)``."""
+    weights = [factor.values for factor in factors]
     with tf.GradientTape() as outer:
         with tf.GradientTape() as inner:
             value = _loss(model, x, y, loss)
@@ -189,7 +225,9 @@ def _loss(model, x, y, loss):
 
 
 def _theta(factor):
-    return factor.weight.numpy() * factor.mask.numpy()
+    """The stored values, pruned entries (and those a ``keep`` mask removes) at zero."""
+    values = factor.values.numpy()
+    return values if factor.keep is None else values * factor.keep.numpy()
 
 
 def _numpy(gradient):
@@ -209,8 +247,9 @@ def _identity(outputs):
 
 @contextlib.contextmanager
 def _absolute_weights(model):
-    """Every weight of ``model`` replaced by its absolute value, restored on exit."""
-    saved = [(variable, variable.numpy()) for variable in model.weights]
+    """Every float weight of ``model`` replaced by its absolute value, restored on exit."""
+    saved = [(variable, variable.numpy()) for variable in model.weights
+             if tf.as_dtype(variable.dtype).is_floating]
     try:
         for variable, value in saved:
             variable.assign(np.abs(value))

@@ -1,4 +1,4 @@
-"""Pruning at initialization: random, magnitude, SNIP, GraSP and SynFlow masks."""
+"""Pruning at initialization: random, magnitude, SNIP, GraSP and SynFlow choices."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,7 @@ from conftest import build_lenet
 import keras_psm
 from keras_psm.backend import keras, tf
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
-from keras_psm.methods.pruning import kept_count
-from keras_psm.pruning import masked_factors
+from keras_psm.pruning import kept_count, masked_factors
 from keras_psm.pruning_at_init import (
     SCORES,
     grasp_scores,
@@ -17,7 +16,13 @@ from keras_psm.pruning_at_init import (
     synflow_scores,
 )
 
+
 TARGET = 0.9
+
+
+def support_of(factor):
+    """The dense 0/1 support of a ``masked_factors`` entry (pruned entries removed)."""
+    return factor.layer.masks[factor.index].numpy()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,7 @@ def pruned_masks(fresh_lenet, batch):
     masks = {}
     for score in SCORES:
         model = prune_at_init(fresh_lenet, TARGET, score, batch, iterations=10, seed=0)
-        masks[score] = np.concatenate([f.mask.numpy().ravel() for f in masked_factors(model)])
+        masks[score] = np.concatenate([support_of(f).ravel() for f in masked_factors(model)])
     return masks
 
 
@@ -96,7 +101,7 @@ def test_snip_scores_are_connection_sensitivities(fresh_lenet, batch):
     halves = [(x[:64], y[:64]), (x[64:], y[64:])]    # gradients summed over two batches
     scores = snip_scores(model, masked_factors(model), halves, loss)
     for score, gradient, kernel in zip(scores, gradients, kernels):
-        expected = np.abs(2 * gradient.numpy() * kernel.numpy()).reshape(score.shape)
+        expected = np.abs(2 * gradient.numpy() * kernel.numpy()).ravel()
         np.testing.assert_allclose(score, expected, rtol=1e-3, atol=1e-9)
 
 
@@ -119,7 +124,7 @@ def test_grasp_scores_are_theta_times_hessian_gradient():
     loss = keras.losses.get("sparse_categorical_crossentropy")
     scores = grasp_scores(model, factors, [(x, y)], loss, temperature)
 
-    (w1,), (w2,) = [[f.weight.numpy().astype("float64")] for f in factors]
+    (w1,), (w2,) = [[f.layer.factors[f.index].numpy().astype("float64")] for f in factors]
     b1, b2 = (model.get_layer(n).bias.numpy().astype("float64") for n in ("hidden", "out"))
 
     def gradient(w1, w2):
@@ -135,27 +140,29 @@ def test_grasp_scores_are_theta_times_hessian_gradient():
     plus, minus = gradient(w1 + eps * g1, w2 + eps * g2), gradient(w1 - eps * g1, w2 - eps * g2)
     hessian_gradient = [(p - m) / (2 * eps) for p, m in zip(plus, minus)]
     for score, weight, hg in zip(scores, (w1, w2), hessian_gradient):
-        np.testing.assert_allclose(score, weight * hg, rtol=2e-3, atol=1e-6)
+        # full supports: the stored values are the dense entries in row-major order
+        np.testing.assert_allclose(score.reshape(weight.shape), weight * hg, rtol=2e-3,
+                                   atol=1e-6)
     assert model.get_layer("out").activation is keras.activations.softmax
 
 
 def test_synflow_scores_are_path_norm_sensitivities():
     model = full_mask_copy(tiny_model(3, activation=None, use_bias=False))
     factors = masked_factors(model)
-    w1, w2 = (np.abs(f.weight.numpy().astype("float64")) for f in factors)
+    w1, w2 = (np.abs(f.layer.factors[f.index].numpy().astype("float64")) for f in factors)
     # R = 1^T |W1| |W2| 1 without the softmax: dR/dW1_ij = (|W2| 1)_j, dR/dW2_jk = (1^T |W1|)_j.
     expected = [w1 * w2.sum(axis=1)[None, :], w2 * w1.sum(axis=0)[:, None]]
-    signs = [np.sign(f.weight.numpy()) for f in factors]
+    signs = [np.sign(f.layer.factors[f.index].numpy()) for f in factors]
     for score, reference in zip(synflow_scores(model, factors), expected):
-        np.testing.assert_allclose(score, reference, rtol=1e-5)
+        np.testing.assert_allclose(score.reshape(reference.shape), reference, rtol=1e-5)
     for factor, sign in zip(factors, signs):    # the weights get their signs back
-        np.testing.assert_array_equal(np.sign(factor.weight.numpy()), sign)
+        np.testing.assert_array_equal(np.sign(factor.layer.factors[factor.index].numpy()), sign)
     assert model.get_layer("out").activation is keras.activations.softmax
 
 
 def test_butterfly_head_factors_are_scored_inside_their_supports(fresh_lenet, batch):
     model, _ = keras_psm.compress(fresh_lenet, "butterfly", layers=["fc3"], verbose=0)
-    supports = [f.mask.numpy().copy() for f in masked_factors(model)]
+    supports = [support_of(f).copy() for f in masked_factors(model)]
     pruned = prune_at_init(model, 0.8, "snip", batch)
     factors = masked_factors(pruned)
     names = [(f.layer.name, f.index) for f in factors]
@@ -163,11 +170,11 @@ def test_butterfly_head_factors_are_scored_inside_their_supports(fresh_lenet, ba
     assert [n for n in names if n[0] == "fc3"] == [("fc3", i) for i in range(7)]
     head = list(zip(factors[4:], supports))     # the model held only fc3 as masked layers
     for factor, support in head:
-        assert np.all(factor.mask.numpy() <= support)
-    assert any(factor.mask.numpy().sum() < support.sum() for factor, support in head)
-    allowed = sum(int(np.prod(f.mask.shape)) for f in factors[:4]) + \
+        assert np.all(support_of(factor) <= support)
+    assert any(support_of(factor).sum() < support.sum() for factor, support in head)
+    allowed = sum(int(np.prod(support_of(f).shape)) for f in factors[:4]) + \
         sum(int(s.sum()) for _, s in head)
-    assert sum(int(f.mask.numpy().sum()) for f in factors) == kept_count(allowed, 0.8)
+    assert sum(int(support_of(f).sum()) for f in factors) == kept_count(allowed, 0.8)
 
 
 def test_layer_scope_prunes_every_factor_to_the_target(fresh_lenet, batch):
@@ -175,7 +182,7 @@ def test_layer_scope_prunes_every_factor_to_the_target(fresh_lenet, batch):
                           layers=["conv2", "fc1", "fc2"])
     assert type(model.get_layer("conv1")) is keras.layers.Conv2D
     for factor in masked_factors(model):
-        assert factor.mask.numpy().sum() == kept_count(int(np.prod(factor.mask.shape)), 0.7)
+        assert support_of(factor).sum() == kept_count(int(np.prod(support_of(factor).shape)), 0.7)
 
 
 def test_bad_arguments_are_rejected(fresh_lenet, batch):

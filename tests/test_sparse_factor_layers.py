@@ -11,7 +11,7 @@ import pytest
 from keras_psm.backend import keras, tf
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
 from keras_psm.factorize.palm4msa import factor_shapes
-from keras_psm.layers.sparse_factor import chain_matmul
+from keras_psm.layers.sparse_factor import SPARSE_SLOWDOWN, one_at_a_time_is_cheaper
 
 
 def random_sparse_factors(shapes, density=0.3, seed=0):
@@ -42,37 +42,66 @@ def test_dense_matches_numpy_for_any_input_rank(input_shape):
     np.testing.assert_allclose(layer.kernel.numpy(), product(factors), rtol=1e-5, atol=1e-6)
 
 
-def test_chain_association_orders_agree():
-    factors = [tf.constant(f) for f in random_sparse_factors(factor_shapes((40, 30), 3))]
-    reference = product([f.numpy() for f in factors])
-    for rows in (2, 5000):  # below and above the break-even row count
-        x = np.random.default_rng(rows).standard_normal((rows, 40)).astype("float32")
-        np.testing.assert_allclose(chain_matmul(tf.constant(x), factors).numpy(),
-                                   x @ reference, rtol=1e-4, atol=1e-4)
-    unknown_batch = tf.function(
-        lambda x: chain_matmul(x, factors),
-        input_signature=[tf.TensorSpec((None, 40), tf.float32)],
-    )
-    x = np.ones((7, 40), "float32")
-    np.testing.assert_allclose(unknown_batch(x).numpy(), x @ reference, rtol=1e-4, atol=1e-4)
+def test_association_order_follows_the_break_even_row_count():
+    shapes = factor_shapes((40, 30), 3)             # (40, 30), (30, 30), (30, 30)
+    costs = [rows * cols for rows, cols in shapes]  # 3000 per row against 1200 dense
+    # The product first costs 40 * (30 * 30 + 30 * 30) = 72000: break-even at 40 rows.
+    assert one_at_a_time_is_cheaper(shapes, costs, 39)
+    assert not one_at_a_time_is_cheaper(shapes, costs, 41)
+    assert one_at_a_time_is_cheaper(shapes[:1], costs[:1], 10 ** 6)
+    decide = tf.function(lambda n: one_at_a_time_is_cheaper(shapes, costs, n))
+    assert bool(decide(tf.constant(39))) and not bool(decide(tf.constant(41)))
+
+
+@pytest.mark.parametrize("rows", [3, 5000])     # below and above the break-even row count
+def test_dense_and_sparse_forms_match_the_product(rows):
+    rng = np.random.default_rng(0)
+    # A 400 x 300 first factor at 0.5% density is applied as a sparse product
+    # (below 1 / SPARSE_SLOWDOWN), the 300 x 300 ones at 20% dense.
+    factors = [(rng.standard_normal(shape) * (rng.random(shape) < density)).astype("float32")
+               for shape, density in (((400, 300), 0.005), ((300, 300), 0.2),
+                                      ((300, 300), 0.2))]
+    layer = SparseFactorDense.from_factors(factors)
+    x = rng.standard_normal((rows, 400)).astype("float32")
+    expected = x @ product(factors)
+    # float32 sums of up to 300 products of unit-size terms, in different orders.
+    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-4, atol=1e-3)
+    assert [layer._is_sparse(i) for i in range(3)] == [True, False, False]
+    assert 0.005 < 1 / SPARSE_SLOWDOWN
+    np.testing.assert_allclose(layer.kernel.numpy(), product(factors), rtol=1e-4, atol=1e-4)
+    unknown_rows = tf.function(layer.call, input_signature=[tf.TensorSpec((None, 400))])
+    np.testing.assert_allclose(unknown_rows(x).numpy(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_kernel_of_a_widening_layer_with_a_sparse_last_factor():
+    rng = np.random.default_rng(1)
+    # (100, 100) at 30% then (100, 500) at 0.5% (sparse): multiplied left to right.
+    factors = [(rng.standard_normal(shape) * (rng.random(shape) < density)).astype("float32")
+               for shape, density in (((100, 100), 0.3), ((100, 500), 0.005))]
+    layer = SparseFactorDense.from_factors(factors)
+    x = rng.standard_normal((4, 100)).astype("float32")
+    # float32 sums of about 30 unit-size products.
+    np.testing.assert_allclose(layer(x).numpy(), x @ product(factors), rtol=1e-4, atol=1e-4)
+    assert [layer._is_sparse(i) for i in range(2)] == [False, True]
+    np.testing.assert_allclose(layer.kernel.numpy(), product(factors), rtol=1e-4, atol=1e-5)
 
 
 def test_random_support_has_k_per_row_and_column_and_sparse_he_scale():
     layer = SparseFactorDense(64, n_factors=2, sparsity=4, seed=3)
     layer.build((None, 256))
-    for mask, weight in zip(layer.masks, layer.factor_weights):
+    for mask, weight in zip(layer.masks, layer.factors):
         mask, weight = mask.numpy(), weight.numpy()
         assert set(np.unique(mask)) <= {0.0, 1.0}
         assert (mask.sum(axis=0) >= 4).all() and (mask.sum(axis=1) >= 4).all()
         assert np.all(weight[mask == 0] == 0)
-    first = layer.factor_weights[0].numpy()[layer.masks[0].numpy() == 1]
+    first = layer.values[0].numpy()
     fan_in = layer.masks[0].numpy().sum(axis=0).mean()
     assert abs(first.std() - np.sqrt(2 / fan_in)) < 0.25 * np.sqrt(2 / fan_in)
     assert layer.count_nonzero_params() == sum(
         int(m.numpy().sum()) for m in layer.masks) + 64
 
 
-def test_gradients_outside_the_support_are_zero_and_fit_keeps_supports():
+def test_gradients_are_the_dense_gradients_on_the_support_and_fit_keeps_supports():
     factors = random_sparse_factors(factor_shapes((16, 8), 2), density=0.4)
     layer = SparseFactorDense.from_factors(factors, bias=np.zeros(8, "float32"))
     model = keras.Sequential([keras.Input((16,)), layer])
@@ -80,18 +109,21 @@ def test_gradients_outside_the_support_are_zero_and_fit_keeps_supports():
     y = np.random.default_rng(1).standard_normal((64, 8)).astype("float32")
     with tf.GradientTape() as tape:
         loss = tf.reduce_mean((model(x) - y) ** 2)
-    grads = tape.gradient(loss, layer.factor_weights)
-    for grad, mask in zip(grads, layer.masks):
-        assert np.all(grad.numpy()[mask.numpy() == 0] == 0)
-        assert np.any(grad.numpy()[mask.numpy() == 1] != 0)
+    grads = tape.gradient(loss, layer.values)
+    dense = [tf.Variable(f) for f in factors]       # the same loss on dense factors
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean((x @ dense[0] @ dense[1] - y) ** 2)
+    for grad, reference, factor in zip(grads, tape.gradient(loss, dense), factors):
+        assert grad.shape == (np.count_nonzero(factor),)   # nothing off the support
+        # Same float32 sums in a different association order.
+        np.testing.assert_allclose(grad.numpy(), reference.numpy()[factor != 0],
+                                   rtol=1e-5, atol=1e-6)
     before = layer.count_nonzero_params()
     model.compile(keras.optimizers.Adam(0.05), "mse")
     model.fit(x, y, epochs=3, verbose=0)
     assert layer.count_nonzero_params() == before
-    effective = [f.numpy() for f in layer.factors]
-    for factor, original in zip(effective, factors):
-        assert np.array_equal(factor != 0, (original != 0) & (factor != 0))
-        assert np.count_nonzero(factor) <= np.count_nonzero(original)
+    for factor, original in zip(layer.factors, factors):
+        assert np.all(factor.numpy()[original == 0] == 0)
 
 
 CONV_CASES = [
@@ -153,8 +185,12 @@ def test_mixed_float16_policy():
         y = conv(x)
         z = dense(keras.layers.Flatten()(y))
         assert y.dtype == tf.float16 and z.dtype == tf.float16
-        assert dense.factor_weights[0].dtype == tf.float32
+        assert dense.values[0].dtype == tf.float32 and dense.indices[0].dtype == tf.int32
         assert np.all(np.isfinite(z.numpy()))
+        model = keras.Sequential([keras.Input((8, 8, 3)), conv, keras.layers.Flatten(), dense])
+        model.compile("sgd", "mse")
+        history = model.fit(x, np.zeros((2, 6), "float32"), epochs=2, verbose=0)
+        assert np.isfinite(history.history["loss"][-1])
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
@@ -170,6 +206,10 @@ def test_bad_arguments_name_the_layer_and_parameter():
         SparseFactorConv2D(4, (3, 0))
     with pytest.raises(TypeError, match="units"):
         SparseFactorDense(2.5)
+    with pytest.raises(ValueError, match="SparseFactorDense 'fc'.*`nonzeros`"):
+        SparseFactorDense(4, n_factors=2, nonzeros=[3], name="fc")
+    with pytest.raises(TypeError, match="prunable"):
+        SparseFactorDense(4, prunable=1)
 
 
 @pytest.mark.slow
@@ -182,6 +222,7 @@ def test_trains_under_mirrored_strategy_with_two_cpu_devices():
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from keras_psm.backend import keras
         from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
+        from keras_psm.pruning import IterativePruning
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         assert strategy.num_replicas_in_sync == 2
         with strategy.scope():
@@ -201,6 +242,18 @@ def test_trains_under_mirrored_strategy_with_two_cpu_devices():
             assert int(np.count_nonzero(layer.masks[0].numpy())) == count
             factor = layer.factors[0].numpy()
             assert np.all(factor[layer.masks[0].numpy() == 0] == 0)
+        with strategy.scope():
+            prunable = keras.Sequential([
+                keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                SparseFactorDense(3, n_factors=1, sparsity=8, seed=2, prunable=True),
+            ])
+            prunable.compile("adam", "sparse_categorical_crossentropy")
+        before = prunable.layers[-1].count_nonzero_params()
+        callback = IterativePruning(0.5, begin_step=0, end_step=4, frequency=2)
+        prunable.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[callback])
+        layer = prunable.layers[-1]
+        assert layer.count_nonzero_params() < before
+        assert np.all(layer.factors[0].numpy()[layer.masks[0].numpy() == 0] == 0)
         print("OK", history.history["loss"])
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -4,7 +4,7 @@ A compressed layer stands in for a ``Dense`` or ``Conv2D`` layer. Each
 subclass exposes ``kernel``, the dense kernel its factors represent, in the
 shape of the layer it replaces, and ``count_nonzero_params()``, the number of
 parameters a sparse storage would keep (bias included). ``count_params()``
-stays Keras's count of stored values (masks included).
+stays Keras's count of stored values (indices and masks included).
 
 A layer built from a fit receives its starting values through
 ``initial_values`` (a dict of weight name -> array); ``build`` then creates
@@ -36,7 +36,7 @@ class CompressedLayer(keras.layers.Layer):
         self.use_bias = bool(use_bias)
         self._initial_values = dict(initial_values or {})
 
-    def _add_weight(self, name, shape, initializer, trainable=True):
+    def _add_weight(self, name, shape, initializer, trainable=True, dtype=None):
         """``add_weight`` that starts from ``initial_values[name]`` when given."""
         shape = tuple(int(d) for d in shape)
         if name in self._initial_values:
@@ -48,7 +48,7 @@ class CompressedLayer(keras.layers.Layer):
                 )
             initializer = _ConstantArray(value)
         return self.add_weight(
-            name=name, shape=shape, initializer=initializer, trainable=trainable,
+            name=name, shape=shape, initializer=initializer, trainable=trainable, dtype=dtype,
         )
 
     def _add_bias(self, units):

@@ -1,8 +1,13 @@
 """Layers whose kernel is a product of sparse factors (the PSM layers).
 
-Each factor is ``weight * mask`` (PSM supplement A.3): ``weight`` trainable,
-``mask`` a non-trainable 0/1 weight saved with the model. Gradients outside
-the mask are exactly zero, so the support never changes during ``fit``.
+Each factor is ``weight * mask`` on a fixed support (PSM supplement A.3),
+held compactly, as its supplement's footnote suggests: ``values_i`` (its
+nonzero values, trainable, shape (nnz_i,)) and ``indices_i`` (the support, as
+sorted flat positions ``row * n_cols + col``, int32, non-trainable, saved
+with the model). Memory, ``.keras`` bytes and optimizer state are O(nnz),
+and gradients exist only on the support, by construction. A layer built
+with ``prunable=True`` also holds ``keep_i``, a 0/1 mask over the stored
+values, so that magnitude pruning can remove entries during ``fit``.
 
 For a kernel matrix of shape (in, out) the Q factors have shapes
 (in, r), (r, r), ..., (r, out), with r = min(in, out) unless ``rank`` is set.
@@ -25,50 +30,72 @@ from keras_psm.layers.base import (
     fitted_values,
     matmul_last_axis,
 )
-from keras_psm.validation import check_int
+from keras_psm.validation import check_bool, check_int
+
+#: A multiply-add of ``tf.sparse.sparse_dense_matmul`` costs about this many
+#: multiply-adds of ``tf.matmul`` on CPU, forward and backward together: the
+#: two break even between 0.3% and 1% density (``python benchmarks/footprint.py
+#: --break-even``: factors from 512 x 512 to 4608 x 512 at 256 to 4096 rows,
+#: TensorFlow 2.21, AVX-512). A factor whose density is below
+#: ``1 / SPARSE_SLOWDOWN`` is applied as a sparse product.
+SPARSE_SLOWDOWN = 100.0
+
+
+def compact_factor(factor, support):
+    """``(values, indices)`` of ``factor`` on ``support``: the sorted flat positions
+    ``row * n_cols + col`` of the support (int32) and the factor's entries there."""
+    factor = np.asarray(factor, dtype=np.float32)
+    indices = np.flatnonzero(np.asarray(support, dtype=bool))
+    return factor.ravel()[indices], indices.astype(np.int32)
+
+
+def multiply(inputs, factor):
+    """``inputs @ factor`` for a dense ``factor`` or a ``tf.SparseTensor``."""
+    if isinstance(factor, tf.SparseTensor):
+        return tf.sparse.sparse_dense_matmul(inputs, factor)
+    return tf.matmul(inputs, factor)
+
+
+def multiply_out(factors):
+    """``F1 @ F2 @ ... @ FQ`` of dense factors."""
+    return functools.reduce(tf.matmul, factors)
 
 
 def apply_in_sequence(inputs, factors):
     """``(((inputs @ F1) @ F2) ... @ FQ)``: the factors applied one at a time."""
     outputs = inputs
     for factor in factors:
-        outputs = tf.matmul(outputs, factor)
+        outputs = multiply(outputs, factor)
     return outputs
 
 
-def chain_matmul(inputs, factors):
-    """``inputs @ F1 @ ... @ FQ`` in the cheaper of two association orders.
+def one_at_a_time_is_cheaper(shapes, row_costs, n_rows):
+    """Whether applying the factors one at a time beats multiplying them first.
 
-    Applying the factors one at a time costs n * sum_i d_i d_{i+1} for n rows;
-    multiplying them first costs the chain product plus n * d_0 * d_Q. The
-    first wins below a break-even row count, decided when the graph runs if
-    the batch size is not known when it is traced.
+    One at a time costs ``n * sum_i c_i`` for n rows (``c_i``: ``row_costs``,
+    the multiply-adds per row of factor i in its dense or sparse form); the
+    product first costs the dense chain product ``d_0 * sum_{i>1} d_i d_{i+1}``
+    plus ``n * d_0 * d_Q``. Returns a bool, or a boolean tensor when
+    ``n_rows`` is a tensor (the batch size is known only when the graph runs).
     """
-    def one_at_a_time():
-        return apply_in_sequence(inputs, factors)
+    d0, dq = shapes[0][0], shapes[-1][1]
+    per_row = sum(row_costs)
+    if len(shapes) == 1 or per_row <= d0 * dq:
+        return True
+    product_cost = sum(d0 * rows * cols for rows, cols in shapes[1:])
+    break_even = product_cost / (per_row - d0 * dq)
+    if isinstance(n_rows, int):
+        return n_rows < break_even
+    return tf.cast(n_rows, tf.float64) < break_even
 
-    def product_first():
-        kernel = factors[0]
-        for factor in factors[1:]:
-            kernel = tf.matmul(kernel, factor)
-        return tf.matmul(inputs, kernel)
 
-    dims = [int(f.shape[0]) for f in factors] + [int(factors[-1].shape[1])]
-    per_row = sum(a * b for a, b in zip(dims[:-1], dims[1:]))
-    dense_per_row = dims[0] * dims[-1]
-    if len(factors) == 1 or per_row <= dense_per_row:
-        return one_at_a_time()
-    product_cost = sum(dims[0] * a * b for a, b in zip(dims[1:-1], dims[2:]))
-    break_even = product_cost / (per_row - dense_per_row)
-    n_rows = inputs.shape[0]
-    if n_rows is not None:
-        return one_at_a_time() if n_rows < break_even else product_first()
-    return tf.cond(tf.cast(tf.shape(inputs)[0], tf.float64) < break_even,
-                   one_at_a_time, product_first)
+def _first_positions(shape, dtype=None, **kwargs):
+    """Indices of a layer rebuilt before its saved weights load: 0 .. nnz-1."""
+    return tf.range(shape[0], dtype=dtype or "int32")
 
 
 class _SparseFactors(CompressedLayer):
-    """Holds Q masked factors of an (in, out) matrix; subclasses apply them.
+    """Holds Q compact sparse factors of an (in, out) matrix; subclasses apply them.
 
     ``export_form`` says how ``export_call`` applies them: ``"sequence"``
     (one op per factor, each factor its own sparse constant in the file) or
@@ -78,51 +105,151 @@ class _SparseFactors(CompressedLayer):
 
     export_form = "sequence"
 
-    def __init__(self, n_factors=3, sparsity=14, rank=None, seed=None, **kwargs):
+    def __init__(self, n_factors=3, sparsity=14, rank=None, seed=None, nonzeros=None,
+                 prunable=False, **kwargs):
         super().__init__(**kwargs)
         where = f"{type(self).__name__} {self.name!r}"
         self.n_factors = check_int(n_factors, "n_factors", minimum=1, where=where)
         self.sparsity = check_int(sparsity, "sparsity", minimum=1, where=where)
         self.rank = check_int(rank, "rank", minimum=1, where=where, allow_none=True)
         self.seed = check_int(seed, "seed", minimum=0, where=where, allow_none=True)
+        self.prunable = check_bool(prunable, "prunable", where=where)
+        if nonzeros is not None:
+            nonzeros = [check_int(n, "nonzeros", minimum=0, where=where) for n in nonzeros]
+            if len(nonzeros) != self.n_factors:
+                raise ValueError(f"{where}: `nonzeros` must list one count per factor "
+                                 f"({self.n_factors}), got {nonzeros}.")
+        self.nonzeros = nonzeros
 
     def _build_factors(self, n_rows, n_cols):
-        """Create ``factor_i`` (trainable) and ``mask_i`` (0/1) for i = 0..Q-1.
+        """Create ``values_i``, ``indices_i`` (and ``keep_i`` if prunable), i = 0..Q-1.
 
-        Without fitted values the supports are random (``splincol`` of a
-        Gaussian) and the weights sparse He / Xavier (supplement A.3).
+        Without fitted values or ``nonzeros`` the supports are random
+        (``splincol`` of a Gaussian) and the values sparse He / Xavier
+        (supplement A.3). With ``nonzeros`` only (a saved layer being
+        rebuilt), the variables get their sizes and wait for the saved weights.
         """
-        shapes = factor_shapes((n_rows, n_cols), self.n_factors, self.rank)
-        if not any(name.startswith("mask_") for name in self._initial_values):
+        where = f"{type(self).__name__} {self.name!r}"
+        self.factor_shapes = factor_shapes((n_rows, n_cols), self.n_factors, self.rank)
+        if max(rows * cols for rows, cols in self.factor_shapes) >= 2 ** 31:
+            raise ValueError(f"{where}: factors of shapes {self.factor_shapes} have more "
+                             "entries than int32 flat indices address (2**31).")
+        fitted = any(name.startswith("indices_") for name in self._initial_values)
+        if not fitted and self.nonzeros is None:
             rng = np.random.default_rng(self.seed)
-            supports = random_supports(shapes, self.sparsity, rng)
+            supports = random_supports(self.factor_shapes, self.sparsity, rng)
             weights = sparse_factor_init(supports, rng)
-            for index, (support, weight) in enumerate(zip(supports, weights)):
-                self._initial_values.setdefault(f"mask_{index}", support)
-                self._initial_values.setdefault(f"factor_{index}", weight)
-        self.factor_weights, self.masks = [], []
-        for index, shape in enumerate(shapes):
-            self.factor_weights.append(self._add_weight(f"factor_{index}", shape, "zeros"))
-            self.masks.append(self._add_weight(f"mask_{index}", shape, "ones", trainable=False))
+            for index, (weight, support) in enumerate(zip(weights, supports)):
+                values, indices = compact_factor(weight, support)
+                self._initial_values[f"values_{index}"] = values
+                self._initial_values[f"indices_{index}"] = indices
+            fitted = True
+        if fitted:
+            self.nonzeros = [len(self._initial_values[f"indices_{index}"])
+                             for index in range(self.n_factors)]
+        for (rows, cols), count in zip(self.factor_shapes, self.nonzeros):
+            if count > rows * cols:
+                raise ValueError(f"{where}: `nonzeros` {self.nonzeros} exceed the entries "
+                                 f"of factors of shapes {self.factor_shapes}.")
+        self.values, self.indices, self.keeps = [], [], []
+        for index, count in enumerate(self.nonzeros):
+            self.values.append(self._add_weight(f"values_{index}", (count,), "zeros"))
+            self.indices.append(self._add_weight(f"indices_{index}", (count,), _first_positions,
+                                                 trainable=False, dtype="int32"))
+            if self.prunable:
+                self.keeps.append(self._add_weight(f"keep_{index}", (count,), "ones",
+                                                   trainable=False))
+
+    def _positions(self, index):
+        """The (nnz, 2) int64 (row, col) positions of factor ``index``."""
+        flat = tf.cast(self.indices[index], tf.int64)
+        n_cols = self.factor_shapes[index][1]
+        return tf.stack([flat // n_cols, flat % n_cols], axis=1)
+
+    def _kept_values(self, index, dtype):
+        values = tf.cast(self.values[index], dtype)
+        if self.prunable:
+            values = values * tf.cast(self.keeps[index], dtype)
+        return values
+
+    def _dense_factor(self, index, dtype):
+        """Factor ``index`` as a dense matrix: its values scattered on its support."""
+        return tf.scatter_nd(self._positions(index), self._kept_values(index, dtype),
+                             self.factor_shapes[index])
+
+    def _is_sparse(self, index):
+        """Whether ``call`` applies factor ``index`` as a sparse product (cost rule)."""
+        rows, cols = self.factor_shapes[index]
+        return self.nonzeros[index] * SPARSE_SLOWDOWN < rows * cols
+
+    def _applied_sparse(self, conv_first=False):
+        """Per factor, whether ``call`` applies it as a sparse product (the cost rule;
+        a convolution's first factor is always dense)."""
+        return [self._is_sparse(index) and not (conv_first and index == 0)
+                for index in range(self.n_factors)]
+
+    def _call_forms(self, conv_first=False):
+        """``(costs, dense, operands)`` for ``call``: each factor's multiply-adds per row,
+        the dense factors (None where no path needs one) and the factors in the form
+        they are applied one at a time (dense, or a ``tf.SparseTensor``)."""
+        dtype = self.compute_dtype
+        sparse = self._applied_sparse(conv_first)
+        costs = [self.nonzeros[index] * SPARSE_SLOWDOWN if sparse[index] else rows * cols
+                 for index, (rows, cols) in enumerate(self.factor_shapes)]
+        d0, dq = self.factor_shapes[0][0], self.factor_shapes[-1][1]
+        product_possible = self.n_factors > 1 and sum(costs) > d0 * dq
+        dense = [self._dense_factor(index, dtype) if product_possible or not sparse[index]
+                 else None for index in range(self.n_factors)]
+        operands = [tf.SparseTensor(self._positions(index), self._kept_values(index, dtype),
+                                    self.factor_shapes[index]) if sparse[index] else dense[index]
+                    for index in range(self.n_factors)]
+        return costs, dense, operands
 
     def _factors(self, dtype):
-        return [
-            tf.cast(weight, dtype) * tf.cast(mask, dtype)
-            for weight, mask in zip(self.factor_weights, self.masks)
-        ]
+        return [self._dense_factor(index, dtype) for index in range(self.n_factors)]
 
     def _product(self, dtype):
-        """The product of the factors as one (in, out) matrix."""
-        factors = self._factors(dtype)
-        matrix = factors[0]
-        for factor in factors[1:]:
-            matrix = tf.matmul(matrix, factor)
-        return matrix
+        """The product of the factors as one (in, out) matrix.
+
+        Multiplied from the narrower end, each factor dense or sparse as
+        ``call`` applies it, so that no dense (r, r) factor is formed for
+        factors the cost rule keeps sparse.
+        """
+        sparse = self._applied_sparse()
+        factors = [tf.SparseTensor(self._positions(index), self._kept_values(index, dtype),
+                                   self.factor_shapes[index]) if sparse[index]
+                   else self._dense_factor(index, dtype) for index in range(self.n_factors)]
+        (d0, _), (_, dq) = self.factor_shapes[0], self.factor_shapes[-1]
+        if dq <= d0:    # right to left: (F_1 (F_2 (... F_Q)))
+            matrix = tf.sparse.to_dense(factors[-1]) if sparse[-1] else factors[-1]
+            for factor in reversed(factors[:-1]):
+                matrix = (tf.sparse.sparse_dense_matmul(factor, matrix)
+                          if isinstance(factor, tf.SparseTensor) else tf.matmul(factor, matrix))
+            return matrix
+        first = tf.sparse.to_dense(factors[0]) if sparse[0] else factors[0]
+        return apply_in_sequence(first, factors[1:])
+
+    def _frozen_factors(self, dtype):
+        """The dense factors as constants, computed eagerly: what an export trace
+        embeds, so that the converter never sees the scatter of values onto indices."""
+        with tf.init_scope():
+            arrays = [factor.numpy() for factor in self._factors(dtype)]
+        return [tf.constant(array) for array in arrays]
 
     @property
     def factors(self):
-        """The effective factors ``weight * mask``, in the compute dtype."""
+        """The effective dense factors ``weight * mask``, in the compute dtype."""
         return self._factors(self.compute_dtype)
+
+    @property
+    def masks(self):
+        """The dense 0/1 supports (float32), pruned entries removed."""
+        masks = []
+        for index in range(self.n_factors):
+            kept = (tf.cast(self.keeps[index], "float32") if self.prunable
+                    else tf.ones(tf.shape(self.indices[index]), "float32"))
+            masks.append(tf.scatter_nd(self._positions(index), kept, self.factor_shapes[index]))
+        return masks
 
     def cheaper_export_form(self):
         """``"sequence"``, or ``"product"`` where LiteRT runs the product faster.
@@ -141,19 +268,44 @@ class _SparseFactors(CompressedLayer):
         return "sequence" if sequence <= product else "product"
 
     def count_nonzero_params(self):
-        """Nonzeros of all supports plus the bias."""
-        count = sum(int(np.count_nonzero(mask.numpy())) for mask in self.masks)
+        """Entries of all supports (pruned ones excluded) plus the bias."""
+        if self.prunable:
+            count = sum(int(np.count_nonzero(keep.numpy())) for keep in self.keeps)
+        else:
+            count = sum(self.nonzeros)
         return count + (int(self.bias.shape[0]) if self.use_bias else 0)
 
     def get_prunable_weights(self):
-        """The factor weights (tfmot's ``PrunableLayer`` interface): pruning
+        """The stored values (tfmot's ``PrunableLayer`` interface): pruning
         them by magnitude keeps each factor inside its support."""
-        return list(self.factor_weights)
+        return list(self.values)
+
+    def keeping(self, keeps):
+        """A new layer, same config and weights, holding only the stored entries
+        ``keeps`` selects (one boolean array over ``values_i`` per factor).
+
+        Removed entries leave the storage: the new layer's support is smaller.
+        """
+        if len(keeps) != self.n_factors:
+            raise ValueError(f"{type(self).__name__} {self.name!r}: `keeps` must hold one "
+                             f"array per factor ({self.n_factors}), got {len(keeps)}.")
+        initial_values = {} if self.bias is None else {"bias": self.bias.numpy()}
+        for index, keep in enumerate(keeps):
+            keep = np.asarray(keep, dtype=bool)
+            if self.prunable:
+                keep = keep & (self.keeps[index].numpy() > 0)
+            initial_values[f"values_{index}"] = self.values[index].numpy()[keep]
+            initial_values[f"indices_{index}"] = self.indices[index].numpy()[keep]
+        layer = type(self).from_config(dict(self.get_config(), nonzeros=None))
+        layer._initial_values.update(initial_values)
+        return layer
 
     def get_config(self):
         config = super().get_config()
         config.update(
             n_factors=self.n_factors, sparsity=self.sparsity, rank=self.rank, seed=self.seed,
+            nonzeros=None if self.nonzeros is None else list(self.nonzeros),
+            prunable=self.prunable,
         )
         return config
 
@@ -164,14 +316,15 @@ class _SparseFactors(CompressedLayer):
         if supports is None:
             supports = [f != 0 for f in factors]
         kwargs.setdefault("use_bias", bias is not None)
-        values = {}
+        initial_values = fitted_values(bias)
         for index, (factor, support) in enumerate(zip(factors, supports)):
-            values[f"factor_{index}"] = factor
-            values[f"mask_{index}"] = support
+            values, indices = compact_factor(factor, support)
+            initial_values[f"values_{index}"] = values
+            initial_values[f"indices_{index}"] = indices
         return cls(
             n_factors=len(factors),
             rank=factors[0].shape[1] if len(factors) > 1 else None,
-            initial_values=fitted_values(bias, **values),
+            initial_values=initial_values,
             **kwargs,
         )
 
@@ -195,11 +348,13 @@ class _SparseFactors(CompressedLayer):
 
 @register_serializable
 class SparseFactorDense(_SparseFactors):
-    """``Dense`` whose kernel is a product of Q sparse factors.
+    """``Dense`` whose kernel is a product of Q compact sparse factors.
 
-    ``outputs = activation(inputs @ (F_1 ... F_Q) + bias)``, computed as
-    ``inputs @ F_1 @ ... @ F_Q`` in the cheaper association order. Accepts
-    inputs of any rank >= 2, like ``Dense``.
+    ``outputs = activation(inputs @ (F_1 ... F_Q) + bias)``. Each factor is
+    applied dense (its values scattered into the matrix) or as a sparse
+    product, whichever is cheaper (``SPARSE_SLOWDOWN``), and the factors one
+    at a time or their product first, whichever is cheaper for the number
+    of rows. Accepts inputs of any rank >= 2, like ``Dense``.
 
     Args:
         units: output size.
@@ -208,6 +363,10 @@ class SparseFactorDense(_SparseFactors):
             support is drawn at random (a fitted layer keeps its own).
         rank: inner size r of the factors; min(in, units) by default.
         seed: seed of the random support and weights.
+        nonzeros: the support size of each factor; set by a built layer in
+            its config, so that a saved layer is rebuilt with its sizes.
+        prunable: also hold a 0/1 mask over the stored values, which
+            magnitude pruning during ``fit`` updates (``keras_psm.pruning``).
         activation, use_bias: as in ``Dense``.
     """
 
@@ -228,21 +387,32 @@ class SparseFactorDense(_SparseFactors):
 
     def call(self, inputs):
         inputs = tf.cast(inputs, self.compute_dtype)
-        outputs = matmul_last_axis(inputs, lambda x: chain_matmul(x, self.factors))
-        return self._finish(outputs)
+        costs, dense, operands = self._call_forms()
+
+        def compute(x):
+            n_rows = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+            cheaper = one_at_a_time_is_cheaper(self.factor_shapes, costs, n_rows)
+            if isinstance(cheaper, bool):
+                return apply_in_sequence(x, operands) if cheaper else \
+                    tf.matmul(x, multiply_out(dense))
+            return tf.cond(cheaper, lambda: apply_in_sequence(x, operands),
+                           lambda: tf.matmul(x, multiply_out(dense)))
+
+        return self._finish(matmul_last_axis(inputs, compute))
 
     def export_call(self, inputs):
         """The forward TFLite export traces (``keras_psm.export``). In the
-        ``"sequence"`` form the factors are applied to the input one at a
-        time, so that the converter keeps them as separate sparse constants
+        ``"sequence"`` form the dense factors are applied to the input one at
+        a time, so that the converter keeps them as separate sparse constants
         instead of folding their product; in the ``"product"`` form the
         input meets the product kernel."""
         inputs = tf.cast(inputs, self.compute_dtype)
+        factors = self._frozen_factors(self.compute_dtype)
         if self.export_form == "product":
-            kernel = self._product(self.compute_dtype)
+            kernel = multiply_out(factors)
             outputs = matmul_last_axis(inputs, lambda x: tf.matmul(x, kernel))
         else:
-            outputs = matmul_last_axis(inputs, lambda x: apply_in_sequence(x, self.factors))
+            outputs = matmul_last_axis(inputs, lambda x: apply_in_sequence(x, factors))
         return self._finish(outputs)
 
     def compute_output_shape(self, input_shape):
@@ -272,11 +442,15 @@ class SparseFactorDense(_SparseFactors):
 @register_serializable
 class SparseFactorConv2D(ConvOptions, _SparseFactors):
     """``Conv2D`` whose kernel matrix (kh * kw * cin, filters) is a product of Q
-    sparse factors.
+    compact sparse factors.
 
-    The kernel is rebuilt from the product and passed to the ordinary
-    convolution (PSM supplement A.3); ``strides``, ``padding``,
-    ``dilation_rate`` and ``data_format`` behave as in ``Conv2D``.
+    ``call`` runs either one convolution by the product kernel (PSM
+    supplement A.3), or a convolution by the first factor reshaped to
+    (kh, kw, cin, r) followed by the other factors as matrix products over
+    the (batch * H * W, channels) outputs (each dense or sparse by
+    ``SPARSE_SLOWDOWN``), whichever costs fewer multiply-adds for the number
+    of output pixels. ``strides``, ``padding``, ``dilation_rate`` and
+    ``data_format`` behave as in ``Conv2D``.
     """
 
     def build(self, input_shape):
@@ -286,35 +460,69 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
         self._add_bias(self.filters)
         self.built = True
 
+    def _as_conv_kernel(self, matrix):
+        """A (kh * kw * cin, r) matrix as a (kh, kw, cin, r) convolution kernel."""
+        return tf.reshape(matrix, self.kernel_size + (self.in_channels, -1))
+
     def _conv_kernel(self, dtype):
-        return tf.reshape(self._product(dtype), self.kernel_size + (self.in_channels, self.filters))
+        return self._as_conv_kernel(self._product(dtype))
 
     @property
     def kernel(self):
         """The (kh, kw, cin, filters) kernel rebuilt from the factors."""
         return self._conv_kernel("float32")
 
+    def _first_then_rest(self, inputs, first, rest):
+        """Convolution by the dense ``first`` factor, then ``rest`` on the channels."""
+        outputs = self._conv(inputs, self._as_conv_kernel(first), self.strides, self.dilation_rate)
+        if rest:
+            outputs = matmul_last_axis(outputs, lambda x: apply_in_sequence(x, rest))
+        return outputs
+
     def call(self, inputs):
-        outputs = self._conv(self._to_channels_last(inputs), self._conv_kernel(self.compute_dtype),
-                             self.strides, self.dilation_rate)
+        inputs = self._to_channels_last(inputs)
+        costs, dense, operands = self._call_forms(conv_first=True)
+
+        def one_at_a_time():
+            return self._first_then_rest(inputs, dense[0], operands[1:])
+
+        def product_first():
+            return self._conv(inputs, self._as_conv_kernel(multiply_out(dense)), self.strides,
+                              self.dilation_rate)
+
+        cheaper = one_at_a_time_is_cheaper(self.factor_shapes, costs, self._output_pixels(inputs))
+        if isinstance(cheaper, bool):
+            outputs = one_at_a_time() if cheaper else product_first()
+        else:
+            outputs = tf.cond(cheaper, one_at_a_time, product_first)
         return self._from_channels_last(self._finish(outputs))
+
+    def _output_pixels(self, inputs):
+        """batch * H_out * W_out of the NHWC ``inputs``: an int, or a tensor."""
+        static = inputs.shape[:3]
+        sizes = [static[i] if static[i] is not None else tf.shape(inputs)[i] for i in range(3)]
+        count = sizes[0]
+        for axis in (1, 2):
+            size, stride = sizes[axis], self.strides[axis - 1]
+            if self.padding == "valid":
+                size = size - (self.kernel_size[axis - 1] - 1) * self.dilation_rate[axis - 1]
+            count = count * ((size + stride - 1) // stride)
+        return count
 
     def export_call(self, inputs):
         """The forward TFLite export traces (``keras_psm.export``). In the
         ``"sequence"`` form: a convolution by the first factor reshaped to
-        (kh, kw, cin, r), then the other factors applied to the channels one
-        at a time (fully connected ops), so that the converter keeps every
+        (kh, kw, cin, r), then the other dense factors applied to the channels
+        one at a time (fully connected ops), so that the converter keeps every
         factor as its own sparse constant. In the ``"product"`` form: one
-        convolution by the product kernel, as in ``call`` (which the export
-        copy replaces by this method)."""
+        convolution by the product kernel."""
+        inputs = self._to_channels_last(inputs)
+        factors = self._frozen_factors(self.compute_dtype)
         if self.export_form == "product":
-            return SparseFactorConv2D.call(self, inputs)
-        first, *rest = self.factors
-        kernel = tf.reshape(first, self.kernel_size + (self.in_channels, -1))
-        outputs = self._conv(self._to_channels_last(inputs), kernel, self.strides,
-                             self.dilation_rate)
-        if rest:
-            outputs = matmul_last_axis(outputs, lambda x: apply_in_sequence(x, rest))
+            outputs = self._conv(inputs, self._as_conv_kernel(multiply_out(factors)),
+                                 self.strides, self.dilation_rate)
+        else:
+            outputs = self._first_then_rest(inputs, factors[0], factors[1:])
         return self._from_channels_last(self._finish(outputs))
 
     @classmethod

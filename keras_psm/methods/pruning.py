@@ -4,75 +4,35 @@ PSM paper, section 3.1: hard pruning is PSM with a single factor (Q = 1)
 whose support keeps the largest magnitudes; iterative pruning (Zhu & Gupta
 2017) recomputes that support during training on a polynomial schedule.
 Both replace each Dense/Conv2D by ``SparseFactorDense``/``SparseFactorConv2D``
-with one factor, ``kernel * mask``, and work under Keras 3 and tf_keras
-(``keras_psm.pruning`` holds the tfmot versions the paper used).
+with one factor and work under Keras 3 and tf_keras (``keras_psm.pruning``
+owns the counts and the callback, and holds the tfmot versions the paper used).
 
 - ``hard-pruning``: each kernel keeps its ``kept_count(size, target_sparsity)``
-  largest magnitudes, at once; fine-tuning keeps that mask.
-- ``iterative-pruning``: the layers start with full masks;
-  ``report.callbacks`` holds the ``IterativePruning`` callback that prunes
-  them during ``fit``.
+  largest magnitudes, at once, stored compactly (values and indices only);
+  fine-tuning keeps that support.
+- ``iterative-pruning``: ``prunable`` layers on the full support (a 0/1
+  ``keep`` mask over the stored values); ``report.callbacks`` holds the
+  ``IterativePruning`` callback that prunes them during ``fit``.
 
 Both count kept entries as tfmot does, so on the same model and schedule the
 two implementations reach the same number of nonzeros.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 
 from keras_psm.methods.psm import PSM_PAPER, build_sparse_factor_layer, kernel_matrix
 from keras_psm.methods.psm_variants import factorization_from
 from keras_psm.methods.registry import Method, register_method
-from keras_psm.validation import check_float, check_int
-
-
-def kept_count(size, sparsity):
-    """Entries kept when ``size`` entries are pruned to ``sparsity``.
-
-    ``max(1, round(size * (1 - sparsity)))`` in float32 with ties to even,
-    exactly as tfmot counts them.
-    """
-    kept = np.float32(size) * (np.float32(1.0) - np.float32(sparsity))
-    return int(max(1, np.round(kept)))
-
-
-def top_k_mask(scores, k, support=None):
-    """Boolean mask of the ``k`` largest ``scores`` among ``support``.
-
-    Exactly ``min(k, support.sum())`` entries are kept (ties broken by
-    position); entries outside ``support`` are never kept.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    flat = scores.ravel()
-    allowed = np.ones(flat.size, dtype=bool) if support is None else \
-        np.asarray(support, dtype=bool).ravel()
-    candidates = np.flatnonzero(allowed)
-    mask = np.zeros(flat.size, dtype=bool)
-    if k >= candidates.size:
-        mask[candidates] = True
-    elif k > 0:
-        mask[candidates[np.argpartition(-flat[candidates], k - 1)[:k]]] = True
-    return mask.reshape(scores.shape)
-
-
-def check_sparsity(value, name, where):
-    """A sparsity (fraction of zeros) in [0, 1), tfmot's range."""
-    value = check_float(value, name, minimum=0.0, where=where)
-    if value >= 1.0:
-        raise ValueError(f"{where}: `{name}` must be >= 0 and < 1, got {value}.")
-    return value
-
-
-def check_schedule(where, target_sparsity, begin_step, end_step, frequency, initial_sparsity):
-    """Validated ``(target_sparsity, begin_step, end_step, frequency, initial_sparsity)``."""
-    target_sparsity = check_sparsity(target_sparsity, "target_sparsity", where)
-    begin_step = check_int(begin_step, "begin_step", minimum=0, where=where)
-    end_step = check_int(end_step, "end_step", minimum=begin_step + 1, where=where)
-    frequency = check_int(frequency, "frequency", minimum=1, where=where)
-    initial_sparsity = check_float(initial_sparsity, "initial_sparsity", minimum=0.0,
-                                   maximum=target_sparsity, where=where)
-    return target_sparsity, begin_step, end_step, frequency, initial_sparsity
+from keras_psm.pruning import (
+    IterativePruning,
+    check_schedule,
+    check_sparsity,
+    kept_count,
+    top_k_mask,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +85,7 @@ def fit_full_mask(kernel, config):
 
 
 def iterative_pruning_callbacks(model, config):
-    """The ``IterativePruning`` callback for the model's one-factor masked layers."""
-    # keras_psm.pruning imports this module (kept_count, check_schedule): import here.
-    from keras_psm.pruning import IterativePruning
-
+    """The ``IterativePruning`` callback for the model's one-factor prunable layers."""
     return [IterativePruning(
         config.target_sparsity, begin_step=config.begin_step, end_step=config.end_step,
         frequency=config.frequency, initial_sparsity=config.initial_sparsity,
@@ -151,7 +108,7 @@ ITERATIVE_PRUNING = register_method(Method(
     description="magnitude pruning during fine-tuning, Zhu & Gupta schedule (callback)",
     config_class=IterativePruningConfig,
     fit=fit_full_mask,
-    build=build_sparse_factor_layer,
+    build=functools.partial(build_sparse_factor_layer, prunable=True),
     callbacks=iterative_pruning_callbacks,
     presets={
         "small": dict(target_sparsity=0.98, end_step=500, frequency=50),

@@ -67,11 +67,13 @@ def fit_psm(kernel, config):
     )
 
 
-def build_sparse_factor_layer(layer, factorization, config):
+def build_sparse_factor_layer(layer, factorization, config, prunable=False):
     """``SparseFactorDense``/``SparseFactorConv2D`` from a ``Factorization``.
 
     The layer records as its ``sparsity`` the fewest nonzeros of any row or
-    column of the supports, so its config describes the support it holds.
+    column of the supports, so its config describes the support it holds;
+    ``prunable`` layers also hold a 0/1 mask over their values for pruning
+    during ``fit``.
     """
     fewest = min(
         int(min(support.sum(axis=0).min(), support.sum(axis=1).min()))
@@ -82,6 +84,7 @@ def build_sparse_factor_layer(layer, factorization, config):
     )
     return layer_class.replacing(
         layer, factorization.factors, factorization.supports, sparsity=max(1, fewest),
+        prunable=prunable,
     )
 
 
