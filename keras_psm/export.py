@@ -49,7 +49,7 @@ from typing import List, Optional
 import numpy as np
 
 from keras_psm.backend import keras, tf
-from keras_psm.model_layers import check_graph_model, is_graph_model
+from keras_psm.model_layers import check_graph_model, is_graph_model, leaf_layers
 from keras_psm.layers.base import CompressedLayer
 from keras_psm.validation import check_choice, check_float, check_int
 
@@ -85,17 +85,123 @@ def strip_for_export(layer):
     return inner, [masked.get(id(weight), weight.numpy()) for weight in inner.weights]
 
 
-def export_model(model, factor_form="auto"):
+class CompactFactors:
+    """The sparse factors of an export copy as quantized nonzero values and
+    their positions, unpacked by the graph (``quantization`` exports).
+
+    TFLite's sparse encoding fails LiteRT's check once quantized (float16
+    weights in 1x4 blocks reach the op undecoded; XNNPACK cannot prepare a
+    sparse int8 weight), and the dense encoding stores every zero. Here the
+    factors F (m x n) are laid end to end, each as F^T (the layout of a
+    fully connected op's weight, so that ``x @ F`` converts to one), in
+    flat buffers of at most 2**24 entries (positions are exact in float32).
+    A buffer is stored as
+
+    - its nonzero values: float32 constants, which the converter stores in
+      float16 under ``"float16"``; under ``"dynamic_int8"``, int8
+      ``q = round(v / s)`` with one scale ``s = max |v| / 127`` per factor;
+    - their positions p_0 < p_1 < ... as uint8 steps ``d_i = p_i - p_{i-1}``
+      (``d_0 = p_0``); a step over 255 is cut by zero values in between.
+
+    The graph rebuilds it, ``B = scatter(cumsum(d), q)``, and each factor
+    is a slice of it, reshaped and scaled: ``F = s * B[a:a + mn].reshape(n, m)^T``.
+    The converter folds a constant expression whose result is at most
+    8 KiB or twice its operands; storing all factors in one buffer keeps
+    the uint8 -> float32 conversions (4 times the bytes) from being folded
+    back into float32 constants, and the graph small.
+    """
+
+    MAX_BUFFER_SIZE = 2 ** 24
+    MAX_STEP = 255
+    INT8_LEVELS = 127
+
+    def __init__(self, quantization):
+        self.quantization = quantization
+        self._buffers = []  # [size, positions (list of arrays), values (list of arrays)]
+        self._pieces = {}  # id(layer) -> [(buffer index, start, shape, scale)]
+        self._unpacked = {}  # graph -> the buffers as tensors
+
+    @classmethod
+    def fits(cls, factors):
+        """Whether every factor fits in one buffer."""
+        return all(np.asarray(f).size <= cls.MAX_BUFFER_SIZE for f in factors)
+
+    def add(self, layer, factors):
+        """Store ``layer``'s (m, n) NumPy factors; ``factors(layer)`` rebuilds them."""
+        pieces = []
+        for factor in factors:
+            factor = np.asarray(factor, dtype=np.float32)
+            if not self._buffers or self._buffers[-1][0] + factor.size > self.MAX_BUFFER_SIZE:
+                self._buffers.append([0, [], []])
+            buffer = self._buffers[-1]
+            transposed = factor.T.reshape(-1)
+            positions = np.flatnonzero(transposed)
+            values = transposed[positions]
+            scale = None
+            if self.quantization == "dynamic_int8":
+                scale = max(float(np.max(np.abs(values), initial=0.0)), 1e-30) / self.INT8_LEVELS
+                values = np.round(values / scale).astype(np.int8)
+            buffer[1].append(buffer[0] + positions)
+            buffer[2].append(values)
+            pieces.append((len(self._buffers) - 1, buffer[0], factor.shape, scale))
+            buffer[0] += factor.size
+        self._pieces[id(layer)] = pieces
+
+    @classmethod
+    def steps(cls, positions):
+        """``(steps, index)``: uint8 steps whose running sum visits ``positions``
+        (increasing) and the extra positions between them, and the index of
+        each of ``positions`` among the visited ones."""
+        gaps = np.diff(positions, prepend=0)
+        extra = np.maximum(0, (gaps - 1) // cls.MAX_STEP)  # zero values before each position
+        index = np.cumsum(extra + 1) - 1
+        visited = np.zeros(index[-1] + 1 if index.size else 0, dtype=np.int64)
+        visited[index] = gaps - extra * cls.MAX_STEP
+        visited[np.setdiff1d(np.arange(visited.size), index)] = cls.MAX_STEP
+        return visited.astype(np.uint8), index
+
+    def _unpack(self):
+        """The flat buffers as tensors of the graph being traced (built once per graph)."""
+        graph = tf.compat.v1.get_default_graph()
+        if graph not in self._unpacked:
+            buffers = []
+            for size, positions, values in self._buffers:
+                steps, index = self.steps(np.concatenate(positions))
+                stored = np.zeros(steps.size, dtype=values[0].dtype)
+                stored[index] = np.concatenate(values)
+                visited = tf.cumsum(tf.cast(tf.constant(steps), tf.float32))
+                buffers.append(tf.scatter_nd(tf.cast(visited, tf.int32)[:, None],
+                                             tf.cast(tf.constant(stored), tf.float32), [size]))
+            self._unpacked[graph] = buffers
+        return self._unpacked[graph]
+
+    def factors(self, layer):
+        """``layer``'s factors, rebuilt from their buffer."""
+        buffers = self._unpack()
+        factors = []
+        for buffer, start, (rows, cols), scale in self._pieces[id(layer)]:
+            transposed = tf.reshape(buffers[buffer][start:start + rows * cols], (cols, rows))
+            if scale is not None:
+                transposed = transposed * scale
+            factors.append(tf.cast(tf.transpose(transposed), layer.compute_dtype))
+        return factors
+
+
+def export_model(model, factor_form="sequence", quantization=None):
     """A copy of ``model`` for conversion; ``model`` itself is not touched.
 
     Every layer is rebuilt from its config with a copy of its weights;
     pruning wrappers are stripped (``strip_for_export``) and a layer whose
     class defines ``export_call`` runs it as its ``call``. A layer with an
     ``export_form`` (the sparse-factor layers) gets ``factor_form``, or with
-    ``"auto"`` its ``cheaper_export_form()``.
+    ``"auto"`` its ``cheaper_export_form()``. With a ``quantization``, the
+    factors of those layers are applied in sequence and stored as
+    ``CompactFactors``.
     """
     check_graph_model(model, "export")
     check_choice(factor_form, "factor_form", FACTOR_FORMS, where="export")
+    check_choice(quantization, "quantization", tuple(DEFAULT_TOLERANCES), where="export")
+    compact = None if quantization is None else CompactFactors(quantization)
     copies = []
 
     def clone_function(layer):
@@ -104,9 +210,17 @@ def export_model(model, factor_form="auto"):
         layer, weights = strip_for_export(layer)
         cls = type(layer)
         forward = getattr(cls, "export_call", None)
+        factors = None
+        if compact is not None and hasattr(layer, "export_form"):
+            factors = [np.asarray(f) for f in layer.factors]
         if forward is not None:
-            cls = type(cls.__name__, (cls,), {"call": forward, "__module__": __name__})
+            members = {"call": forward, "__module__": __name__}
+            if factors is not None and compact.fits(factors):
+                members["factors"] = property(compact.factors)
+            cls = type(cls.__name__, (cls,), members)
         new_layer = cls.from_config(layer.get_config())
+        if "factors" in vars(cls):
+            compact.add(new_layer, factors)
         copies.append((new_layer, weights))
         return new_layer
 
@@ -114,8 +228,9 @@ def export_model(model, factor_form="auto"):
     for new_layer, weights in copies:
         new_layer.set_weights(weights)
         if hasattr(new_layer, "export_form"):
-            new_layer.export_form = (new_layer.cheaper_export_form() if factor_form == "auto"
-                                     else factor_form)
+            new_layer.export_form = (
+                "sequence" if "factors" in vars(type(new_layer))
+                else new_layer.cheaper_export_form() if factor_form == "auto" else factor_form)
     return exported
 
 
@@ -284,8 +399,8 @@ def _random_inputs(model, n_samples, seed=0):
     ]
 
 
-def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="auto", inputs=None,
-              tolerance=None, batch_size=1):
+def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="sequence",
+              inputs=None, tolerance=None, batch_size=1):
     """Write ``model`` as a .tflite file that keeps its compression; returns ``path``.
 
     The model is converted through an export copy (``export_model``):
@@ -349,26 +464,30 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="aut
     allowed = tolerance * max(1.0, max(float(np.max(np.abs(e))) for e in expected))
 
     exported = export_model(model, factor_form)
-    encodings = {"auto": (True, False), True: (True,), False: (False,)}[sparse]
-    kept, rejected = None, []
+    candidates = [(f"the {'sparse' if encoding else 'dense'} encoding", exported, encoding)
+                  for encoding in {"auto": (True, False), True: (True,), False: (False,)}[sparse]]
+    if quantization is not None:
+        compact = export_model(model, factor_form, quantization)
+        if any("factors" in vars(type(layer)) for layer in leaf_layers(compact)):
+            candidates.insert(0, ("the compact factors", compact, False))
+    kept, kept_label, rejected = None, None, []
     with tempfile.TemporaryDirectory() as directory:
-        for sparse_encoding in encodings:
-            label = "sparse" if sparse_encoding else "dense"
+        for index, (label, exported, sparse_encoding) in enumerate(candidates):
             content = convert(exported, quantization, sparse_encoding, batch_size)
-            candidate = os.path.join(directory, f"{label}.tflite")
+            candidate = os.path.join(directory, f"{index}.tflite")
             with open(candidate, "wb") as handle:
                 handle.write(content)
             try:
                 difference = _max_difference(run_tflite(candidate, arrays), expected)
             except RuntimeError as error:
-                rejected.append(f"the {label} encoding does not run: {error}")
+                rejected.append(f"{label} does not run: {error}")
                 continue
             if not difference <= allowed:
                 rejected.append(
-                    f"the {label} encoding differs from the Keras model by up to "
+                    f"{label} differs from the Keras model by up to "
                     f"{difference:.3g}, more than the tolerance {allowed:.3g}")
             elif kept is None or len(content) < len(kept):
-                kept = content
+                kept, kept_label = content, label
     summary = (f"model {model.name!r} (quantization={quantization!r}, sparse={sparse!r}, "
                f"factor_form={factor_form!r})")
     if kept is None:
@@ -378,9 +497,9 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="aut
             "or another quantization; pass real samples as `inputs` or a larger "
             "`tolerance` if only the tolerance is exceeded."
         )
-    if rejected:
+    if rejected and kept_label != "the compact factors":
         warnings.warn(f"{where}: {summary}: " + "; ".join(rejected)
-                      + "; the file keeps the other encoding.", RuntimeWarning, stacklevel=2)
+                      + f"; the file keeps {kept_label}.", RuntimeWarning, stacklevel=2)
     with open(path, "wb") as handle:
         handle.write(kept)
     return path
