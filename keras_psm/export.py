@@ -466,7 +466,7 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
     exported = export_model(model, factor_form)
     candidates = [(f"the {'sparse' if encoding else 'dense'} encoding", exported, encoding)
                   for encoding in {"auto": (True, False), True: (True,), False: (False,)}[sparse]]
-    if quantization is not None:
+    if quantization is not None and sparse is not False:
         compact = export_model(model, factor_form, quantization)
         if any("factors" in vars(type(layer)) for layer in leaf_layers(compact)):
             candidates.insert(0, ("the compact factors", compact, False))

@@ -10,7 +10,7 @@ import pytest
 from ai_edge_litert import schema_py_generated as schema
 
 import keras_psm
-from keras_psm import export, litert_cost
+from keras_psm import demo, export, litert_cost
 from keras_psm.backend import LEGACY_KERAS, keras
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
 
@@ -224,33 +224,64 @@ def test_verify_detects_a_different_model(mlp_files):
 
 # --- quantization, encodings and the LiteRT check ---
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["float16", "dynamic_int8"])
-def test_quantized_files_run_and_stay_within_their_tolerance(tmp_path, mlp_files,
-                                                              quantization):
-    model, _, _, dense_path = mlp_files
+def test_quantized_files_keep_the_factors_compact(tmp_path, mlp_files, quantization):
+    model, float32_path, _, _ = mlp_files
     x = samples((784,))
-    with pytest.warns(RuntimeWarning, match="sparse encoding"):
-        # LiteRT 2.3 mishandles sparse int8 weights (XNNPACK cannot prepare the op,
-        # or the builtin kernel computes garbage) and 1x4-block float16 ones (they
-        # reach the op undecoded): the check rejects that candidate and the dense
-        # encoding is kept.
-        path = export.to_tflite(model, tmp_path / "q.tflite", quantization=quantization,
-                                inputs=x)
+    path = export.to_tflite(model, tmp_path / "q.tflite", quantization=quantization, inputs=x)
     difference = export.verify_tflite(path, model, x)
     scale = max(1.0, float(np.abs(model(x).numpy()).max()))
     assert 0 < difference <= export.DEFAULT_TOLERANCES[quantization] * scale
-    # Dense float32 storage of the factors is 2 * (784 + 512) * 512 values.
-    factor_bytes = 4 * 2 * (784 + 512) * 512
-    assert os.path.getsize(path) < (0.55 if quantization == "float16" else 0.3) * factor_bytes
+    operators, _ = tflite_contents(path)
+    assert operators["SCATTER_ND"] == 1  # all factors unpacked from one buffer
+    assert operators["FULLY_CONNECTED"] == 5  # two per PSM layer, fc3
+    # A factor folded back into a constant would be a dense 512 x 512 (or
+    # 784 x 512) array, at least one byte per entry.
+    assert max(buffer_sizes(path)) < 512 * 512
+    size, float32_size = os.path.getsize(path), os.path.getsize(float32_path)
+    assert size < (0.75 if quantization == "float16" else 0.5) * float32_size
+
+
+def buffer_sizes(path):
+    """Bytes of every constant tensor of a .tflite file."""
+    with open(path, "rb") as handle:
+        model = schema.Model.GetRootAs(handle.read(), 0)
+    subgraph = model.Subgraphs(0)
+    return [model.Buffers(subgraph.Tensors(i).Buffer()).DataLength()
+            for i in range(subgraph.TensorsLength())]
+
+
+def test_compact_position_steps_visit_every_position():
+    rng = np.random.default_rng(0)
+    positions = np.sort(rng.choice(100_000, 300, replace=False))
+    positions[0] = 0  # a first position at 0 is a first step of 0
+    for case in (positions, positions[1:], positions[:1], positions[:0], np.array([1000])):
+        steps, index = export.CompactFactors.steps(case)
+        visited = np.cumsum(steps.astype(np.int64))
+        np.testing.assert_array_equal(visited[index], case)
+        assert steps.dtype == np.uint8
+        # Extra positions (zero values) only where a step would exceed 255:
+        # at most gap / 255 of them per gap.
+        gaps = np.diff(case, prepend=0)
+        assert steps.size == case.size + int(np.sum(np.maximum(0, (gaps - 1) // 255)))
+        assert np.all(np.diff(visited) > 0)
 
 
 def small_psm_model():
     return model_of(SparseFactorDense(256, n_factors=2, sparsity=4, seed=0), (256,))
 
 
+@pytest.mark.slow
 def test_sparse_int8_that_litert_cannot_run_is_a_clear_error(tmp_path):
+    # A pruned Dense layer has no factors to keep compact: only TFLite's sparse
+    # encoding, which LiteRT 2.3 cannot run with int8 weights.
+    layer = keras.layers.Dense(256, use_bias=False)
+    model = model_of(layer, (256,))
+    kernel = layer.get_weights()[0]
+    layer.set_weights([kernel * (np.random.default_rng(0).random(kernel.shape) < 0.02)])
     with pytest.raises(RuntimeError, match="sparse encoding (does not run|differs)"):
-        export.to_tflite(small_psm_model(), tmp_path / "q.tflite", quantization="dynamic_int8",
+        export.to_tflite(model, tmp_path / "q.tflite", quantization="dynamic_int8",
                          sparse=True)
     assert not (tmp_path / "q.tflite").exists()
 
@@ -307,6 +338,68 @@ def test_bad_arguments_name_the_parameter(tmp_path):
 
     with pytest.raises(ValueError, match="functional or Sequential"):
         export.to_tflite(Subclassed(), tmp_path / "m.tflite")
+
+
+# --- the default file keeps the compression, quantized ones too ---
+
+def with_logits(model, name):
+    """A copy of ``model`` whose layer ``name`` has no activation (logits, not
+    probabilities, so that the relative tolerance of the check means something)."""
+    def clone(layer):
+        config = layer.get_config()
+        if layer.name == name:
+            config["activation"] = "linear"
+        return type(layer).from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+DEMO_MODELS = {
+    "lenet5": (lambda: with_logits(demo.lenet5(), "fc3"), (28, 28, 1)),
+    "vgg_small": (lambda: with_logits(demo.vgg_small(), "fc2"), (32, 32, 3)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(DEMO_MODELS))
+def demo_files(request, tmp_path_factory):
+    """``(name, PSM model (Q=2, K=4), its float32 file, the dense file, check inputs)``."""
+    build, input_shape = DEMO_MODELS[request.param]
+    directory = tmp_path_factory.mktemp(request.param)
+    dense = build()
+    model, report = keras_psm.compress(dense, "psm", n_factors=2, sparsity=4, max_iter=20,
+                                       verbose=0)
+    x = samples(input_shape, n=8)
+    return (request.param, model, report, export.to_tflite(model, directory / "psm.tflite",
+                                                           inputs=x),
+            export.to_tflite(dense, directory / "dense.tflite", inputs=x, sparse=False), x)
+
+
+def relative_difference(path, model, x):
+    return export.verify_tflite(path, model, x) / max(1.0, float(np.abs(model(x)).max()))
+
+
+@pytest.mark.slow
+def test_default_export_keeps_the_compression(demo_files):
+    _, model, report, path, dense_path, x = demo_files
+    assert report.params_before >= 10 * report.params_after
+    ratio = os.path.getsize(dense_path) / os.path.getsize(path)
+    assert ratio >= 5, ratio
+    # float32 products of a few factors, summed in another order: rounding only.
+    assert relative_difference(path, model, samples(x.shape[1:], seed=5)) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["float16", "dynamic_int8"])
+def test_quantized_export_is_smaller_than_float32(tmp_path, demo_files, quantization):
+    _, model, _, float32_path, _, x = demo_files
+    path = export.to_tflite(model, tmp_path / "q.tflite", quantization=quantization, inputs=x)
+    size, float32_size = os.path.getsize(path), os.path.getsize(float32_path)
+    assert size <= (1.0 if quantization == "float16" else 0.5) * float32_size, (size,
+                                                                               float32_size)
+    assert (relative_difference(path, model, samples(x.shape[1:], seed=5))
+            <= export.DEFAULT_TOLERANCES[quantization])
 
 
 # --- every layer family ---
