@@ -21,21 +21,25 @@ runs most sparse weights densified (``keras_psm.litert_cost``), so a Conv2D
 layer's first factor, reshaped to (kh, kw, cin, r) with r = filters, costs
 as much as the whole dense convolution and every further factor adds to
 it. A sparse-factor layer (PSM) therefore has two export forms, chosen by
-``factor_form``: ``"sequence"``, ``"product"`` (one op with the product
-kernel, still sparse-encoded where that is smaller), or ``"auto"`` (per
-layer, the sequence unless LiteRT is predicted to run the product faster:
-in practice the product for convolutions, the sequence for Dense layers).
+``factor_form``: ``"sequence"`` (the default: the file keeps the
+compression), ``"product"`` (one op with the product kernel, still
+sparse-encoded where that is smaller: the dense layer's speed and nearly
+its size), or ``"auto"`` (per layer, the sequence unless LiteRT is
+predicted to run the product faster: in practice the product for
+convolutions, the sequence for Dense layers).
 
-The file is converted with and without TFLite's sparse encoding of
-constants (``Optimize.EXPERIMENTAL_SPARSITY``). Each candidate is run by the
-LiteRT interpreter with its default (XNNPACK) delegate, in a separate
+A float32 file is converted with and without TFLite's sparse encoding of
+constants (``Optimize.EXPERIMENTAL_SPARSITY``). LiteRT 2.3 cannot use that
+encoding once quantized (sparse int8 weights fail to prepare in XNNPACK,
+float16 weights stored in 1x4 sparse blocks reach the op undecoded and give
+NaN), so a quantized file stores the factors of sparse-factor layers as
+``CompactFactors``: quantized nonzero values and their positions, unpacked
+by the graph before the ops that use them. Each candidate file is run by
+the LiteRT interpreter with its default (XNNPACK) delegate, in a separate
 process so that a crash cannot take the caller down, on check samples, and
 compared with the Keras model; the smallest one that runs and agrees is
 written. ``to_tflite`` never writes a file that does not run or that
-disagrees with the model. With LiteRT 2.3 this check matters: sparse int8
-weights either fail to prepare in XNNPACK or give wrong results, and
-float16 weights stored in 1x4 sparse blocks reach the op undecoded, so
-quantized files keep the dense encoding.
+disagrees with the model.
 """
 
 import dataclasses
@@ -303,17 +307,21 @@ def _flat_outputs(outputs):
 # Runs a .tflite file in a fresh Python process that imports only numpy and
 # ai_edge_litert, so that LiteRT crashing on a file cannot take the caller
 # down. argv: the file, an .npz of inputs ("0", "1", ... in the model's input
-# order), the .npz to write the outputs to, the number of threads.
+# order; none: one standard-normal sample), the .npz to write the outputs to
+# ("0", "1", ...) and the median seconds of ``runs`` more invocations on the
+# last slice ("latency"), the number of threads, runs.
 _LITERT_RUNNER = """
 import sys
+import time
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-path, inputs_file, outputs_file, threads = sys.argv[1:]
+path, inputs_file, outputs_file, threads, runs = sys.argv[1:]
 data = np.load(inputs_file)
-arrays = [data[str(i)] for i in range(len(data.files))]
 interpreter = Interpreter(model_path=path, num_threads=int(threads))
 inputs = interpreter.get_input_details()
+arrays = [data[str(i)] for i in range(len(data.files))] or [
+    np.random.default_rng(0).standard_normal(d["shape"]).astype(d["dtype"]) for d in inputs]
 if inputs[0]["shape_signature"][0] == -1:
     step = arrays[0].shape[0]
     for detail, array in zip(inputs, arrays):
@@ -329,8 +337,35 @@ for start in range(0, arrays[0].shape[0], step):
     interpreter.invoke()
     for result, detail in zip(results, outputs):
         result.append(interpreter.get_tensor(detail["index"]))
-np.savez(outputs_file, **{str(i): np.concatenate(r) for i, r in enumerate(results)})
+times = []
+for _ in range(int(runs) + 10 * (int(runs) > 0)):
+    begin = time.perf_counter()
+    interpreter.invoke()
+    times.append(time.perf_counter() - begin)
+np.savez(outputs_file, latency=np.median(times[10:]) if times else np.nan,
+         **{str(i): np.concatenate(r) for i, r in enumerate(results)})
 """
+
+
+def _run_litert(path, arrays, num_threads, runs):
+    """``(outputs, median seconds of runs invocations)`` of the file, in a subprocess."""
+    with tempfile.TemporaryDirectory() as directory:
+        inputs_file = os.path.join(directory, "inputs.npz")
+        outputs_file = os.path.join(directory, "outputs.npz")
+        np.savez(inputs_file, **{str(i): np.asarray(a) for i, a in enumerate(arrays)})
+        done = subprocess.run(
+            [sys.executable, "-c", _LITERT_RUNNER, os.fspath(path), inputs_file,
+             outputs_file, str(num_threads), str(runs)],
+            capture_output=True, text=True, check=False,
+        )
+        if done.returncode != 0:
+            how = (f"was killed by signal {-done.returncode}" if done.returncode < 0
+                   else f"exited with status {done.returncode}")
+            detail = done.stderr.strip().splitlines()[-1:] or [""]
+            raise RuntimeError(f"LiteRT {how} running {os.fspath(path)!r}: {detail[0]}")
+        with np.load(outputs_file) as outputs:
+            return ([outputs[str(i)] for i in range(len(outputs.files) - 1)],
+                    float(outputs["latency"]))
 
 
 def run_tflite(path, inputs, num_threads=1):
@@ -346,22 +381,15 @@ def run_tflite(path, inputs, num_threads=1):
         RuntimeError: LiteRT could not load, prepare or run the file.
     """
     arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-    with tempfile.TemporaryDirectory() as directory:
-        inputs_file = os.path.join(directory, "inputs.npz")
-        outputs_file = os.path.join(directory, "outputs.npz")
-        np.savez(inputs_file, **{str(i): np.asarray(a) for i, a in enumerate(arrays)})
-        done = subprocess.run(
-            [sys.executable, "-c", _LITERT_RUNNER, os.fspath(path), inputs_file,
-             outputs_file, str(num_threads)],
-            capture_output=True, text=True, check=False,
-        )
-        if done.returncode != 0:
-            how = (f"was killed by signal {-done.returncode}" if done.returncode < 0
-                   else f"exited with status {done.returncode}")
-            detail = done.stderr.strip().splitlines()[-1:] or [""]
-            raise RuntimeError(f"LiteRT {how} running {os.fspath(path)!r}: {detail[0]}")
-        with np.load(outputs_file) as outputs:
-            return [outputs[str(i)] for i in range(len(outputs.files))]
+    return _run_litert(path, arrays, num_threads, runs=0)[0]
+
+
+def litert_latency(path, runs=100, num_threads=1):
+    """Median seconds of one LiteRT invocation of the .tflite file at ``path``
+    on one standard-normal input of the file's shape (a single sample when
+    the batch size is chosen at run time), after 10 warm-up invocations."""
+    check_int(runs, "runs", minimum=1, where="litert_latency")
+    return _run_litert(path, [], num_threads, runs)[1]
 
 
 def verify_tflite(path, model, inputs, num_threads=1):
@@ -406,10 +434,10 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
     The model is converted through an export copy (``export_model``):
     pruning wrappers stripped with their masks folded in, factors applied to
     the input one at a time (or, for sparse-factor layers, as ``factor_form``
-    says). Each candidate file (with and without TFLite's
-    sparse encoding, as ``sparse`` asks) is run by LiteRT on the check inputs
-    and compared with ``model``; the smallest one that runs and agrees is
-    written.
+    says). Each candidate file (with and without TFLite's sparse encoding, as
+    ``sparse`` asks, and for a quantized file with the factors stored as
+    ``CompactFactors``) is run by LiteRT on the check inputs and compared
+    with ``model``; the smallest one that runs and agrees is written.
 
     Args:
         model: a functional or Sequential Keras model (compressed or not).
@@ -418,18 +446,23 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
         quantization: None (float32 weights), ``"float16"`` (half-precision
             weights) or ``"dynamic_int8"`` (dynamic-range quantization: int8
             weights, float activations).
-        sparse: ``"auto"`` (the smaller of the files with and without the
-            sparse encoding), True (sparse encoding only) or False (none).
-            Some combinations do not run in LiteRT 2.3: its XNNPACK delegate
-            cannot prepare a fully connected op with a sparse int8 weight,
-            and a float16 weight stored in 1x4 sparse blocks reaches the
-            fully connected op undecoded. ``"auto"`` then keeps the dense
-            file with a warning; True raises.
-        factor_form: how sparse-factor (PSM) layers apply their factors:
-            ``"sequence"`` (one op per factor: the smallest file),
-            ``"product"`` (one op with the product kernel: the dense layer's
-            speed) or ``"auto"`` (per layer, the sequence unless LiteRT is
-            predicted to run the product faster; see the module docstring).
+        sparse: ``"auto"`` (the smallest of the sparse candidates and the
+            dense encoding), True (sparse storage only: TFLite's sparse
+            encoding, and ``CompactFactors`` when quantized) or False (dense
+            constants only). LiteRT 2.3 runs no quantized weight in TFLite's
+            sparse encoding (XNNPACK cannot prepare a fully connected op with
+            a sparse int8 weight; a float16 weight stored in 1x4 sparse
+            blocks reaches the op undecoded), so a quantized layer without
+            factors stays dense: ``"auto"`` keeps the dense file with a
+            warning, True raises.
+        factor_form: how sparse-factor (PSM) layers apply their factors in
+            a float32 file: ``"sequence"`` (the default: one op per factor,
+            the smallest file), ``"product"`` (one op with the product
+            kernel: the dense layer's speed and nearly its size) or
+            ``"auto"`` (per layer, the sequence unless LiteRT is predicted
+            to run the product faster; see the module docstring).
+            ``size_report`` gives a file's size and LiteRT latency against
+            the dense original's, to choose by.
         inputs: samples for the check (an array, or one per model input);
             by default 8 standard-normal samples. Real samples make the check
             meaningful for the model's actual range.
@@ -524,11 +557,15 @@ class LayerSize:
 
 @dataclasses.dataclass
 class SizeReport:
-    """File bytes and per-layer parameters of an exported model against its dense original."""
+    """File bytes, LiteRT latency and per-layer parameters of an exported
+    model against its dense original (latencies: median seconds of one
+    single-threaded invocation, ``litert_latency``)."""
 
     file_bytes: int
     dense_file_bytes: Optional[int] = None
     layers: List[LayerSize] = dataclasses.field(default_factory=list)
+    latency: Optional[float] = None
+    dense_latency: Optional[float] = None
 
     @property
     def nonzero(self):
@@ -543,6 +580,13 @@ class SizeReport:
     def file_ratio(self):
         """Dense file bytes / file bytes (None without a dense original)."""
         return None if self.dense_file_bytes is None else self.dense_file_bytes / self.file_bytes
+
+    @property
+    def latency_ratio(self):
+        """Latency / dense latency (None without both)."""
+        if self.latency is None or self.dense_latency is None:
+            return None
+        return self.latency / self.dense_latency
 
     def as_dicts(self):
         return [dataclasses.asdict(row) for row in self.layers]
@@ -566,6 +610,12 @@ class SizeReport:
         if self.dense_file_bytes is not None:
             text[-1] += (f", dense original: {self.dense_file_bytes:,} bytes "
                          f"(x{self.file_ratio:.1f} smaller)")
+        if self.latency is not None:
+            text.append(f"LiteRT latency (one sample, 1 thread, median): "
+                        f"{1e6 * self.latency:,.0f} us")
+        if self.latency_ratio is not None:
+            text[-1] += (f", dense original: {1e6 * self.dense_latency:,.0f} us "
+                         f"(x{self.latency_ratio:.2f})")
         return "\n".join(text)
 
 
@@ -587,25 +637,31 @@ def _layer_sizes(model):
     return sizes
 
 
-def size_report(model, path, dense_model=None, dense_path=None):
-    """Bytes of the .tflite file at ``path`` and the parameters of each layer
-    of ``model``, against the dense original.
+def size_report(model, path, dense_model=None, dense_path=None, latency_runs=100):
+    """Bytes and LiteRT latency of the .tflite file at ``path`` and the
+    parameters of each layer of ``model``, against the dense original.
 
     ``dense_model`` (the model before compression) gives each layer's dense
-    parameter count; its file size comes from ``dense_path`` if given, else
-    from exporting it with ``to_tflite(dense_model, ..., sparse=False)``.
+    parameter count; its file comes from ``dense_path`` if given, else from
+    exporting it with ``to_tflite(dense_model, ..., sparse=False)``.
+    ``latency_runs`` invocations time each file (``litert_latency``); 0
+    skips the timing.
     """
+    check_int(latency_runs, "latency_runs", minimum=0, where="size_report")
     report = SizeReport(file_bytes=os.path.getsize(path))
     dense_sizes = {} if dense_model is None else _layer_sizes(dense_model)
     for name, (layer_type, params, nonzero) in _layer_sizes(model).items():
         dense = dense_sizes.get(name)
         report.layers.append(LayerSize(name, layer_type, params, nonzero,
                                        None if dense is None else dense[1]))
-    if dense_path is None and dense_model is not None:
-        with tempfile.TemporaryDirectory() as directory:
+    if latency_runs:
+        report.latency = litert_latency(path, latency_runs)
+    with tempfile.TemporaryDirectory() as directory:
+        if dense_path is None and dense_model is not None:
             dense_path = to_tflite(dense_model, os.path.join(directory, "dense.tflite"),
                                    sparse=False)
+        if dense_path is not None:
             report.dense_file_bytes = os.path.getsize(dense_path)
-    elif dense_path is not None:
-        report.dense_file_bytes = os.path.getsize(dense_path)
+            if latency_runs:
+                report.dense_latency = litert_latency(dense_path, latency_runs)
     return report

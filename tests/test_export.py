@@ -87,6 +87,7 @@ def small_cnn_file(tmp_path_factory):
 
 # --- the factors stay apart in the file ---
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_factors", [1, 2, 3])
 def test_dense_product_is_a_chain_of_sparse_fully_connected_ops(tmp_path, n_factors):
     layer = SparseFactorDense(256, n_factors=n_factors, sparsity=4, seed=0)
@@ -105,6 +106,7 @@ def test_dense_product_is_a_chain_of_sparse_fully_connected_ops(tmp_path, n_fact
     assert os.path.getsize(path) * 3 < os.path.getsize(folded_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("n_factors", [1, 3])
 @pytest.mark.parametrize("factor_form", ["sequence", "product", "auto"])
@@ -135,6 +137,7 @@ def fully_connected_contents(weight, tmp_path):
     return tflite_contents(path)
 
 
+@pytest.mark.slow
 def test_litert_cost_rule_matches_the_converter(tmp_path):
     rng = np.random.default_rng(0)
     gaussian = rng.standard_normal((512, 256)).astype("float32")
@@ -160,6 +163,7 @@ def test_litert_cost_rule_matches_the_converter(tmp_path):
         assert litert_cost.cost_per_row(weight, fully_connected=False) == dense_cost
 
 
+@pytest.mark.slow
 def test_auto_form_keeps_a_large_sparse_dense_layer_as_a_chain(tmp_path):
     layer = SparseFactorDense(1024, n_factors=2, sparsity=2, seed=0)
     model = model_of(layer, (1024,))
@@ -173,6 +177,7 @@ def test_auto_form_keeps_a_large_sparse_dense_layer_as_a_chain(tmp_path):
     assert export.verify_tflite(path, model, samples((1024,))) < 1e-5
 
 
+@pytest.mark.slow
 def test_product_form_is_one_op_with_the_product_kernel(tmp_path):
     layer = SparseFactorDense(256, n_factors=3, sparsity=4, seed=0)
     model = model_of(layer, (256,))
@@ -191,15 +196,17 @@ def mlp_files(tmp_path_factory):
             dense, export.to_tflite(dense, directory / "dense.tflite"))
 
 
+@pytest.mark.slow
 def test_psm_file_is_much_smaller_than_the_dense_one(mlp_files):
     model, path, _, dense_path = mlp_files
     ratio = os.path.getsize(dense_path) / os.path.getsize(path)
     assert ratio > 5, ratio
-    report = export.size_report(model, path, dense_path=dense_path)
+    report = export.size_report(model, path, dense_path=dense_path, latency_runs=0)
     assert report.file_bytes == os.path.getsize(path)
     assert report.file_ratio == pytest.approx(ratio)
 
 
+@pytest.mark.slow
 def test_size_report_counts_layers_against_the_dense_original(mlp_files):
     model, path, dense, _ = mlp_files
     report = export.size_report(model, path, dense_model=dense)
@@ -213,8 +220,15 @@ def test_size_report_counts_layers_against_the_dense_original(mlp_files):
     assert report.dense_params == dense.count_params()
     assert report.dense_file_bytes > 5 * report.file_bytes
     assert "fc1" in str(report) and "smaller" in str(report)
+    # One sample through a few hundred thousand multiply-adds: microseconds
+    # to milliseconds, whatever the machine.
+    assert 1e-7 < report.latency < 0.1 and 1e-7 < report.dense_latency < 0.1
+    assert report.latency_ratio == pytest.approx(report.latency / report.dense_latency)
+    assert "LiteRT latency" in str(report)
+    assert export.size_report(model, path, latency_runs=0).latency is None
 
 
+@pytest.mark.slow
 def test_verify_detects_a_different_model(mlp_files):
     model, path, _, _ = mlp_files
     x = samples((784,))
@@ -286,6 +300,7 @@ def test_sparse_int8_that_litert_cannot_run_is_a_clear_error(tmp_path):
     assert not (tmp_path / "q.tflite").exists()
 
 
+@pytest.mark.slow
 def test_exceeding_the_tolerance_fails_loudly_and_writes_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="more than the tolerance"):
         export.to_tflite(small_psm_model(), tmp_path / "q.tflite", quantization="float16",
@@ -293,6 +308,7 @@ def test_exceeding_the_tolerance_fails_loudly_and_writes_nothing(tmp_path):
     assert not (tmp_path / "q.tflite").exists()
 
 
+@pytest.mark.slow
 def test_dynamic_batch_and_two_inputs(tmp_path):
     left, right = keras.Input((6,)), keras.Input((4,))
     joined = keras.layers.Concatenate()([
@@ -306,6 +322,7 @@ def test_dynamic_batch_and_two_inputs(tmp_path):
     assert [o.shape for o in outputs] == [(5, 3), (5, 9)]
 
 
+@pytest.mark.slow
 def test_export_never_mutates_the_model(tmp_path, mlp_files):
     model = mlp_files[0]
     before = [w.copy() for w in model.get_weights()]
@@ -451,6 +468,7 @@ def layer_class(name):
     pytest.skip(f"keras_psm.layers has no {name} yet")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILY_CASES))
 def test_every_layer_family_exports_compressed_and_exact(tmp_path, family):
     class_name, build, input_shape = FAMILY_CASES[family]
@@ -480,6 +498,7 @@ def _small_options(method):
     return options
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method_name", _method_names())
 def test_every_method_exports_smaller_and_exact(tmp_path, small_cnn_file, method_name):
     if method_name not in keras_psm.available_methods():
@@ -498,6 +517,7 @@ def test_every_method_exports_smaller_and_exact(tmp_path, small_cnn_file, method
         assert os.path.getsize(path) < 1.1 * dense_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not LEGACY_KERAS, reason="tfmot's pruning wrappers need tf_keras")
 def test_tfmot_pruned_model_is_stripped_with_masks_folded(tmp_path):
     from keras_psm import pruning
