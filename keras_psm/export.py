@@ -32,13 +32,16 @@ A float32 file is converted with and without TFLite's sparse encoding of
 constants (``Optimize.EXPERIMENTAL_SPARSITY``). LiteRT 2.3 cannot use that
 encoding once quantized (sparse int8 weights fail to prepare in XNNPACK,
 float16 weights stored in 1x4 sparse blocks reach the op undecoded and give
-NaN), so a quantized file stores the factors of sparse-factor layers as
-``CompactFactors``: quantized nonzero values and their positions, unpacked
-by the graph before the ops that use them. Each candidate file is run by
-the LiteRT interpreter with its default (XNNPACK) delegate, in a separate
-process so that a crash cannot take the caller down, on check samples, and
-compared with the Keras model; the smallest one that runs and agrees is
-written. ``to_tflite`` never writes a file that does not run or that
+NaN), so a quantized ``"sequence"`` file stores the factors of sparse-factor
+layers as ``CompactFactors``: quantized nonzero values and their positions,
+unpacked by the graph before the ops that use them. That keeps the file
+small but not fast: XNNPACK delegates ops with constant weights only, and
+LiteRT's builtin kernels run the others several times slower.
+
+Each candidate file is run by the LiteRT interpreter with its default
+(XNNPACK) delegate, in a separate process so that a crash cannot take the
+caller down, on check samples, and compared with the Keras model; the
+smallest one that runs and agrees is written. ``to_tflite`` never writes a file that does not run or that
 disagrees with the model.
 """
 
@@ -435,9 +438,10 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
     pruning wrappers stripped with their masks folded in, factors applied to
     the input one at a time (or, for sparse-factor layers, as ``factor_form``
     says). Each candidate file (with and without TFLite's sparse encoding, as
-    ``sparse`` asks, and for a quantized file with the factors stored as
-    ``CompactFactors``) is run by LiteRT on the check inputs and compared
-    with ``model``; the smallest one that runs and agrees is written.
+    ``sparse`` asks, and for a quantized file in the ``"sequence"`` form
+    with the factors stored as ``CompactFactors``) is run by LiteRT on the
+    check inputs and compared with ``model``; the smallest one that runs and
+    agrees is written.
 
     Args:
         model: a functional or Sequential Keras model (compressed or not).
@@ -455,12 +459,17 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
             blocks reaches the op undecoded), so a quantized layer without
             factors stays dense: ``"auto"`` keeps the dense file with a
             warning, True raises.
-        factor_form: how sparse-factor (PSM) layers apply their factors in
-            a float32 file: ``"sequence"`` (the default: one op per factor,
-            the smallest file), ``"product"`` (one op with the product
-            kernel: the dense layer's speed and nearly its size) or
-            ``"auto"`` (per layer, the sequence unless LiteRT is predicted
-            to run the product faster; see the module docstring).
+        factor_form: how sparse-factor (PSM) layers apply their factors:
+            ``"sequence"`` (the default: one op per factor, the smallest
+            file), ``"product"`` (one op with the product kernel: the dense
+            layer's speed and nearly its size) or ``"auto"`` (per layer, the
+            sequence unless LiteRT is predicted to run the product faster;
+            see the module docstring). A quantized ``"sequence"`` file stores
+            the factors as ``CompactFactors``, whose ops run in LiteRT's
+            builtin kernels (XNNPACK takes constant weights only): several
+            times slower than the dense file; quantized ``"product"`` and
+            ``"auto"`` files store dense quantized weights and keep the
+            dense file's speed.
             ``size_report`` gives a file's size and LiteRT latency against
             the dense original's, to choose by.
         inputs: samples for the check (an array, or one per model input);
@@ -499,7 +508,7 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
     exported = export_model(model, factor_form)
     candidates = [(f"the {'sparse' if encoding else 'dense'} encoding", exported, encoding)
                   for encoding in {"auto": (True, False), True: (True,), False: (False,)}[sparse]]
-    if quantization is not None and sparse is not False:
+    if quantization is not None and sparse is not False and factor_form == "sequence":
         compact = export_model(model, factor_form, quantization)
         if any("factors" in vars(type(layer)) for layer in leaf_layers(compact)):
             candidates.insert(0, ("the compact factors", compact, False))
