@@ -11,8 +11,8 @@ one sample at a time, median of ``--runs`` invocations.
   exported in float32 with each ``factor_form`` ("sequence", the default:
   one op per factor; "product": one op with the product kernel; "auto":
   per layer, the faster of the two by ``keras_psm.litert_cost``) and
-  quantized (float16, dynamic int8: the factors' nonzero values and
-  positions, unpacked by the graph);
+  quantized (float16, dynamic int8) as "sequence" (the factors' nonzero
+  values and positions, unpacked by the graph) and as "product";
 - psm Q=q K=k block=4: the same with supports of whole 1x4 blocks along the
   input axis (``PSMConfig.block``), which LiteRT's sparse fully connected
   kernel runs on;
@@ -63,7 +63,7 @@ class Row:
 
 def measure(name, variant, model, directory, runs, inputs, **options):
     """Export ``model`` with ``options`` (to_tflite's) and measure the file."""
-    how = options.get("quantization") or options.get("factor_form", "sequence")
+    how = " ".join(filter(None, (options.get("quantization"), options.get("factor_form"))))
     path = export.to_tflite(model, os.path.join(directory, f"{name}_{variant}_{how}.tflite"),
                             inputs=inputs, **options)
     report = export.size_report(model, path, latency_runs=runs)
@@ -73,10 +73,10 @@ def measure(name, variant, model, directory, runs, inputs, **options):
 
 def exports(label, model):
     """``(label, model, to_tflite options)`` for every export of one model."""
-    for factor_form in FACTOR_FORMS if label != "dense" else ("sequence",):
-        yield label, model, dict(factor_form=factor_form)
-    for quantization in QUANTIZATIONS:
-        yield label, model, dict(quantization=quantization)
+    factor_forms = FACTOR_FORMS if label != "dense" else ("sequence",)
+    for quantization in (None,) + QUANTIZATIONS:
+        for factor_form in factor_forms[:2 if quantization else 3]:
+            yield label, model, dict(quantization=quantization, factor_form=factor_form)
 
 
 def variants(dense, max_iter, executor, other_methods):

@@ -41,8 +41,8 @@ LiteRT's builtin kernels run the others several times slower.
 Each candidate file is run by the LiteRT interpreter with its default
 (XNNPACK) delegate, in a separate process so that a crash cannot take the
 caller down, on check samples, and compared with the Keras model; the
-smallest one that runs and agrees is written. ``to_tflite`` never writes a file that does not run or that
-disagrees with the model.
+smallest one that runs and agrees is written. ``to_tflite`` never writes a
+file that does not run or that disagrees with the model.
 """
 
 import dataclasses
