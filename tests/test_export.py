@@ -257,6 +257,19 @@ def test_quantized_files_keep_the_factors_compact(tmp_path, mlp_files, quantizat
     assert size < (0.75 if quantization == "float16" else 0.5) * float32_size
 
 
+@pytest.mark.slow
+def test_quantized_product_form_keeps_constant_weights(tmp_path, mlp_files):
+    model = mlp_files[0]
+    x = samples((784,))
+    path = export.to_tflite(model, tmp_path / "q.tflite", quantization="dynamic_int8",
+                            factor_form="product", sparse=False, inputs=x)
+    operators, _ = tflite_contents(path)
+    # One op per layer with a constant int8 weight: nothing unpacked at run time.
+    assert "SCATTER_ND" not in operators and operators["FULLY_CONNECTED"] == 3
+    scale = max(1.0, float(np.abs(model(x).numpy()).max()))
+    assert export.verify_tflite(path, model, x) <= export.DEFAULT_TOLERANCES["dynamic_int8"] * scale
+
+
 def buffer_sizes(path):
     """Bytes of every constant tensor of a .tflite file."""
     with open(path, "rb") as handle:
