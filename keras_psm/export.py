@@ -102,18 +102,22 @@ class CompactFactors:
     factors F (m x n) are laid end to end, each as F^T (the layout of a
     fully connected op's weight, so that ``x @ F`` converts to one), in
     flat buffers of at most 2**24 entries (positions are exact in float32).
-    A buffer is stored as
+    A buffer is cut into units of 1 entry, or of ``BLOCK`` consecutive
+    entries (a 1x4 block along the input axis) where that stores the factor
+    in fewer bytes, and stored as
 
-    - its nonzero values: float32 constants, which the converter stores in
-      float16 under ``"float16"``; under ``"dynamic_int8"``, int8
-      ``q = round(v / s)`` with one scale ``s = max |v| / 127`` per factor;
-    - their positions p_0 < p_1 < ... as uint8 steps ``d_i = p_i - p_{i-1}``
-      (``d_0 = p_0``); a step over 255 is cut by zero values in between.
+    - the values of its nonzero units: float32 constants, which the
+      converter stores in float16 under ``"float16"``; under
+      ``"dynamic_int8"``, int8 ``q = round(v / s)`` with one scale
+      ``s = max |v| / 127`` per factor;
+    - their unit positions p_0 < p_1 < ... as uint8 steps
+      ``d_i = p_i - p_{i-1}`` (``d_0 = p_0``); a step over 255 is cut by zero
+      units in between.
 
     The graph rebuilds it, ``B = scatter(cumsum(d), q)``, and each factor
     is a slice of it, reshaped and scaled: ``F = s * B[a:a + mn].reshape(n, m)^T``.
     The converter folds a constant expression whose result is at most
-    8 KiB or twice its operands; storing all factors in one buffer keeps
+    8 KiB or twice its operands; storing all factors in a few buffers keeps
     the uint8 -> float32 conversions (4 times the bytes) from being folded
     back into float32 constants, and the graph small.
     """
@@ -121,10 +125,11 @@ class CompactFactors:
     MAX_BUFFER_SIZE = 2 ** 24
     MAX_STEP = 255
     INT8_LEVELS = 127
+    BLOCK = 4
 
     def __init__(self, quantization):
         self.quantization = quantization
-        self._buffers = []  # [size, positions (list of arrays), values (list of arrays)]
+        self._buffers = []  # [unit, size, unit positions (arrays), values (arrays)]
         self._pieces = {}  # id(layer) -> [(buffer index, start, shape, scale)]
         self._unpacked = {}  # graph -> the buffers as tensors
 
@@ -133,25 +138,48 @@ class CompactFactors:
         """Whether every factor fits in one buffer."""
         return all(np.asarray(f).size <= cls.MAX_BUFFER_SIZE for f in factors)
 
+    def _buffer_for(self, unit, size):
+        """Index of the last buffer of ``unit`` with room for ``size`` entries (a new one
+        if none)."""
+        for index in range(len(self._buffers) - 1, -1, -1):
+            if self._buffers[index][0] == unit:
+                if self._buffers[index][1] + size <= self.MAX_BUFFER_SIZE:
+                    return index
+                break
+        self._buffers.append([unit, 0, [], []])
+        return len(self._buffers) - 1
+
+    def _unit(self, transposed):
+        """``BLOCK`` if storing whole blocks of the flat factor takes fewer bytes
+        (a value and a step byte per unit), else 1."""
+        if transposed.size % self.BLOCK:
+            return 1
+        value_bytes = 1 if self.quantization == "dynamic_int8" else 2
+        nonzero = np.count_nonzero(transposed)
+        blocks = np.count_nonzero(transposed.reshape(-1, self.BLOCK).any(axis=1))
+        block_bytes = blocks * (self.BLOCK * value_bytes + 1)
+        return self.BLOCK if block_bytes < nonzero * (value_bytes + 1) else 1
+
     def add(self, layer, factors):
         """Store ``layer``'s (m, n) NumPy factors; ``factors(layer)`` rebuilds them."""
         pieces = []
         for factor in factors:
             factor = np.asarray(factor, dtype=np.float32)
-            if not self._buffers or self._buffers[-1][0] + factor.size > self.MAX_BUFFER_SIZE:
-                self._buffers.append([0, [], []])
-            buffer = self._buffers[-1]
             transposed = factor.T.reshape(-1)
-            positions = np.flatnonzero(transposed)
-            values = transposed[positions]
+            unit = self._unit(transposed)
+            units = transposed.reshape(-1, unit)
+            positions = np.flatnonzero(units.any(axis=1))
+            values = units[positions].reshape(-1)
             scale = None
             if self.quantization == "dynamic_int8":
                 scale = max(float(np.max(np.abs(values), initial=0.0)), 1e-30) / self.INT8_LEVELS
                 values = np.round(values / scale).astype(np.int8)
-            buffer[1].append(buffer[0] + positions)
-            buffer[2].append(values)
-            pieces.append((len(self._buffers) - 1, buffer[0], factor.shape, scale))
-            buffer[0] += factor.size
+            index = self._buffer_for(unit, factor.size)
+            _, start, buffer_positions, buffer_values = self._buffers[index]
+            buffer_positions.append(start // unit + positions)
+            buffer_values.append(values)
+            pieces.append((index, start, factor.shape, scale))
+            self._buffers[index][1] += factor.size
         self._pieces[id(layer)] = pieces
 
     @classmethod
@@ -160,7 +188,7 @@ class CompactFactors:
         (increasing) and the extra positions between them, and the index of
         each of ``positions`` among the visited ones."""
         gaps = np.diff(positions, prepend=0)
-        extra = np.maximum(0, (gaps - 1) // cls.MAX_STEP)  # zero values before each position
+        extra = np.maximum(0, (gaps - 1) // cls.MAX_STEP)  # zero units before each position
         index = np.cumsum(extra + 1) - 1
         visited = np.zeros(index[-1] + 1 if index.size else 0, dtype=np.int64)
         visited[index] = gaps - extra * cls.MAX_STEP
@@ -172,13 +200,15 @@ class CompactFactors:
         graph = tf.compat.v1.get_default_graph()
         if graph not in self._unpacked:
             buffers = []
-            for size, positions, values in self._buffers:
+            for unit, size, positions, values in self._buffers:
                 steps, index = self.steps(np.concatenate(positions))
-                stored = np.zeros(steps.size, dtype=values[0].dtype)
-                stored[index] = np.concatenate(values)
+                stored = np.zeros((steps.size, unit), dtype=values[0].dtype)
+                stored[index] = np.concatenate(values).reshape(-1, unit)
                 visited = tf.cumsum(tf.cast(tf.constant(steps), tf.float32))
-                buffers.append(tf.scatter_nd(tf.cast(visited, tf.int32)[:, None],
-                                             tf.cast(tf.constant(stored), tf.float32), [size]))
+                units = tf.scatter_nd(tf.cast(visited, tf.int32)[:, None],
+                                      tf.cast(tf.constant(stored), tf.float32),
+                                      [size // unit, unit])
+                buffers.append(tf.reshape(units, [size]))
             self._unpacked[graph] = buffers
         return self._unpacked[graph]
 

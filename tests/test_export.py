@@ -4,6 +4,7 @@ import collections
 import dataclasses
 import importlib
 import os
+import types
 
 import numpy as np
 import pytest
@@ -293,6 +294,28 @@ def test_compact_position_steps_visit_every_position():
         gaps = np.diff(case, prepend=0)
         assert steps.size == case.size + int(np.sum(np.maximum(0, (gaps - 1) // 255)))
         assert np.all(np.diff(visited) > 0)
+
+
+@pytest.mark.parametrize("quantization", ["float16", "dynamic_int8"])
+def test_compact_factors_rebuild_each_factor(quantization):
+    rng = np.random.default_rng(0)
+    random_support = rng.standard_normal((64, 48)) * (rng.random((64, 48)) < 0.05)
+    # Whole 1x4 blocks along the input axis (4 consecutive rows of a column).
+    blocks = np.repeat(rng.random((16, 48)) < 0.1, 4, axis=0) * rng.standard_normal((64, 48))
+    factors = [random_support.astype("float32"), blocks.astype("float32"),
+               np.zeros((8, 3), "float32")]
+    store = export.CompactFactors(quantization)
+    layer = types.SimpleNamespace(compute_dtype="float32")
+    store.add(layer, factors)
+    assert [unit for unit, *_ in store._buffers] == [1, 4]  # the blocks stored by block
+    for factor, rebuilt in zip(factors, store.factors(layer)):
+        rebuilt = rebuilt.numpy()
+        # int8 rounds values below half a step to zero; nothing appears elsewhere.
+        assert np.all(factor[rebuilt != 0] != 0)
+        # float16: the values stay float32 until the converter; int8: half a
+        # quantization step (max |v| / 254) per value.
+        bound = 0 if quantization == "float16" else np.abs(factor).max() / 254 * 1.0001
+        assert np.abs(rebuilt - factor).max() <= bound
 
 
 def small_psm_model():
