@@ -1,7 +1,7 @@
 """TFLite file size and single-sample LiteRT latency: dense vs compressed.
 
-For a LeNet-5 (28 x 28 x 1) and a VGG-style CIFAR-size CNN (32 x 32 x 3),
-every variant below is exported with ``keras_psm.export.to_tflite`` (each
+For a LeNet-5 (28 x 28 x 1), a VGG-style CIFAR-size CNN (32 x 32 x 3) and
+a Dense chain like that CNN's head (1024 -> 128 -> 10), every variant below is exported with ``keras_psm.export.to_tflite`` (each
 file is checked against its Keras model) and timed with
 ``keras_psm.export.litert_latency``: the LiteRT interpreter on one thread,
 one sample at a time, median of ``--runs`` invocations.
@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 
 import keras_psm  # noqa: E402
 from keras_psm import demo, export  # noqa: E402
+from keras_psm.backend import keras  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PSM_GRID = [(2, 2), (2, 4), (2, 8), (3, 4)]
@@ -59,6 +60,15 @@ class Row:
     size_ratio: float = 1.0  # dense float32 file bytes / file bytes
     latency_ratio: float = 1.0  # latency / dense float32 latency
     max_abs_error: float = 0.0  # LiteRT vs Keras on the check samples
+
+
+def dense_chain(n_inputs=1024, units=128, n_classes=10, seed=0):
+    """Dense(units, relu) -> Dense(n_classes) on flat inputs."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((n_inputs,))
+    x = keras.layers.Dense(units, activation="relu", name="fc1")(inputs)
+    outputs = keras.layers.Dense(n_classes, name="fc2")(x)
+    return keras.Model(inputs, outputs, name="dense_chain")
 
 
 def measure(name, variant, model, directory, runs, inputs, **options):
@@ -179,14 +189,15 @@ def main():
     parser.add_argument("--runs", type=int, default=300, help="timed invocations per file")
     parser.add_argument("--max-iter", type=int, default=30, help="palm4MSA iterations")
     parser.add_argument("--workers", type=int, default=2, help="processes fitting layers")
-    parser.add_argument("--models", nargs="+", default=["lenet5", "vgg_cifar"],
-                        choices=["lenet5", "vgg_cifar"])
+    parser.add_argument("--models", nargs="+", default=["lenet5", "vgg_cifar", "dense_chain"],
+                        choices=["lenet5", "vgg_cifar", "dense_chain"])
     parser.add_argument("--other-methods", action="store_true",
                         help="also hard pruning and every other registered method")
     args = parser.parse_args()
     builders = {
         "lenet5": demo.lenet5,
         "vgg_cifar": lambda: demo.vgg_small(widths=(32, 64, 128), units=512),
+        "dense_chain": dense_chain,
     }
     rows = run([builders[name] for name in args.models], args.runs, args.max_iter, args.workers,
                args.other_methods)
