@@ -1,8 +1,9 @@
 """TFLite file size and single-sample LiteRT latency: dense vs compressed.
 
 For a LeNet-5 (28 x 28 x 1), a VGG-style CIFAR-size CNN (32 x 32 x 3) and
-a Dense chain like that CNN's head (1024 -> 128 -> 10), every variant below is exported with ``keras_psm.export.to_tflite`` (each
-file is checked against its Keras model) and timed with
+a Dense chain like that CNN's head (1024 -> 128 -> 10), every variant below
+is exported with ``keras_psm.export.to_tflite`` (each file is checked
+against its Keras model) and timed with
 ``keras_psm.export.litert_latency``: the LiteRT interpreter on one thread,
 one sample at a time, median of ``--runs`` invocations.
 
