@@ -21,21 +21,28 @@ runs most sparse weights densified (``keras_psm.litert_cost``), so a Conv2D
 layer's first factor, reshaped to (kh, kw, cin, r) with r = filters, costs
 as much as the whole dense convolution and every further factor adds to
 it. A sparse-factor layer (PSM) therefore has two export forms, chosen by
-``factor_form``: ``"sequence"``, ``"product"`` (one op with the product
-kernel, still sparse-encoded where that is smaller), or ``"auto"`` (per
-layer, the sequence unless LiteRT is predicted to run the product faster:
-in practice the product for convolutions, the sequence for Dense layers).
+``factor_form``: ``"sequence"`` (the default: the file keeps the
+compression), ``"product"`` (one op with the product kernel, still
+sparse-encoded where that is smaller: the dense layer's speed and nearly
+its size), or ``"auto"`` (per layer, the sequence unless LiteRT is
+predicted to run the product faster: in practice the product for
+convolutions, the sequence for Dense layers).
 
-The file is converted with and without TFLite's sparse encoding of
-constants (``Optimize.EXPERIMENTAL_SPARSITY``). Each candidate is run by the
-LiteRT interpreter with its default (XNNPACK) delegate, in a separate
-process so that a crash cannot take the caller down, on check samples, and
-compared with the Keras model; the smallest one that runs and agrees is
-written. ``to_tflite`` never writes a file that does not run or that
-disagrees with the model. With LiteRT 2.3 this check matters: sparse int8
-weights either fail to prepare in XNNPACK or give wrong results, and
-float16 weights stored in 1x4 sparse blocks reach the op undecoded, so
-quantized files keep the dense encoding.
+A float32 file is converted with and without TFLite's sparse encoding of
+constants (``Optimize.EXPERIMENTAL_SPARSITY``). LiteRT 2.3 cannot use that
+encoding once quantized (sparse int8 weights fail to prepare in XNNPACK,
+float16 weights stored in 1x4 sparse blocks reach the op undecoded and give
+NaN), so a quantized ``"sequence"`` file stores the factors of sparse-factor
+layers as ``CompactFactors``: quantized nonzero values and their positions,
+unpacked by the graph before the ops that use them. That keeps the file
+small but not fast: XNNPACK delegates ops with constant weights only, and
+LiteRT's builtin kernels run the others several times slower.
+
+Each candidate file is run by the LiteRT interpreter with its default
+(XNNPACK) delegate, in a separate process so that a crash cannot take the
+caller down, on check samples, and compared with the Keras model; the
+smallest one that runs and agrees is written. ``to_tflite`` never writes a
+file that does not run or that disagrees with the model.
 """
 
 import dataclasses
@@ -49,7 +56,7 @@ from typing import List, Optional
 import numpy as np
 
 from keras_psm.backend import keras, tf
-from keras_psm.model_layers import check_graph_model, is_graph_model
+from keras_psm.model_layers import check_graph_model, is_graph_model, leaf_layers
 from keras_psm.layers.base import CompressedLayer
 from keras_psm.validation import check_choice, check_float, check_int
 
@@ -85,17 +92,153 @@ def strip_for_export(layer):
     return inner, [masked.get(id(weight), weight.numpy()) for weight in inner.weights]
 
 
-def export_model(model, factor_form="auto"):
+class CompactFactors:
+    """The sparse factors of an export copy as quantized nonzero values and
+    their positions, unpacked by the graph (``quantization`` exports).
+
+    TFLite's sparse encoding fails LiteRT's check once quantized (float16
+    weights in 1x4 blocks reach the op undecoded; XNNPACK cannot prepare a
+    sparse int8 weight), and the dense encoding stores every zero. Here the
+    factors F (m x n) are laid end to end, each as F^T (the layout of a
+    fully connected op's weight, so that ``x @ F`` converts to one), in
+    flat buffers of at most 2**24 entries (positions are exact in float32).
+    A buffer is cut into units of 1 entry, or of ``BLOCK`` consecutive
+    entries (a 1x4 block along the input axis) where that stores the factor
+    in fewer bytes, and stored as
+
+    - the values of its nonzero units: float32 constants, which the
+      converter stores in float16 under ``"float16"``; under
+      ``"dynamic_int8"``, int8 ``q = round(v / s)`` with one scale
+      ``s = max |v| / 127`` per factor;
+    - their unit positions p_0 < p_1 < ... as uint8 steps
+      ``d_i = p_i - p_{i-1}`` (``d_0 = p_0``); a step over 255 is cut by zero
+      units in between.
+
+    The graph rebuilds it, ``B = scatter(cumsum(d), q)``, and each factor
+    is a slice of it, reshaped and scaled: ``F = s * B[a:a + mn].reshape(n, m)^T``.
+    The converter folds a constant expression whose result is at most
+    8 KiB or twice its operands; storing all factors in a few buffers keeps
+    the uint8 -> float32 conversions (4 times the bytes) from being folded
+    back into float32 constants, and the graph small.
+    """
+
+    MAX_BUFFER_SIZE = 2 ** 24
+    MAX_STEP = 255
+    INT8_LEVELS = 127
+    BLOCK = 4
+
+    def __init__(self, quantization):
+        self.quantization = quantization
+        self._buffers = []  # [unit, size, unit positions (arrays), values (arrays)]
+        self._pieces = {}  # id(layer) -> [(buffer index, start, shape, scale)]
+        self._unpacked = {}  # graph -> the buffers as tensors
+
+    @classmethod
+    def fits(cls, factors):
+        """Whether every factor fits in one buffer."""
+        return all(np.asarray(f).size <= cls.MAX_BUFFER_SIZE for f in factors)
+
+    def _buffer_for(self, unit, size):
+        """Index of the last buffer of ``unit`` with room for ``size`` entries (a new one
+        if none)."""
+        for index in range(len(self._buffers) - 1, -1, -1):
+            if self._buffers[index][0] == unit:
+                if self._buffers[index][1] + size <= self.MAX_BUFFER_SIZE:
+                    return index
+                break
+        self._buffers.append([unit, 0, [], []])
+        return len(self._buffers) - 1
+
+    def _unit(self, transposed):
+        """``BLOCK`` if storing whole blocks of the flat factor takes fewer bytes
+        (a value and a step byte per unit), else 1."""
+        if transposed.size % self.BLOCK:
+            return 1
+        value_bytes = 1 if self.quantization == "dynamic_int8" else 2
+        nonzero = np.count_nonzero(transposed)
+        blocks = np.count_nonzero(transposed.reshape(-1, self.BLOCK).any(axis=1))
+        block_bytes = blocks * (self.BLOCK * value_bytes + 1)
+        return self.BLOCK if block_bytes < nonzero * (value_bytes + 1) else 1
+
+    def add(self, layer, factors):
+        """Store ``layer``'s (m, n) NumPy factors; ``factors(layer)`` rebuilds them."""
+        pieces = []
+        for factor in factors:
+            factor = np.asarray(factor, dtype=np.float32)
+            transposed = factor.T.reshape(-1)
+            unit = self._unit(transposed)
+            units = transposed.reshape(-1, unit)
+            positions = np.flatnonzero(units.any(axis=1))
+            values = units[positions].reshape(-1)
+            scale = None
+            if self.quantization == "dynamic_int8":
+                scale = max(float(np.max(np.abs(values), initial=0.0)), 1e-30) / self.INT8_LEVELS
+                values = np.round(values / scale).astype(np.int8)
+            index = self._buffer_for(unit, factor.size)
+            _, start, buffer_positions, buffer_values = self._buffers[index]
+            buffer_positions.append(start // unit + positions)
+            buffer_values.append(values)
+            pieces.append((index, start, factor.shape, scale))
+            self._buffers[index][1] += factor.size
+        self._pieces[id(layer)] = pieces
+
+    @classmethod
+    def steps(cls, positions):
+        """``(steps, index)``: uint8 steps whose running sum visits ``positions``
+        (increasing) and the extra positions between them, and the index of
+        each of ``positions`` among the visited ones."""
+        gaps = np.diff(positions, prepend=0)
+        extra = np.maximum(0, (gaps - 1) // cls.MAX_STEP)  # zero units before each position
+        index = np.cumsum(extra + 1) - 1
+        visited = np.zeros(index[-1] + 1 if index.size else 0, dtype=np.int64)
+        visited[index] = gaps - extra * cls.MAX_STEP
+        visited[np.setdiff1d(np.arange(visited.size), index)] = cls.MAX_STEP
+        return visited.astype(np.uint8), index
+
+    def _unpack(self):
+        """The flat buffers as tensors of the graph being traced (built once per graph)."""
+        graph = tf.compat.v1.get_default_graph()
+        if graph not in self._unpacked:
+            buffers = []
+            for unit, size, positions, values in self._buffers:
+                steps, index = self.steps(np.concatenate(positions))
+                stored = np.zeros((steps.size, unit), dtype=values[0].dtype)
+                stored[index] = np.concatenate(values).reshape(-1, unit)
+                visited = tf.cumsum(tf.cast(tf.constant(steps), tf.float32))
+                units = tf.scatter_nd(tf.cast(visited, tf.int32)[:, None],
+                                      tf.cast(tf.constant(stored), tf.float32),
+                                      [size // unit, unit])
+                buffers.append(tf.reshape(units, [size]))
+            self._unpacked[graph] = buffers
+        return self._unpacked[graph]
+
+    def factors(self, layer):
+        """``layer``'s factors, rebuilt from their buffer."""
+        buffers = self._unpack()
+        factors = []
+        for buffer, start, (rows, cols), scale in self._pieces[id(layer)]:
+            transposed = tf.reshape(buffers[buffer][start:start + rows * cols], (cols, rows))
+            if scale is not None:
+                transposed = transposed * scale
+            factors.append(tf.cast(tf.transpose(transposed), layer.compute_dtype))
+        return factors
+
+
+def export_model(model, factor_form="sequence", quantization=None):
     """A copy of ``model`` for conversion; ``model`` itself is not touched.
 
     Every layer is rebuilt from its config with a copy of its weights;
     pruning wrappers are stripped (``strip_for_export``) and a layer whose
     class defines ``export_call`` runs it as its ``call``. A layer with an
     ``export_form`` (the sparse-factor layers) gets ``factor_form``, or with
-    ``"auto"`` its ``cheaper_export_form()``.
+    ``"auto"`` its ``cheaper_export_form()``. With a ``quantization``, the
+    factors of those layers are applied in sequence and stored as
+    ``CompactFactors``.
     """
     check_graph_model(model, "export")
     check_choice(factor_form, "factor_form", FACTOR_FORMS, where="export")
+    check_choice(quantization, "quantization", tuple(DEFAULT_TOLERANCES), where="export")
+    compact = None if quantization is None else CompactFactors(quantization)
     copies = []
 
     def clone_function(layer):
@@ -104,9 +247,17 @@ def export_model(model, factor_form="auto"):
         layer, weights = strip_for_export(layer)
         cls = type(layer)
         forward = getattr(cls, "export_call", None)
+        factors = None
+        if compact is not None and hasattr(layer, "export_form"):
+            factors = [np.asarray(f) for f in layer.factors]
         if forward is not None:
-            cls = type(cls.__name__, (cls,), {"call": forward, "__module__": __name__})
+            members = {"call": forward, "__module__": __name__}
+            if factors is not None and compact.fits(factors):
+                members["factors"] = property(compact.factors)
+            cls = type(cls.__name__, (cls,), members)
         new_layer = cls.from_config(layer.get_config())
+        if "factors" in vars(cls):
+            compact.add(new_layer, factors)
         copies.append((new_layer, weights))
         return new_layer
 
@@ -114,8 +265,9 @@ def export_model(model, factor_form="auto"):
     for new_layer, weights in copies:
         new_layer.set_weights(weights)
         if hasattr(new_layer, "export_form"):
-            new_layer.export_form = (new_layer.cheaper_export_form() if factor_form == "auto"
-                                     else factor_form)
+            new_layer.export_form = (
+                "sequence" if "factors" in vars(type(new_layer))
+                else new_layer.cheaper_export_form() if factor_form == "auto" else factor_form)
     return exported
 
 
@@ -188,17 +340,21 @@ def _flat_outputs(outputs):
 # Runs a .tflite file in a fresh Python process that imports only numpy and
 # ai_edge_litert, so that LiteRT crashing on a file cannot take the caller
 # down. argv: the file, an .npz of inputs ("0", "1", ... in the model's input
-# order), the .npz to write the outputs to, the number of threads.
+# order; none: one standard-normal sample), the .npz to write the outputs to
+# ("0", "1", ...) and the median seconds of ``runs`` more invocations on the
+# last slice ("latency"), the number of threads, runs.
 _LITERT_RUNNER = """
 import sys
+import time
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-path, inputs_file, outputs_file, threads = sys.argv[1:]
+path, inputs_file, outputs_file, threads, runs = sys.argv[1:]
 data = np.load(inputs_file)
-arrays = [data[str(i)] for i in range(len(data.files))]
 interpreter = Interpreter(model_path=path, num_threads=int(threads))
 inputs = interpreter.get_input_details()
+arrays = [data[str(i)] for i in range(len(data.files))] or [
+    np.random.default_rng(0).standard_normal(d["shape"]).astype(d["dtype"]) for d in inputs]
 if inputs[0]["shape_signature"][0] == -1:
     step = arrays[0].shape[0]
     for detail, array in zip(inputs, arrays):
@@ -214,8 +370,35 @@ for start in range(0, arrays[0].shape[0], step):
     interpreter.invoke()
     for result, detail in zip(results, outputs):
         result.append(interpreter.get_tensor(detail["index"]))
-np.savez(outputs_file, **{str(i): np.concatenate(r) for i, r in enumerate(results)})
+times = []
+for _ in range(int(runs) + 10 * (int(runs) > 0)):
+    begin = time.perf_counter()
+    interpreter.invoke()
+    times.append(time.perf_counter() - begin)
+np.savez(outputs_file, latency=np.median(times[10:]) if times else np.nan,
+         **{str(i): np.concatenate(r) for i, r in enumerate(results)})
 """
+
+
+def _run_litert(path, arrays, num_threads, runs):
+    """``(outputs, median seconds of runs invocations)`` of the file, in a subprocess."""
+    with tempfile.TemporaryDirectory() as directory:
+        inputs_file = os.path.join(directory, "inputs.npz")
+        outputs_file = os.path.join(directory, "outputs.npz")
+        np.savez(inputs_file, **{str(i): np.asarray(a) for i, a in enumerate(arrays)})
+        done = subprocess.run(
+            [sys.executable, "-c", _LITERT_RUNNER, os.fspath(path), inputs_file,
+             outputs_file, str(num_threads), str(runs)],
+            capture_output=True, text=True, check=False,
+        )
+        if done.returncode != 0:
+            how = (f"was killed by signal {-done.returncode}" if done.returncode < 0
+                   else f"exited with status {done.returncode}")
+            detail = done.stderr.strip().splitlines()[-1:] or [""]
+            raise RuntimeError(f"LiteRT {how} running {os.fspath(path)!r}: {detail[0]}")
+        with np.load(outputs_file) as outputs:
+            return ([outputs[str(i)] for i in range(len(outputs.files) - 1)],
+                    float(outputs["latency"]))
 
 
 def run_tflite(path, inputs, num_threads=1):
@@ -231,22 +414,15 @@ def run_tflite(path, inputs, num_threads=1):
         RuntimeError: LiteRT could not load, prepare or run the file.
     """
     arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-    with tempfile.TemporaryDirectory() as directory:
-        inputs_file = os.path.join(directory, "inputs.npz")
-        outputs_file = os.path.join(directory, "outputs.npz")
-        np.savez(inputs_file, **{str(i): np.asarray(a) for i, a in enumerate(arrays)})
-        done = subprocess.run(
-            [sys.executable, "-c", _LITERT_RUNNER, os.fspath(path), inputs_file,
-             outputs_file, str(num_threads)],
-            capture_output=True, text=True, check=False,
-        )
-        if done.returncode != 0:
-            how = (f"was killed by signal {-done.returncode}" if done.returncode < 0
-                   else f"exited with status {done.returncode}")
-            detail = done.stderr.strip().splitlines()[-1:] or [""]
-            raise RuntimeError(f"LiteRT {how} running {os.fspath(path)!r}: {detail[0]}")
-        with np.load(outputs_file) as outputs:
-            return [outputs[str(i)] for i in range(len(outputs.files))]
+    return _run_litert(path, arrays, num_threads, runs=0)[0]
+
+
+def litert_latency(path, runs=100, num_threads=1):
+    """Median seconds of one LiteRT invocation of the .tflite file at ``path``
+    on one standard-normal input of the file's shape (a single sample when
+    the batch size is chosen at run time), after 10 warm-up invocations."""
+    check_int(runs, "runs", minimum=1, where="litert_latency")
+    return _run_litert(path, [], num_threads, runs)[1]
 
 
 def verify_tflite(path, model, inputs, num_threads=1):
@@ -284,17 +460,18 @@ def _random_inputs(model, n_samples, seed=0):
     ]
 
 
-def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="auto", inputs=None,
-              tolerance=None, batch_size=1):
+def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="sequence",
+              inputs=None, tolerance=None, batch_size=1):
     """Write ``model`` as a .tflite file that keeps its compression; returns ``path``.
 
     The model is converted through an export copy (``export_model``):
     pruning wrappers stripped with their masks folded in, factors applied to
     the input one at a time (or, for sparse-factor layers, as ``factor_form``
-    says). Each candidate file (with and without TFLite's
-    sparse encoding, as ``sparse`` asks) is run by LiteRT on the check inputs
-    and compared with ``model``; the smallest one that runs and agrees is
-    written.
+    says). Each candidate file (with and without TFLite's sparse encoding, as
+    ``sparse`` asks, and for a quantized file in the ``"sequence"`` form
+    with the factors stored as ``CompactFactors``) is run by LiteRT on the
+    check inputs and compared with ``model``; the smallest one that runs and
+    agrees is written.
 
     Args:
         model: a functional or Sequential Keras model (compressed or not).
@@ -303,18 +480,28 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="aut
         quantization: None (float32 weights), ``"float16"`` (half-precision
             weights) or ``"dynamic_int8"`` (dynamic-range quantization: int8
             weights, float activations).
-        sparse: ``"auto"`` (the smaller of the files with and without the
-            sparse encoding), True (sparse encoding only) or False (none).
-            Some combinations do not run in LiteRT 2.3: its XNNPACK delegate
-            cannot prepare a fully connected op with a sparse int8 weight,
-            and a float16 weight stored in 1x4 sparse blocks reaches the
-            fully connected op undecoded. ``"auto"`` then keeps the dense
-            file with a warning; True raises.
+        sparse: ``"auto"`` (the smallest of the sparse candidates and the
+            dense encoding), True (sparse storage only: TFLite's sparse
+            encoding, and ``CompactFactors`` when quantized) or False (dense
+            constants only). LiteRT 2.3 runs no quantized weight in TFLite's
+            sparse encoding (XNNPACK cannot prepare a fully connected op with
+            a sparse int8 weight; a float16 weight stored in 1x4 sparse
+            blocks reaches the op undecoded), so a quantized layer without
+            factors stays dense: ``"auto"`` keeps the dense file with a
+            warning, True raises.
         factor_form: how sparse-factor (PSM) layers apply their factors:
-            ``"sequence"`` (one op per factor: the smallest file),
-            ``"product"`` (one op with the product kernel: the dense layer's
-            speed) or ``"auto"`` (per layer, the sequence unless LiteRT is
-            predicted to run the product faster; see the module docstring).
+            ``"sequence"`` (the default: one op per factor, the smallest
+            file), ``"product"`` (one op with the product kernel: the dense
+            layer's speed and nearly its size) or ``"auto"`` (per layer, the
+            sequence unless LiteRT is predicted to run the product faster;
+            see the module docstring). A quantized ``"sequence"`` file stores
+            the factors as ``CompactFactors``, whose ops run in LiteRT's
+            builtin kernels (XNNPACK takes constant weights only): several
+            times slower than the dense file; quantized ``"product"`` and
+            ``"auto"`` files store dense quantized weights and keep the
+            dense file's speed.
+            ``size_report`` gives a file's size and LiteRT latency against
+            the dense original's, to choose by.
         inputs: samples for the check (an array, or one per model input);
             by default 8 standard-normal samples. Real samples make the check
             meaningful for the model's actual range.
@@ -349,26 +536,30 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="aut
     allowed = tolerance * max(1.0, max(float(np.max(np.abs(e))) for e in expected))
 
     exported = export_model(model, factor_form)
-    encodings = {"auto": (True, False), True: (True,), False: (False,)}[sparse]
-    kept, rejected = None, []
+    candidates = [(f"the {'sparse' if encoding else 'dense'} encoding", exported, encoding)
+                  for encoding in {"auto": (True, False), True: (True,), False: (False,)}[sparse]]
+    if quantization is not None and sparse is not False and factor_form == "sequence":
+        compact = export_model(model, factor_form, quantization)
+        if any("factors" in vars(type(layer)) for layer in leaf_layers(compact)):
+            candidates.insert(0, ("the compact factors", compact, False))
+    kept, kept_label, rejected = None, None, []
     with tempfile.TemporaryDirectory() as directory:
-        for sparse_encoding in encodings:
-            label = "sparse" if sparse_encoding else "dense"
+        for index, (label, exported, sparse_encoding) in enumerate(candidates):
             content = convert(exported, quantization, sparse_encoding, batch_size)
-            candidate = os.path.join(directory, f"{label}.tflite")
+            candidate = os.path.join(directory, f"{index}.tflite")
             with open(candidate, "wb") as handle:
                 handle.write(content)
             try:
                 difference = _max_difference(run_tflite(candidate, arrays), expected)
             except RuntimeError as error:
-                rejected.append(f"the {label} encoding does not run: {error}")
+                rejected.append(f"{label} does not run: {error}")
                 continue
             if not difference <= allowed:
                 rejected.append(
-                    f"the {label} encoding differs from the Keras model by up to "
+                    f"{label} differs from the Keras model by up to "
                     f"{difference:.3g}, more than the tolerance {allowed:.3g}")
             elif kept is None or len(content) < len(kept):
-                kept = content
+                kept, kept_label = content, label
     summary = (f"model {model.name!r} (quantization={quantization!r}, sparse={sparse!r}, "
                f"factor_form={factor_form!r})")
     if kept is None:
@@ -378,9 +569,9 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="aut
             "or another quantization; pass real samples as `inputs` or a larger "
             "`tolerance` if only the tolerance is exceeded."
         )
-    if rejected:
+    if rejected and kept_label != "the compact factors":
         warnings.warn(f"{where}: {summary}: " + "; ".join(rejected)
-                      + "; the file keeps the other encoding.", RuntimeWarning, stacklevel=2)
+                      + f"; the file keeps {kept_label}.", RuntimeWarning, stacklevel=2)
     with open(path, "wb") as handle:
         handle.write(kept)
     return path
@@ -405,11 +596,15 @@ class LayerSize:
 
 @dataclasses.dataclass
 class SizeReport:
-    """File bytes and per-layer parameters of an exported model against its dense original."""
+    """File bytes, LiteRT latency and per-layer parameters of an exported
+    model against its dense original (latencies: median seconds of one
+    single-threaded invocation, ``litert_latency``)."""
 
     file_bytes: int
     dense_file_bytes: Optional[int] = None
     layers: List[LayerSize] = dataclasses.field(default_factory=list)
+    latency: Optional[float] = None
+    dense_latency: Optional[float] = None
 
     @property
     def nonzero(self):
@@ -424,6 +619,13 @@ class SizeReport:
     def file_ratio(self):
         """Dense file bytes / file bytes (None without a dense original)."""
         return None if self.dense_file_bytes is None else self.dense_file_bytes / self.file_bytes
+
+    @property
+    def latency_ratio(self):
+        """Latency / dense latency (None without both)."""
+        if self.latency is None or self.dense_latency is None:
+            return None
+        return self.latency / self.dense_latency
 
     def as_dicts(self):
         return [dataclasses.asdict(row) for row in self.layers]
@@ -447,6 +649,12 @@ class SizeReport:
         if self.dense_file_bytes is not None:
             text[-1] += (f", dense original: {self.dense_file_bytes:,} bytes "
                          f"(x{self.file_ratio:.1f} smaller)")
+        if self.latency is not None:
+            text.append(f"LiteRT latency (one sample, 1 thread, median): "
+                        f"{1e6 * self.latency:,.0f} us")
+        if self.latency_ratio is not None:
+            text[-1] += (f", dense original: {1e6 * self.dense_latency:,.0f} us "
+                         f"(x{self.latency_ratio:.2f})")
         return "\n".join(text)
 
 
@@ -468,25 +676,31 @@ def _layer_sizes(model):
     return sizes
 
 
-def size_report(model, path, dense_model=None, dense_path=None):
-    """Bytes of the .tflite file at ``path`` and the parameters of each layer
-    of ``model``, against the dense original.
+def size_report(model, path, dense_model=None, dense_path=None, latency_runs=100):
+    """Bytes and LiteRT latency of the .tflite file at ``path`` and the
+    parameters of each layer of ``model``, against the dense original.
 
     ``dense_model`` (the model before compression) gives each layer's dense
-    parameter count; its file size comes from ``dense_path`` if given, else
-    from exporting it with ``to_tflite(dense_model, ..., sparse=False)``.
+    parameter count; its file comes from ``dense_path`` if given, else from
+    exporting it with ``to_tflite(dense_model, ..., sparse=False)``.
+    ``latency_runs`` invocations time each file (``litert_latency``); 0
+    skips the timing.
     """
+    check_int(latency_runs, "latency_runs", minimum=0, where="size_report")
     report = SizeReport(file_bytes=os.path.getsize(path))
     dense_sizes = {} if dense_model is None else _layer_sizes(dense_model)
     for name, (layer_type, params, nonzero) in _layer_sizes(model).items():
         dense = dense_sizes.get(name)
         report.layers.append(LayerSize(name, layer_type, params, nonzero,
                                        None if dense is None else dense[1]))
-    if dense_path is None and dense_model is not None:
-        with tempfile.TemporaryDirectory() as directory:
+    if latency_runs:
+        report.latency = litert_latency(path, latency_runs)
+    with tempfile.TemporaryDirectory() as directory:
+        if dense_path is None and dense_model is not None:
             dense_path = to_tflite(dense_model, os.path.join(directory, "dense.tflite"),
                                    sparse=False)
+        if dense_path is not None:
             report.dense_file_bytes = os.path.getsize(dense_path)
-    elif dense_path is not None:
-        report.dense_file_bytes = os.path.getsize(dense_path)
+            if latency_runs:
+                report.dense_latency = litert_latency(dense_path, latency_runs)
     return report

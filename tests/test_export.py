@@ -4,13 +4,14 @@ import collections
 import dataclasses
 import importlib
 import os
+import types
 
 import numpy as np
 import pytest
 from ai_edge_litert import schema_py_generated as schema
 
 import keras_psm
-from keras_psm import export, litert_cost
+from keras_psm import demo, export, litert_cost
 from keras_psm.backend import LEGACY_KERAS, keras
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
 
@@ -87,6 +88,7 @@ def small_cnn_file(tmp_path_factory):
 
 # --- the factors stay apart in the file ---
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_factors", [1, 2, 3])
 def test_dense_product_is_a_chain_of_sparse_fully_connected_ops(tmp_path, n_factors):
     layer = SparseFactorDense(256, n_factors=n_factors, sparsity=4, seed=0)
@@ -105,6 +107,7 @@ def test_dense_product_is_a_chain_of_sparse_fully_connected_ops(tmp_path, n_fact
     assert os.path.getsize(path) * 3 < os.path.getsize(folded_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("n_factors", [1, 3])
 @pytest.mark.parametrize("factor_form", ["sequence", "product", "auto"])
@@ -135,6 +138,7 @@ def fully_connected_contents(weight, tmp_path):
     return tflite_contents(path)
 
 
+@pytest.mark.slow
 def test_litert_cost_rule_matches_the_converter(tmp_path):
     rng = np.random.default_rng(0)
     gaussian = rng.standard_normal((512, 256)).astype("float32")
@@ -160,6 +164,7 @@ def test_litert_cost_rule_matches_the_converter(tmp_path):
         assert litert_cost.cost_per_row(weight, fully_connected=False) == dense_cost
 
 
+@pytest.mark.slow
 def test_auto_form_keeps_a_large_sparse_dense_layer_as_a_chain(tmp_path):
     layer = SparseFactorDense(1024, n_factors=2, sparsity=2, seed=0)
     model = model_of(layer, (1024,))
@@ -173,6 +178,7 @@ def test_auto_form_keeps_a_large_sparse_dense_layer_as_a_chain(tmp_path):
     assert export.verify_tflite(path, model, samples((1024,))) < 1e-5
 
 
+@pytest.mark.slow
 def test_product_form_is_one_op_with_the_product_kernel(tmp_path):
     layer = SparseFactorDense(256, n_factors=3, sparsity=4, seed=0)
     model = model_of(layer, (256,))
@@ -191,15 +197,17 @@ def mlp_files(tmp_path_factory):
             dense, export.to_tflite(dense, directory / "dense.tflite"))
 
 
+@pytest.mark.slow
 def test_psm_file_is_much_smaller_than_the_dense_one(mlp_files):
     model, path, _, dense_path = mlp_files
     ratio = os.path.getsize(dense_path) / os.path.getsize(path)
     assert ratio > 5, ratio
-    report = export.size_report(model, path, dense_path=dense_path)
+    report = export.size_report(model, path, dense_path=dense_path, latency_runs=0)
     assert report.file_bytes == os.path.getsize(path)
     assert report.file_ratio == pytest.approx(ratio)
 
 
+@pytest.mark.slow
 def test_size_report_counts_layers_against_the_dense_original(mlp_files):
     model, path, dense, _ = mlp_files
     report = export.size_report(model, path, dense_model=dense)
@@ -213,8 +221,15 @@ def test_size_report_counts_layers_against_the_dense_original(mlp_files):
     assert report.dense_params == dense.count_params()
     assert report.dense_file_bytes > 5 * report.file_bytes
     assert "fc1" in str(report) and "smaller" in str(report)
+    # One sample through a few hundred thousand multiply-adds: microseconds
+    # to milliseconds, whatever the machine.
+    assert 1e-7 < report.latency < 0.1 and 1e-7 < report.dense_latency < 0.1
+    assert report.latency_ratio == pytest.approx(report.latency / report.dense_latency)
+    assert "LiteRT latency" in str(report)
+    assert export.size_report(model, path, latency_runs=0).latency is None
 
 
+@pytest.mark.slow
 def test_verify_detects_a_different_model(mlp_files):
     model, path, _, _ = mlp_files
     x = samples((784,))
@@ -224,37 +239,104 @@ def test_verify_detects_a_different_model(mlp_files):
 
 # --- quantization, encodings and the LiteRT check ---
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["float16", "dynamic_int8"])
-def test_quantized_files_run_and_stay_within_their_tolerance(tmp_path, mlp_files,
-                                                              quantization):
-    model, _, _, dense_path = mlp_files
+def test_quantized_files_keep_the_factors_compact(tmp_path, mlp_files, quantization):
+    model, float32_path, _, _ = mlp_files
     x = samples((784,))
-    with pytest.warns(RuntimeWarning, match="sparse encoding"):
-        # LiteRT 2.3 mishandles sparse int8 weights (XNNPACK cannot prepare the op,
-        # or the builtin kernel computes garbage) and 1x4-block float16 ones (they
-        # reach the op undecoded): the check rejects that candidate and the dense
-        # encoding is kept.
-        path = export.to_tflite(model, tmp_path / "q.tflite", quantization=quantization,
-                                inputs=x)
+    path = export.to_tflite(model, tmp_path / "q.tflite", quantization=quantization, inputs=x)
     difference = export.verify_tflite(path, model, x)
     scale = max(1.0, float(np.abs(model(x).numpy()).max()))
     assert 0 < difference <= export.DEFAULT_TOLERANCES[quantization] * scale
-    # Dense float32 storage of the factors is 2 * (784 + 512) * 512 values.
-    factor_bytes = 4 * 2 * (784 + 512) * 512
-    assert os.path.getsize(path) < (0.55 if quantization == "float16" else 0.3) * factor_bytes
+    operators, _ = tflite_contents(path)
+    assert operators["SCATTER_ND"] == 1  # all factors unpacked from one buffer
+    assert operators["FULLY_CONNECTED"] == 5  # two per PSM layer, fc3
+    # A factor folded back into a constant would be a dense 512 x 512 (or
+    # 784 x 512) array, at least one byte per entry.
+    assert max(buffer_sizes(path)) < 512 * 512
+    size, float32_size = os.path.getsize(path), os.path.getsize(float32_path)
+    assert size < (0.75 if quantization == "float16" else 0.5) * float32_size
+
+
+@pytest.mark.slow
+def test_quantized_product_form_keeps_constant_weights(tmp_path, mlp_files):
+    model = mlp_files[0]
+    x = samples((784,))
+    path = export.to_tflite(model, tmp_path / "q.tflite", quantization="dynamic_int8",
+                            factor_form="product", sparse=False, inputs=x)
+    operators, _ = tflite_contents(path)
+    # One op per layer with a constant int8 weight: nothing unpacked at run time.
+    assert "SCATTER_ND" not in operators and operators["FULLY_CONNECTED"] == 3
+    scale = max(1.0, float(np.abs(model(x).numpy()).max()))
+    assert export.verify_tflite(path, model, x) <= export.DEFAULT_TOLERANCES["dynamic_int8"] * scale
+
+
+def buffer_sizes(path):
+    """Bytes of every constant tensor of a .tflite file."""
+    with open(path, "rb") as handle:
+        model = schema.Model.GetRootAs(handle.read(), 0)
+    subgraph = model.Subgraphs(0)
+    return [model.Buffers(subgraph.Tensors(i).Buffer()).DataLength()
+            for i in range(subgraph.TensorsLength())]
+
+
+def test_compact_position_steps_visit_every_position():
+    rng = np.random.default_rng(0)
+    positions = np.sort(rng.choice(100_000, 300, replace=False))
+    positions[0] = 0  # a first position at 0 is a first step of 0
+    for case in (positions, positions[1:], positions[:1], positions[:0], np.array([1000])):
+        steps, index = export.CompactFactors.steps(case)
+        visited = np.cumsum(steps.astype(np.int64))
+        np.testing.assert_array_equal(visited[index], case)
+        assert steps.dtype == np.uint8
+        # Extra positions (zero values) only where a step would exceed 255:
+        # at most gap / 255 of them per gap.
+        gaps = np.diff(case, prepend=0)
+        assert steps.size == case.size + int(np.sum(np.maximum(0, (gaps - 1) // 255)))
+        assert np.all(np.diff(visited) > 0)
+
+
+@pytest.mark.parametrize("quantization", ["float16", "dynamic_int8"])
+def test_compact_factors_rebuild_each_factor(quantization):
+    rng = np.random.default_rng(0)
+    random_support = rng.standard_normal((64, 48)) * (rng.random((64, 48)) < 0.05)
+    # Whole 1x4 blocks along the input axis (4 consecutive rows of a column).
+    blocks = np.repeat(rng.random((16, 48)) < 0.1, 4, axis=0) * rng.standard_normal((64, 48))
+    factors = [random_support.astype("float32"), blocks.astype("float32"),
+               np.zeros((8, 3), "float32")]
+    store = export.CompactFactors(quantization)
+    layer = types.SimpleNamespace(compute_dtype="float32")
+    store.add(layer, factors)
+    assert [unit for unit, *_ in store._buffers] == [1, 4]  # the blocks stored by block
+    for factor, rebuilt in zip(factors, store.factors(layer)):
+        rebuilt = rebuilt.numpy()
+        # int8 rounds values below half a step to zero; nothing appears elsewhere.
+        assert np.all(factor[rebuilt != 0] != 0)
+        # float16: the values stay float32 until the converter; int8: half a
+        # quantization step (max |v| / 254) per value.
+        bound = 0 if quantization == "float16" else np.abs(factor).max() / 254 * 1.0001
+        assert np.abs(rebuilt - factor).max() <= bound
 
 
 def small_psm_model():
     return model_of(SparseFactorDense(256, n_factors=2, sparsity=4, seed=0), (256,))
 
 
+@pytest.mark.slow
 def test_sparse_int8_that_litert_cannot_run_is_a_clear_error(tmp_path):
+    # A pruned Dense layer has no factors to keep compact: only TFLite's sparse
+    # encoding, which LiteRT 2.3 cannot run with int8 weights.
+    layer = keras.layers.Dense(256, use_bias=False)
+    model = model_of(layer, (256,))
+    kernel = layer.get_weights()[0]
+    layer.set_weights([kernel * (np.random.default_rng(0).random(kernel.shape) < 0.02)])
     with pytest.raises(RuntimeError, match="sparse encoding (does not run|differs)"):
-        export.to_tflite(small_psm_model(), tmp_path / "q.tflite", quantization="dynamic_int8",
+        export.to_tflite(model, tmp_path / "q.tflite", quantization="dynamic_int8",
                          sparse=True)
     assert not (tmp_path / "q.tflite").exists()
 
 
+@pytest.mark.slow
 def test_exceeding_the_tolerance_fails_loudly_and_writes_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="more than the tolerance"):
         export.to_tflite(small_psm_model(), tmp_path / "q.tflite", quantization="float16",
@@ -262,6 +344,7 @@ def test_exceeding_the_tolerance_fails_loudly_and_writes_nothing(tmp_path):
     assert not (tmp_path / "q.tflite").exists()
 
 
+@pytest.mark.slow
 def test_dynamic_batch_and_two_inputs(tmp_path):
     left, right = keras.Input((6,)), keras.Input((4,))
     joined = keras.layers.Concatenate()([
@@ -275,6 +358,7 @@ def test_dynamic_batch_and_two_inputs(tmp_path):
     assert [o.shape for o in outputs] == [(5, 3), (5, 9)]
 
 
+@pytest.mark.slow
 def test_export_never_mutates_the_model(tmp_path, mlp_files):
     model = mlp_files[0]
     before = [w.copy() for w in model.get_weights()]
@@ -307,6 +391,68 @@ def test_bad_arguments_name_the_parameter(tmp_path):
 
     with pytest.raises(ValueError, match="functional or Sequential"):
         export.to_tflite(Subclassed(), tmp_path / "m.tflite")
+
+
+# --- the default file keeps the compression, quantized ones too ---
+
+def with_logits(model, name):
+    """A copy of ``model`` whose layer ``name`` has no activation (logits, not
+    probabilities, so that the relative tolerance of the check means something)."""
+    def clone(layer):
+        config = layer.get_config()
+        if layer.name == name:
+            config["activation"] = "linear"
+        return type(layer).from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+DEMO_MODELS = {
+    "lenet5": (lambda: with_logits(demo.lenet5(), "fc3"), (28, 28, 1)),
+    "vgg_small": (lambda: with_logits(demo.vgg_small(), "fc2"), (32, 32, 3)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(DEMO_MODELS))
+def demo_files(request, tmp_path_factory):
+    """``(name, PSM model (Q=2, K=4), its float32 file, the dense file, check inputs)``."""
+    build, input_shape = DEMO_MODELS[request.param]
+    directory = tmp_path_factory.mktemp(request.param)
+    dense = build()
+    model, report = keras_psm.compress(dense, "psm", n_factors=2, sparsity=4, max_iter=20,
+                                       verbose=0)
+    x = samples(input_shape, n=8)
+    return (request.param, model, report, export.to_tflite(model, directory / "psm.tflite",
+                                                           inputs=x),
+            export.to_tflite(dense, directory / "dense.tflite", inputs=x, sparse=False), x)
+
+
+def relative_difference(path, model, x):
+    return export.verify_tflite(path, model, x) / max(1.0, float(np.abs(model(x)).max()))
+
+
+@pytest.mark.slow
+def test_default_export_keeps_the_compression(demo_files):
+    _, model, report, path, dense_path, x = demo_files
+    assert report.params_before >= 10 * report.params_after
+    ratio = os.path.getsize(dense_path) / os.path.getsize(path)
+    assert ratio >= 5, ratio
+    # float32 products of a few factors, summed in another order: rounding only.
+    assert relative_difference(path, model, samples(x.shape[1:], seed=5)) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["float16", "dynamic_int8"])
+def test_quantized_export_is_smaller_than_float32(tmp_path, demo_files, quantization):
+    _, model, _, float32_path, _, x = demo_files
+    path = export.to_tflite(model, tmp_path / "q.tflite", quantization=quantization, inputs=x)
+    size, float32_size = os.path.getsize(path), os.path.getsize(float32_path)
+    assert size <= (1.0 if quantization == "float16" else 0.5) * float32_size, (size,
+                                                                               float32_size)
+    assert (relative_difference(path, model, samples(x.shape[1:], seed=5))
+            <= export.DEFAULT_TOLERANCES[quantization])
 
 
 # --- every layer family ---
@@ -358,6 +504,7 @@ def layer_class(name):
     pytest.skip(f"keras_psm.layers has no {name} yet")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILY_CASES))
 def test_every_layer_family_exports_compressed_and_exact(tmp_path, family):
     class_name, build, input_shape = FAMILY_CASES[family]
@@ -387,6 +534,7 @@ def _small_options(method):
     return options
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method_name", _method_names())
 def test_every_method_exports_smaller_and_exact(tmp_path, small_cnn_file, method_name):
     if method_name not in keras_psm.available_methods():
@@ -405,6 +553,7 @@ def test_every_method_exports_smaller_and_exact(tmp_path, small_cnn_file, method
         assert os.path.getsize(path) < 1.1 * dense_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not LEGACY_KERAS, reason="tfmot's pruning wrappers need tf_keras")
 def test_tfmot_pruned_model_is_stripped_with_masks_folded(tmp_path):
     from keras_psm import pruning

@@ -7,6 +7,8 @@ from keras_psm.factorize.projections import (
     sp,
     sp_support,
     splincol,
+    splincol_blocks,
+    splincol_blocks_support,
     splincol_support,
     support_projection,
     top_k_mask,
@@ -34,6 +36,50 @@ def brute_force_splincol_support(matrix, k):
 def test_splincol_support_is_union_of_row_and_column_top_k(gaussian, k):
     np.testing.assert_array_equal(splincol_support(gaussian, k),
                                   brute_force_splincol_support(gaussian, k))
+
+
+def brute_force_block_support(matrix, k, block):
+    """Blocks of ``block`` rows in one column: row-wise and column-wise top-k
+    of the block energies by full sorts, expanded to their entries."""
+    n_blocks = -(-matrix.shape[0] // block)
+    energy = np.array([[np.sum(matrix[b * block:(b + 1) * block, j] ** 2)
+                        for j in range(matrix.shape[1])] for b in range(n_blocks)])
+    blocks = brute_force_splincol_support(energy, k)
+    support = np.zeros(matrix.shape, dtype=bool)
+    for b, j in zip(*np.nonzero(blocks)):
+        support[b * block:(b + 1) * block, j] = True
+    return support
+
+
+@pytest.mark.parametrize("shape", [(40, 60), (42, 30)])  # 42: a last block of 2 rows
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_splincol_blocks_keeps_whole_blocks_of_the_top_energies(shape, k):
+    matrix = np.random.default_rng(1).standard_normal(shape)
+    support = splincol_blocks_support(matrix, k, block=4)
+    np.testing.assert_array_equal(support, brute_force_block_support(matrix, k, 4))
+    n_blocks = -(-shape[0] // 4)
+    padded = np.zeros((4 * n_blocks, shape[1]), dtype=bool)
+    padded[:shape[0]] = support
+    blocks = padded.reshape(n_blocks, 4, shape[1])
+    kept = blocks.any(axis=1)
+    # Whole blocks (the short last one whole too), at least min(k, count)
+    # per column and per group of 4 rows, at most the union of both.
+    assert np.array_equal(blocks[:-1].all(axis=1), kept[:-1])
+    assert np.all(kept.sum(axis=0) >= min(k, n_blocks))
+    assert np.all(kept.sum(axis=1) >= min(k, shape[1]))
+    assert kept.sum() <= k * (n_blocks + shape[1])
+    projected = splincol_blocks(matrix, k, block=4)
+    np.testing.assert_array_equal(projected != 0, support)
+    np.testing.assert_allclose(np.linalg.norm(projected), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(projected[support] * np.linalg.norm(matrix[support]),
+                               matrix[support], rtol=1e-12)
+
+
+def test_splincol_blocks_of_one_row_is_splincol(gaussian):
+    np.testing.assert_array_equal(splincol_blocks_support(gaussian, 5, block=1),
+                                  splincol_support(gaussian, 5))
+    with pytest.raises(ValueError, match="block"):
+        splincol_blocks(gaussian, 5, block=0)
 
 
 @pytest.mark.parametrize("k", [1, 5, 12])

@@ -27,7 +27,7 @@ from functools import reduce
 import numpy as np
 import scipy.sparse as sps
 
-from keras_psm.factorize.projections import splincol_support, transposed_copy
+from keras_psm.factorize.projections import splincol_blocks_support, transposed_copy
 
 __all__ = ["Factorization", "factor_shapes", "hierarchical_palm4msa", "palm4msa"]
 
@@ -101,7 +101,7 @@ def factor_shapes(matrix_shape, n_factors, rank=None):
 
 
 def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
-             supports=None, random_state=None):
+             supports=None, random_state=None, block=1):
     """Approximate ``matrix`` by ``n_factors`` sparse factors with palm4MSA.
 
     Minimizes ``||W - lambda S_1 ... S_Q||_F^2`` over unit-norm factors
@@ -138,6 +138,10 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
             is then projected onto that fixed support instead of splincol.
         random_state: seed or ``np.random.Generator`` for the start vectors
             of the power iterations (the result barely depends on it).
+        block: rows per block of the splincol support
+            (``projections.splincol_blocks``): 4 keeps whole 1x4 blocks
+            along the input axis, which LiteRT's sparse fully connected
+            kernel runs on; 1 is plain splincol.
 
     Returns:
         A ``Factorization``.
@@ -148,7 +152,8 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
     max_iter = _check_int(max_iter, "max_iter", minimum=1)
     tol = _check_tol(tol)
     if supports is None:
-        projectors = [_SplincolProjector(k) for k in _check_sparsity(sparsity, n_factors)]
+        block = _check_int(block, "block", minimum=1)
+        projectors = [_SplincolProjector(k, block) for k in _check_sparsity(sparsity, n_factors)]
     else:
         if sparsity is not None:
             _check_sparsity(sparsity, n_factors)
@@ -164,7 +169,7 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
 
 
 def hierarchical_palm4msa(matrix, n_factors, sparsity, *, residual_sparsity=None, rank=None,
-                          max_iter=300, tol=1e-6, random_state=None):
+                          max_iter=300, tol=1e-6, random_state=None, block=1):
     """Hierarchical palm4MSA: peel one sparse factor at a time from the left.
 
     Le Magoarou & Gribonval (2016, "Flexible multilayer sparse
@@ -182,8 +187,8 @@ def hierarchical_palm4msa(matrix, n_factors, sparsity, *, residual_sparsity=None
     and the default residual sparsities.
 
     Args:
-        matrix, n_factors, sparsity, rank, max_iter, tol, random_state: as in
-            ``palm4msa`` (``max_iter`` and ``tol`` apply to every inner run).
+        matrix, n_factors, sparsity, rank, max_iter, tol, random_state, block: as
+            in ``palm4msa`` (``max_iter`` and ``tol`` apply to every inner run).
         residual_sparsity: splincol ``K`` of the intermediate residuals
             ``T_1 .. T_{Q-2}``: an int, a sequence of ``Q - 2`` ints, or None
             for ``max(sparsity[-1], ceil(min(r, out) / 2^l))`` (halved at each
@@ -201,7 +206,8 @@ def hierarchical_palm4msa(matrix, n_factors, sparsity, *, residual_sparsity=None
     residual_ks = _check_residual_sparsity(residual_sparsity, shapes, factor_ks)
     rng = np.random.default_rng(random_state)
 
-    final_projectors = [_SplincolProjector(k) for k in factor_ks]
+    block = _check_int(block, "block", minimum=1)
+    final_projectors = [_SplincolProjector(k, block) for k in factor_ks]
     if not matrix.any():
         return _zero_factorization(shapes, final_projectors)
     if n_factors == 1:
@@ -211,7 +217,7 @@ def hierarchical_palm4msa(matrix, n_factors, sparsity, *, residual_sparsity=None
     residual = matrix
     scale = 1.0
     for level in range(1, n_factors):
-        residual_projector = _SplincolProjector(residual_ks[level - 1])
+        residual_projector = _SplincolProjector(residual_ks[level - 1], block)
         split_shapes = [shapes[level - 1], shapes[-1]]
         split = _palm(residual, _initial_factors(split_shapes), 1.0,
                       [final_projectors[level - 1], residual_projector], max_iter, tol, rng)
@@ -240,13 +246,15 @@ class _SparseFactor:
 
 
 class _SplincolProjector:
-    """Projection onto {unit Frobenius norm, splincol support of ``k``}."""
+    """Projection onto {unit Frobenius norm, splincol support of ``k``} (of
+    ``k`` blocks of ``block`` rows with ``block > 1``)."""
 
-    def __init__(self, k):
+    def __init__(self, k, block=1):
         self.k = k
+        self.block = block
 
     def __call__(self, candidate):
-        support = splincol_support(candidate, self.k)
+        support = splincol_blocks_support(candidate, self.k, self.block)
         flat_positions = np.flatnonzero(support)
         values = _unit_norm(candidate.ravel()[flat_positions])
         row_starts = np.zeros(candidate.shape[0] + 1, dtype=np.int64)

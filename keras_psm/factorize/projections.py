@@ -24,7 +24,8 @@ import numbers
 
 import numpy as np
 
-__all__ = ["sp", "sp_support", "splincol", "splincol_support", "support_projection"]
+__all__ = ["sp", "sp_support", "splincol", "splincol_blocks", "splincol_blocks_support",
+           "splincol_support", "support_projection"]
 
 SMALLEST_POSITIVE = np.nextafter(0.0, 1.0)  # x >= SMALLEST_POSITIVE  <=>  x > 0
 
@@ -55,6 +56,43 @@ def splincol_support(matrix, k):
     support = top_k_mask(magnitude, k, axis=1)
     support |= top_k_mask(magnitude, k, axis=0)
     return support
+
+
+def splincol_blocks(matrix, k, block=4):
+    """splincol over blocks of ``block`` consecutive rows of one column.
+
+    The (in, out) matrix is cut into blocks ``M[b*block:(b+1)*block, j]``
+    (the last one shorter when ``block`` does not divide ``in``); a block's
+    weight is its energy ``||block||_2^2``. The blocks kept are the splincol
+    support of the (ceil(in / block), out) matrix of energies, and a kept
+    block keeps its nonzero entries:
+
+        support = splincol_support(E, k) expanded to rows,  E[b, j] = ||M[b-th block, j]||^2
+        splincol_blocks(M, k) = M * 1[support] / ||M * 1[support]||_F
+
+    So every column keeps at least ``k`` blocks and every group of
+    ``block`` rows at least ``k`` blocks. With ``block=4`` the support is
+    made of the 1x4 blocks along the input axis that LiteRT's sparse fully
+    connected kernel runs on (``keras_psm.litert_cost``); ``block=1`` is
+    ``splincol``.
+    """
+    matrix = _as_matrix(matrix)
+    return _keep_unit_norm(matrix, splincol_blocks_support(matrix, k, block))
+
+
+def splincol_blocks_support(matrix, k, block=4):
+    """Boolean support of ``splincol_blocks(matrix, k, block)``."""
+    matrix = _as_matrix(matrix)
+    block = _check_k(block, "block")
+    if block == 1:
+        return splincol_support(matrix, k)
+    n_rows, n_cols = matrix.shape
+    n_blocks = -(-n_rows // block)
+    energy = np.zeros((n_blocks * block, n_cols))
+    energy[:n_rows] = np.square(matrix)
+    energy = energy.reshape(n_blocks, block, n_cols).sum(axis=1)
+    kept = splincol_support(energy, k)
+    return np.repeat(kept, block, axis=0)[:n_rows] & (matrix != 0)
 
 
 def sp(matrix, k):
@@ -153,7 +191,7 @@ def _as_matrix(matrix):
     return matrix
 
 
-def _check_k(k):
+def _check_k(k, name="k"):
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
+        raise ValueError(f"`{name}` must be an integer >= 1, got {k!r}.")
     return int(k)

@@ -32,6 +32,9 @@ class PSMConfig:
         max_iter, tol: palm4MSA stops after ``max_iter`` iterations or when the
             relative change of the error drops below ``tol`` (paper: 300, 1e-6).
         seed: seed of palm4MSA's random start, for reproducible fits.
+        block: rows per block of the supports: 4 fits supports of whole 1x4
+            blocks along the input axis, which LiteRT's sparse fully connected
+            kernel runs on (``palm4msa``'s ``block``); 1 is plain splincol.
     """
 
     n_factors: int = 3
@@ -41,6 +44,7 @@ class PSMConfig:
     max_iter: int = 300
     tol: float = 1e-6
     seed: Optional[int] = 0
+    block: int = 1
 
     def __post_init__(self):
         where = type(self).__name__
@@ -51,6 +55,7 @@ class PSMConfig:
         check_float(self.tol, "tol", minimum=0.0, where=where)
         check_int(self.seed, "seed", minimum=0, where=where, allow_none=True)
         check_bool(self.hierarchical, "hierarchical", where=where)
+        check_int(self.block, "block", minimum=1, where=where)
 
 
 def kernel_matrix(kernel):
@@ -63,7 +68,7 @@ def fit_psm(kernel, config):
     fit = hierarchical_palm4msa if config.hierarchical else palm4msa
     return fit(
         kernel_matrix(kernel), config.n_factors, config.sparsity, rank=config.rank,
-        max_iter=config.max_iter, tol=config.tol, random_state=config.seed,
+        max_iter=config.max_iter, tol=config.tol, random_state=config.seed, block=config.block,
     )
 
 
