@@ -55,8 +55,9 @@ from typing import List, Optional
 
 import numpy as np
 
-from keras_psm.backend import keras, tf
-from keras_psm.model_layers import check_graph_model, is_graph_model, leaf_layers
+from keras_psm.backend import tf
+from keras_psm.files import write_atomically
+from keras_psm.model_layers import check_graph_model, clone_replacing, is_graph_model, leaf_layers
 from keras_psm.layers.base import CompressedLayer
 from keras_psm.validation import check_choice, check_float, check_int
 
@@ -241,9 +242,7 @@ def export_model(model, factor_form="sequence", quantization=None):
     compact = None if quantization is None else CompactFactors(quantization)
     copies = []
 
-    def clone_function(layer):
-        if is_graph_model(layer):
-            return keras.models.clone_model(layer, clone_function=clone_function)
+    def replace(layer):
         layer, weights = strip_for_export(layer)
         cls = type(layer)
         forward = getattr(cls, "export_call", None)
@@ -261,7 +260,7 @@ def export_model(model, factor_form="sequence", quantization=None):
         copies.append((new_layer, weights))
         return new_layer
 
-    exported = keras.models.clone_model(model, clone_function=clone_function)
+    exported = clone_replacing(model, replace)
     for new_layer, weights in copies:
         new_layer.set_weights(weights)
         if hasattr(new_layer, "export_form"):
@@ -572,7 +571,7 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
     if rejected and kept_label != "the compact factors":
         warnings.warn(f"{where}: {summary}: " + "; ".join(rejected)
                       + f"; the file keeps {kept_label}.", RuntimeWarning, stacklevel=2)
-    with open(path, "wb") as handle:
+    with write_atomically(path) as temporary, open(temporary, "wb") as handle:
         handle.write(kept)
     return path
 

@@ -36,7 +36,7 @@ import numpy as np
 from keras_psm.backend import LEGACY_KERAS, keras
 from keras_psm.layers.base import CompressedLayer
 from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
-from keras_psm.model_layers import is_graph_model, leaf_layers
+from keras_psm.model_layers import clone_replacing, is_graph_model, leaf_layers
 from keras_psm.validation import check_float, check_int
 
 #: Exponent of Zhu & Gupta's schedule.
@@ -294,18 +294,15 @@ def _wrap_for_pruning(tfmot, model, schedule, layers, where):
             f"got {type(model).__name__}."
         )
     check_layer_names(model, layers, where)
-    copies = []
-
-    def clone_function(layer):
-        if is_graph_model(layer):
-            return keras.models.clone_model(layer, clone_function=clone_function)
+    def replace(layer):
+        if not (_is_prunable(layer) and is_selected(layer, layers)):
+            return None
         copy = layer.__class__.from_config(layer.get_config())
         copies.append((layer, copy))
-        if _is_prunable(layer) and is_selected(layer, layers):
-            return tfmot.sparsity.keras.prune_low_magnitude(copy, pruning_schedule=schedule)
-        return copy
+        return tfmot.sparsity.keras.prune_low_magnitude(copy, pruning_schedule=schedule)
 
-    pruned = keras.models.clone_model(model, clone_function=clone_function)
+    copies = []
+    pruned = clone_replacing(model, replace)
     for original, copy in copies:
         copy.set_weights(original.get_weights())
     if not _pruning_wrappers(pruned):

@@ -36,7 +36,7 @@ import numpy as np
 
 from keras_psm.backend import keras, tf
 from keras_psm.compress import compress
-from keras_psm.model_layers import is_graph_model
+from keras_psm.model_layers import clone_replacing
 from keras_psm.pruning import (
     check_layer_names,
     check_sparsity,
@@ -182,21 +182,7 @@ def _keeping_only(model, factors, keeps):
         chosen.setdefault(id(factor.layer), (factor.layer, {}))[1][factor.index] = keep
     replacements = {key: layer.keeping([by_index[i] for i in range(layer.n_factors)])
                     for key, (layer, by_index) in chosen.items()}
-    copies = []
-
-    def clone_function(layer):
-        if is_graph_model(layer):
-            return keras.models.clone_model(layer, clone_function=clone_function)
-        if id(layer) in replacements:
-            return replacements[id(layer)]
-        copy = layer.__class__.from_config(layer.get_config())
-        copies.append((layer, copy))
-        return copy
-
-    pruned = keras.models.clone_model(model, clone_function=clone_function)
-    for original, copy in copies:
-        copy.set_weights(original.get_weights())
-    return pruned
+    return clone_replacing(model, lambda layer: replacements.get(id(layer)))
 
 
 def _gradients(model, factors, x, y, loss):
