@@ -1,0 +1,259 @@
+"""Parameter budgets: ``compress(..., target_ratio=R)`` or ``target_params=N``.
+
+The selected layers' nonzero parameters (biases included, as the report
+counts them) must total at most ``N`` (``dense total / R``), as close to it
+as the method's sizes allow. Methods declare how (``Method`` in
+``keras_psm.methods.registry``):
+
+- ``size_knob(kernel_shape, config)``: ladders of per-layer configs, each
+  ladder from small to large (PSM: K for Q = 2 and for Q = 3; SVD: the rank;
+  TT: the maximum TT rank; pruning: the kept fraction). Every layer's
+  candidates are fitted (through ``executor`` when given), in waves from the
+  small end, stopping a ladder once it outgrows what the budget leaves that
+  layer. Then the allocation picks one candidate per layer to minimize the
+  size-weighted error sum ``sum_l n_l e_l`` (``n_l`` the layer's dense
+  parameters, ``e_l`` its relative error ``||R (W - W_hat)||_F / ||R W||_F``,
+  ``R^T R`` the input covariance with calibration data, ``R = I`` without)
+  subject to the budget: a greedy Lagrangian (multiple-choice knapsack)
+  step from every layer's smallest candidate, each time taking the upgrade
+  with the largest error reduction per added parameter that still fits, as
+  ALDS's rank allocation and AIMET's greedy selection do.
+- ``size_target(config, kept_fraction)``: methods with a global target of
+  their own (ALDS's ``target``, iterative pruning's ``target_sparsity``) get
+  it from the fraction of the kernels' values the budget keeps.
+
+With ``score_fn(model) -> float`` (higher is better, e.g. accuracy on
+held-out data), the allocation minimizes the summed score drops instead
+(AIMET's greedy per-layer selection): ``score_fn`` runs on the original
+model and on ``score_candidates`` candidates per layer, each with only that
+layer compressed; the drops of the other candidates are interpolated over
+their parameter counts.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from keras_psm.factorize.calibrated import weighted_relative_error, whitening_factor
+from keras_psm.validation import check_float, check_int
+
+#: Values per ladder that ``knob_grid`` spreads over a knob's range.
+KNOB_COUNT = 12
+
+#: Candidates per layer scored by ``score_fn`` by default.
+SCORE_CANDIDATES = 4
+
+
+def knob_grid(maximum, count=KNOB_COUNT):
+    """Integers from 1 to ``maximum``: all of them, or ``count`` spread geometrically."""
+    maximum = max(1, int(maximum))
+    if maximum <= count:
+        return list(range(1, maximum + 1))
+    return sorted({int(round(v)) for v in np.geomspace(1, maximum, count)})
+
+
+def fraction_grid(size, count=2 * KNOB_COUNT):
+    """Kept fractions of ``size`` entries, from one entry to half of them, geometrically."""
+    kept = np.unique(np.round(np.geomspace(1, max(1, size // 2), count)).astype(int))
+    return [float(k) / size for k in kept]
+
+
+def budget_params(target_ratio, target_params, dense_params):
+    """The parameter budget ``N`` from ``target_ratio`` or ``target_params`` (None if neither)."""
+    if target_ratio is not None and target_params is not None:
+        raise ValueError("pass `target_ratio` or `target_params`, not both.")
+    if target_ratio is not None:
+        ratio = check_float(target_ratio, "target_ratio", minimum=1.0, where="compress")
+        return int(math.floor(dense_params / ratio))
+    if target_params is not None:
+        return check_int(target_params, "target_params", minimum=1, maximum=dense_params,
+                         where="compress")
+    return None
+
+
+def check_budget_method(spec):
+    """Raise ValueError unless ``spec`` has a size knob or a global size target."""
+    if spec.size_knob is None and spec.size_target is None:
+        raise ValueError(
+            f"method {spec.name!r} has no size knob, so `target_ratio`/`target_params` "
+            f"cannot set its size; use a method with one ({', '.join(_knob_methods())})."
+        )
+
+
+def _knob_methods():
+    from keras_psm.methods import available_methods, get_method
+
+    return [name for name in available_methods()
+            if get_method(name).size_knob is not None or get_method(name).size_target is not None]
+
+
+def target_config(spec, config, kernels, biases, budget):
+    """``spec.size_target``'s config keeping the kernel values the budget leaves.
+
+    ``biases`` is the bias size per layer (kept as they are).
+    """
+    kernel_values = sum(int(np.size(kernel)) for kernel in kernels.values())
+    kept = (budget - sum(biases.values())) / kernel_values
+    if kept <= 0:
+        raise ValueError(
+            f"target of {budget:,} parameters is below the selected layers' "
+            f"{sum(biases.values()):,} bias values; method {spec.name!r} cannot reach it."
+        )
+    return spec.size_target(config, min(kept, 1.0))
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One fitted size of one layer: its config, fit, parameters and error."""
+
+    config: object
+    fitted: object
+    seconds: float
+    params: int
+    error: float
+    cost: float = 0.0
+
+
+def allocate(spec, layers, kernels, config, budget, fit_many, *, covariances=None,
+             score=None, score_candidates=SCORE_CANDIDATES, verbose=1):
+    """Per-layer configs and fits of ``spec`` meeting ``budget`` nonzero parameters.
+
+    Args:
+        spec: the ``Method`` (with ``size_knob``).
+        layers, kernels: the selected layers and their kernels, by name.
+        config: the user's config; its other fields are kept.
+        budget: nonzero parameters allowed over the selected layers.
+        fit_many: ``{key: (kernel, config, covariance)} -> {key: (fitted, seconds)}``,
+            which runs the fits (in parallel when it can).
+        covariances: ``{name: damped X^T X}`` or None.
+        score: None, or ``(name, config) -> float``, the score drop of the
+            model with only that layer compressed at ``config``.
+
+    Returns:
+        ``(configs, fits, candidates)``: ``{name: config}``,
+        ``{name: (fitted, seconds)}`` and ``{name: [Candidate, ...]}``.
+    """
+    covariances = covariances or {}
+    factors = {name: whitening_factor(covariances[name]) if name in covariances else None
+               for name in kernels}
+    ladders = {name: spec.size_knob(kernels[name].shape, config) for name in kernels}
+    dense = {name: int(layer.count_params()) for name, layer in layers.items()}
+    candidates = {name: [] for name in kernels}
+    position = {(name, index): 0 for name in kernels for index in range(len(ladders[name]))}
+    with tqdm(desc=f"{spec.name} sizes", unit="fit", disable=not verbose) as bar:
+        while position:
+            jobs = {(name, index, step): (kernels[name], ladders[name][index][step],
+                                          covariances.get(name))
+                    for (name, index), step in position.items()}
+            for (name, index, step), (fitted, seconds) in fit_many(jobs).items():
+                layer_config = ladders[name][index][step]
+                params, error = _measure(spec, layers[name], kernels[name], fitted,
+                                         layer_config, factors[name])
+                candidates[name].append(Candidate(layer_config, fitted, seconds, params, error))
+                position[(name, index)] = step + 1
+                bar.update()
+            smallest = {name: min(c.params for c in found) for name, found in candidates.items()}
+            if sum(smallest.values()) > budget:
+                raise ValueError(
+                    f"method {spec.name!r} cannot reach {budget:,} parameters: its smallest "
+                    f"fits of the selected layers total {sum(smallest.values()):,} "
+                    f"(x{sum(dense.values()) / sum(smallest.values()):.1f})."
+                )
+            room = {name: budget - sum(smallest.values()) + smallest[name] for name in kernels}
+            position = {
+                (name, index): step for (name, index), step in position.items()
+                if step < len(ladders[name][index])
+                and _last_params(candidates[name], ladders[name][index][step - 1]) <= room[name]
+            }
+    for name, found in candidates.items():
+        found[:] = [c for c in found if c.params <= room[name]]
+        for candidate in found:
+            candidate.cost = dense[name] * candidate.error
+    if score is not None:
+        _score_costs(candidates, score, score_candidates, verbose)
+    choice = _greedy(candidates, budget)
+    configs = {name: candidates[name][index].config for name, index in choice.items()}
+    fits = {name: (candidates[name][index].fitted, candidates[name][index].seconds)
+            for name, index in choice.items()}
+    return configs, fits, candidates
+
+
+def _last_params(found, layer_config):
+    return next(c.params for c in reversed(found) if c.config is layer_config)
+
+
+def _measure(spec, layer, kernel, fitted, layer_config, factor):
+    """Nonzero parameters and relative (input-weighted) error of one candidate."""
+    built = spec.build(layer, fitted, layer_config)
+    built.build(_input_shape(layer, kernel))
+    approximation = np.asarray(built.kernel, dtype=np.float64)
+    matrix = kernel.reshape(-1, kernel.shape[-1])
+    error = weighted_relative_error(matrix, approximation.reshape(matrix.shape), factor)
+    return int(built.count_nonzero_params()), error
+
+
+def _input_shape(layer, kernel):
+    try:
+        return tuple(layer.input.shape)
+    except (AttributeError, ValueError, RuntimeError):
+        if kernel.ndim == 2:
+            return (None, kernel.shape[0])
+        return (None, None, None, kernel.shape[2])
+
+
+def _score_costs(candidates, score, count, verbose):
+    """Replace each candidate's cost by its score drop (measured or interpolated)."""
+    total = sum(min(count, len(found)) for found in candidates.values())
+    with tqdm(total=total, desc="score_fn", unit="model", disable=not verbose) as bar:
+        for name, found in candidates.items():
+            order = sorted(range(len(found)), key=lambda i: found[i].params)
+            picked = sorted({order[int(round(i))] for i in
+                             np.linspace(0, len(order) - 1, min(count, len(order)))},
+                            key=lambda i: found[i].params)
+            params = [found[i].params for i in picked]
+            drops = []
+            for index in picked:
+                drops.append(max(0.0, float(score(name, found[index].config))))
+                bar.update()
+            for candidate in found:
+                candidate.cost = float(np.interp(candidate.params, params, drops))
+
+
+def _greedy(candidates, budget):
+    """Index of one candidate per layer: from the cheapest, the best upgrades that fit."""
+    choice = {name: min(range(len(found)), key=lambda i: (found[i].params, found[i].cost))
+              for name, found in candidates.items()}
+    used = sum(candidates[name][index].params for name, index in choice.items())
+    while True:
+        best, best_gain = None, 0.0
+        for name, found in candidates.items():
+            current = found[choice[name]]
+            for index, candidate in enumerate(found):
+                added = candidate.params - current.params
+                gain = current.cost - candidate.cost
+                if gain <= 0 or used + added > budget:
+                    continue
+                rate = gain / max(added, 1e-9) if added > 0 else math.inf
+                if best is None or rate > best_gain:
+                    best, best_gain = (name, index), rate
+        if best is None:
+            return choice
+        name, index = best
+        used += candidates[name][index].params - candidates[name][choice[name]].params
+        choice[name] = index
+
+
+def knob_label(layer_config, config):
+    """The fields of a layer's config that differ from the user's config, as ``k=v``."""
+    if type(layer_config) is not type(config):
+        fields = dataclasses.asdict(layer_config)
+    else:
+        fields = {f.name: getattr(layer_config, f.name) for f in dataclasses.fields(config)
+                  if getattr(layer_config, f.name) != getattr(config, f.name)}
+    return ", ".join(f"{key}={_short(value)}" for key, value in fields.items())
+
+
+def _short(value):
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
