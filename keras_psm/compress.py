@@ -11,7 +11,9 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
+from keras_psm import budget as budgets
 from keras_psm.backend import keras
+from keras_psm.calibration import layer_covariances
 from keras_psm.layers.base import CompressedLayer
 from keras_psm.methods import get_method
 from keras_psm.model_layers import check_graph_model, is_graph_model, leaf_layers
@@ -22,7 +24,8 @@ _KIND_NAMES = {"dense": "Dense", "conv2d": "Conv2D"}
 
 
 def compress(model, method="psm", layers=None, *, config=None, executor=None,
-             verbose=1, **options):
+             verbose=1, target_ratio=None, target_params=None, calibration_data=None,
+             score_fn=None, **options):
     """Compress the Dense and Conv2D layers of a trained model.
 
     Args:
@@ -39,6 +42,23 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
         executor: an optional ``concurrent.futures.Executor`` (a process
             pool, or a Dask/Ray executor) to fit layers in parallel.
         verbose: 1 shows a progress bar per layer, 0 is silent.
+        target_ratio, target_params: a parameter budget for the selected
+            layers (nonzero parameters, biases included): their dense total
+            divided by ``target_ratio``, or ``target_params``. The method's
+            size knob is chosen per layer (``keras_psm.budget``): the
+            method's options set everything else. Methods without a knob
+            (butterfly) raise ValueError.
+        calibration_data: inputs of the model (an array, one array per
+            input, or a ``tf.data.Dataset``; a few hundred samples): fits
+            minimize ``||X_l (W - W_hat)||_F`` over each layer's inputs
+            ``X_l`` (``keras_psm.calibration``), for the methods that can
+            (psm, psm-reinit, svd, hard-pruning); with a target, every
+            method's allocation weighs errors by them.
+        score_fn: with a target, an optional ``score_fn(model) -> float``
+            (higher is better, e.g. held-out accuracy) that the allocation
+            uses instead of layer errors. It costs ``1 + n_layers *
+            score_candidates`` (4) calls, each on a model with one layer
+            compressed (and refitted), besides the candidate fits.
         **options: the method's options, e.g. ``n_factors=3, sparsity=14``.
 
     Returns:
@@ -58,11 +78,46 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
         name: check_finite_array(layer.get_weights()[0], "kernel", where=f"layer {name!r}")
         for name, layer in targets.items()
     }
-    configs = (
-        dict(spec.allocate(kernels, config)) if spec.allocate is not None
-        else {name: config for name in targets}
-    )
-    fits = _fit_all(spec, kernels, configs, executor, verbose)
+    covariances = _covariances(model, spec, targets, calibration_data, target_ratio, target_params)
+    budget = budgets.budget_params(target_ratio, target_params,
+                                   sum(int(layer.count_params()) for layer in targets.values()))
+    if budget is not None:
+        budgets.check_budget_method(spec)
+        if score_fn is not None and not callable(score_fn):
+            raise TypeError(f"`score_fn` must be a callable model -> float, got {score_fn!r}.")
+    elif score_fn is not None:
+        raise ValueError("`score_fn` needs `target_ratio` or `target_params`.")
+    if budget is not None and spec.size_target is not None:
+        biases = {name: int(layer.count_params()) - kernels[name].size
+                  for name, layer in targets.items()}
+        config = budgets.target_config(spec, config, kernels, biases, budget)
+    if budget is not None and spec.size_knob is not None:
+        def fit_many(jobs):
+            return _fit_all(spec, {key: job[0] for key, job in jobs.items()},
+                            {key: job[1] for key, job in jobs.items()}, executor, 0,
+                            {key: job[2] for key, job in jobs.items()})
+
+        def score(name, layer_config):
+            candidate, _ = compress(model, spec.name, [name], config=layer_config, verbose=0,
+                                    calibration_data=calibration_data if spec.calibrated
+                                    else None)
+            return baseline - score_fn(candidate)
+
+        baseline = None if score_fn is None else float(score_fn(model))
+        configs, fits, _ = budgets.allocate(
+            spec, targets, kernels, config, budget, fit_many, covariances=covariances,
+            score=None if score_fn is None else score, verbose=verbose,
+        )
+        knobs = {name: budgets.knob_label(configs[name], config) for name in configs}
+    else:
+        configs = (
+            dict(spec.allocate(kernels, config)) if spec.allocate is not None
+            else {name: config for name in targets}
+        )
+        fits = _fit_all(spec, kernels, configs, executor, verbose,
+                        covariances if spec.calibrated else None)
+        knobs = ({name: budgets.knob_label(configs[name], config) for name in configs}
+                 if spec.allocate is not None else {})
 
     replaced = {}
     copied = []
@@ -92,7 +147,7 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
                 name=name, layer_type=type(layer).__name__, method=spec.name,
                 params_before=before, params_after=int(new_layer.count_nonzero_params()),
                 relative_error=_relative_error(kernels[name], new_layer.kernel),
-                seconds=fits[name][1], status=COMPRESSED,
+                seconds=fits[name][1], status=COMPRESSED, note=knobs.get(name, ""),
             ))
         elif name in skipped or (name in candidates and before):
             note = skipped.get(name, "not selected")
@@ -104,7 +159,36 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
         report.callbacks = list(spec.callbacks(compressed, config))
     if verbose:
         print(report)
+        if budget is not None:
+            print(_budget_line(report, budget))
     return compressed, report
+
+
+def _covariances(model, spec, targets, calibration_data, target_ratio, target_params):
+    """Damped input covariances of the selected layers, or None without data."""
+    if calibration_data is None:
+        return None
+    if not spec.calibrated and target_ratio is None and target_params is None:
+        calibrated = [name for name in _calibrated_methods()]
+        raise ValueError(
+            f"method {spec.name!r} does not fit to calibration data; `calibration_data` "
+            f"only weighs its layer errors when allocating a `target_ratio`/`target_params`. "
+            f"Methods that fit to it: {calibrated}."
+        )
+    return layer_covariances(model, list(targets), calibration_data)
+
+
+def _calibrated_methods():
+    from keras_psm.methods import available_methods
+
+    return [name for name in available_methods() if get_method(name).calibrated]
+
+
+def _budget_line(report, budget):
+    before = sum(row.params_before for row in report.compressed)
+    after = sum(row.params_after for row in report.compressed)
+    return (f"budget {budget:,} parameters: compressed layers {before:,} -> {after:,} "
+            f"(x{before / max(after, 1):.1f})")
 
 
 def _layer_kind(layer):
@@ -169,16 +253,20 @@ def _select(candidates, layers, model):
     return {name: candidates[name] for name in layers}
 
 
-def _timed_fit(fit, kernel, config):
+def _timed_fit(fit, kernel, config, covariance=None):
     start = time.perf_counter()
-    fitted = fit(kernel, config)
+    fitted = fit(kernel, config) if covariance is None else fit(kernel, config, covariance)
     return fitted, time.perf_counter() - start
 
 
-def _fit_all(spec, kernels, configs, executor, verbose):
-    """Fit every kernel, in parallel through ``executor`` when given."""
+def _fit_all(spec, kernels, configs, executor, verbose, covariances=None):
+    """Fit every kernel, in parallel through ``executor`` when given.
+
+    ``covariances`` (by the same keys) go to the calibrated fits.
+    """
+    covariances = covariances or {}
     futures = {} if executor is None else {
-        name: executor.submit(_timed_fit, spec.fit, kernel, configs[name])
+        name: executor.submit(_timed_fit, spec.fit, kernel, configs[name], covariances.get(name))
         for name, kernel in kernels.items()
     }
     results = {}
@@ -188,10 +276,11 @@ def _fit_all(spec, kernels, configs, executor, verbose):
             try:
                 results[name] = (
                     futures[name].result() if futures
-                    else _timed_fit(spec.fit, kernel, configs[name])
+                    else _timed_fit(spec.fit, kernel, configs[name], covariances.get(name))
                 )
             except ValueError as error:
-                raise ValueError(f"layer {name!r}: {error}") from error
+                layer_name = name[0] if isinstance(name, tuple) else name
+                raise ValueError(f"layer {layer_name!r}: {error}") from error
             bar.update()
     return results
 
