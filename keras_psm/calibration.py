@@ -4,8 +4,17 @@
 ``||X_l (W - W_hat)||_F`` (``keras_psm.factorize.calibrated``), with ``X_l``
 the inputs the layer sees in the original model. One pass over the data
 runs a model whose outputs are those inputs and keeps, per layer, only the
-``d_in x d_in`` matrix ``X_l^T X_l / n`` (``n`` rows), never the
-activations. A Dense layer's rows are its input vectors (every leading axis
+``d_in x d_in`` matrix ``X_l^T X_l / n`` (``n`` rows) and the mean input
+``mu_l``, never the activations.
+
+A layer with a bias absorbs the mean of its output error: with the bias
+``b + mu^T (W - W_hat)`` the error is ``||(X - 1 mu^T) (W - W_hat)||_F``, so
+its fit uses the centred covariance ``X^T X / n - mu mu^T`` and its bias is
+corrected afterwards (``correct_biases``; the bias correction of Nagel et al.,
+"Data-Free Quantization", 2019, section 4.2, with the calibration mean). The
+uncentred covariance is dominated by the mean input of a ReLU network, and
+a fit to it spends the budget on the mean output, which the bias carries
+anyway. A Dense layer's rows are its input vectors (every leading axis
 flattened); a Conv2D's rows are its im2col patches (``tf.image.extract_patches``
 with the layer's window, strides, dilation and padding), ordered
 ``(kh, kw, cin)`` like the rows of its kernel matrix. The matrices are
@@ -60,20 +69,43 @@ def calibration_batches(model, data, batch_size=BATCH_SIZE):
     return split
 
 
-def layer_covariances(model, layer_names, data, damping=DAMPING, batch_size=BATCH_SIZE):
-    """``{name: damped X^T X / n}`` for the named Dense/Conv2D layers of ``model``.
+def layer_covariances(model, layers, data, damping=DAMPING, batch_size=BATCH_SIZE):
+    """``(covariances, means)`` for the Dense/Conv2D ``layers`` (a dict name -> layer) of ``model``.
 
-    One pass over ``data`` (see ``calibration_batches``); layers inside nested
-    functional/Sequential models are reached through those models' inputs.
-    Raises ValueError for a layer called more than once (its inputs are
-    ambiguous).
+    ``covariances[name]`` is the damped ``X^T X / n``, centred for a layer with
+    a bias; ``means[name]`` the mean input ``mu`` of each layer with a bias.
+    One pass over ``data`` (see ``calibration_batches``); layers inside
+    nested functional/Sequential models are reached through those models'
+    inputs. Raises ValueError for a layer called more than once (its inputs
+    are ambiguous).
     """
     batches = calibration_batches(model, data, batch_size)
-    plan = _Plan(model, set(layer_names))
-    sums, counts = {}, {}
+    plan = _Plan(model, set(layers))
+    sums, totals, counts = {}, {}, {}
     for batch in batches:
-        plan.accumulate(batch, sums, counts)
-    return {name: damped_covariance(sums[name] / counts[name], damping) for name in layer_names}
+        plan.accumulate(batch, sums, totals, counts)
+    covariances, means = {}, {}
+    for name, layer in layers.items():
+        second, mean = sums[name] / counts[name], totals[name] / counts[name]
+        if getattr(layer, "use_bias", False):
+            second = second - np.outer(mean, mean)
+            means[name] = mean
+        covariances[name] = damped_covariance(second, damping)
+    return covariances, means
+
+
+def correct_biases(replaced, kernels, means):
+    """Add ``mu^T (W - W_hat)`` to the bias of each replaced layer named in ``means``.
+
+    ``replaced``: name -> the built compressed layer (``kernel`` its ``W_hat``);
+    ``kernels``: name -> the original kernel ``W``.
+    """
+    for name, mean in means.items():
+        layer = replaced[name]
+        kernel = kernels[name].reshape(-1, kernels[name].shape[-1])
+        approximation = np.asarray(layer.kernel, dtype=np.float64).reshape(kernel.shape)
+        bias = np.asarray(layer.bias)
+        layer.bias.assign((bias + mean @ (kernel - approximation)).astype(bias.dtype))
 
 
 class _Plan:
@@ -92,18 +124,19 @@ class _Plan:
         self.features = keras.Model(model.inputs, [tensor for group in outputs for tensor in
                                                    (group if isinstance(group, list) else [group])])
 
-    def accumulate(self, inputs, sums, counts):
+    def accumulate(self, inputs, sums, totals, counts):
         values = self.features(list(inputs), training=False)
         values = [np.asarray(value) for value in
                   (values if isinstance(values, (list, tuple)) else [values])]
         for layer, value in zip(self.layers, values):
             rows = _rows(layer, value)
             sums[layer.name] = sums.get(layer.name, 0.0) + rows.T @ rows
+            totals[layer.name] = totals.get(layer.name, 0.0) + rows.sum(axis=0)
             counts[layer.name] = counts.get(layer.name, 0) + len(rows)
         start = len(self.layers)
         for plan in self.nested:
             width = len(plan.model.inputs)
-            plan.accumulate(values[start:start + width], sums, counts)
+            plan.accumulate(values[start:start + width], sums, totals, counts)
             start += width
 
 

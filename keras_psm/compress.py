@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from keras_psm import budget as budgets
 from keras_psm.backend import keras
-from keras_psm.calibration import layer_covariances
+from keras_psm.calibration import correct_biases, layer_covariances
 from keras_psm.layers.base import CompressedLayer
 from keras_psm.methods import get_method
 from keras_psm.model_layers import check_graph_model, is_graph_model, leaf_layers
@@ -78,7 +78,8 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
         name: check_finite_array(layer.get_weights()[0], "kernel", where=f"layer {name!r}")
         for name, layer in targets.items()
     }
-    covariances = _covariances(model, spec, targets, calibration_data, target_ratio, target_params)
+    covariances, means = _covariances(model, spec, targets, calibration_data, target_ratio,
+                                      target_params)
     budget = budgets.budget_params(target_ratio, target_params,
                                    sum(int(layer.count_params()) for layer in targets.values()))
     if budget is not None:
@@ -136,6 +137,8 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
     compressed = keras.models.clone_model(model, clone_function=clone_function)
     for old, new in copied:
         new.set_weights(old.get_weights())
+    if spec.calibrated:
+        correct_biases(replaced, kernels, means)
 
     report = CompressionReport(method=spec.name)
     for layer in leaf_layers(model):
@@ -165,9 +168,9 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
 
 
 def _covariances(model, spec, targets, calibration_data, target_ratio, target_params):
-    """Damped input covariances of the selected layers, or None without data."""
+    """Damped input covariances and mean inputs of the selected layers (``{}`` without data)."""
     if calibration_data is None:
-        return None
+        return {}, {}
     if not spec.calibrated and target_ratio is None and target_params is None:
         calibrated = [name for name in _calibrated_methods()]
         raise ValueError(
@@ -175,7 +178,7 @@ def _covariances(model, spec, targets, calibration_data, target_ratio, target_pa
             f"only weighs its layer errors when allocating a `target_ratio`/`target_params`. "
             f"Methods that fit to it: {calibrated}."
         )
-    return layer_covariances(model, list(targets), calibration_data)
+    return layer_covariances(model, targets, calibration_data)
 
 
 def _calibrated_methods():
