@@ -26,12 +26,10 @@ import numpy as np
 
 import keras_psm
 from keras_psm import demo
-from keras_psm.datasets import load_mnist_5k
+from keras_psm.datasets import DATASETS, load_dataset, load_mnist_5k
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-FASHION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                       "fashion_mnist_5k.npz")
-FASHION_FALLBACK = "/work/shared/data/fashion_mnist_5k.npz"
+FASHION = "/work/shared/data/fashion_mnist_5k.npz"
 #: (label, method, calibrated): the allocated variants.
 VARIANTS = [
     ("psm allocated", "psm", False),
@@ -45,21 +43,20 @@ FIELDS = ("dataset", "target_ratio", "variant", "ratio", "params", "accuracy_bef
           "accuracy_after", "compress_seconds", "layer_knobs")
 
 
-def load(name):
-    """``(x_train, y_train), (x_test, y_test)`` of the bundled digits or of Fashion-MNIST 5k."""
+def load(name, fashion_path):
+    """``(x_train, y_train), (x_test, y_test)`` of the bundled digits or of Fashion-MNIST 5k.
+
+    Fashion-MNIST comes from ``keras_psm.datasets`` when it bundles it, else
+    from ``fashion_path`` (the archive of 4,000 training and 1,000 test images).
+    """
     if name == "digits":
         return load_mnist_5k()
-    path = next((p for p in (FASHION, FASHION_FALLBACK) if os.path.exists(p)), None)
-    try:
-        from keras_psm.datasets import load_dataset
-
+    if "fashion_mnist_5k" in DATASETS:
         return load_dataset("fashion_mnist_5k")
-    except ValueError:
-        pass
-    data = np.load(path)
-    scale = lambda x: (x.astype("float32") / 255.0)[..., None]  # noqa: E731
-    return ((scale(data["x_train"]), data["y_train"].astype("int64")),
-            (scale(data["x_test"]), data["y_test"].astype("int64")))
+    data = np.load(fashion_path)
+    images = lambda x: (x.astype("float32") / 255.0)[..., None]  # noqa: E731
+    return ((images(data["x_train"]), data["y_train"].astype("int64")),
+            (images(data["x_test"]), data["y_test"].astype("int64")))
 
 
 def finetune_and_score(model, report, data, settings):
@@ -101,7 +98,7 @@ def uniform_psm(base, ratios, max_iter):
 def run(dataset, args):
     settings = demo.Settings(train_epochs=args.train_epochs, finetune_epochs=args.finetune_epochs,
                              max_iter=args.max_iter)
-    data = load(dataset)
+    data = load(dataset, args.fashion_path)
     (x, y), (x_test, y_test) = data
     base = demo.lenet5(x.shape[1:], 10, seed=settings.seed)
     demo.train(base, data, settings)
@@ -155,6 +152,8 @@ def main():
     parser.add_argument("--max-iter", type=int, default=100,
                         help="palm4MSA iterations per fit (the paper: 300)")
     parser.add_argument("--calibration-samples", type=int, default=256)
+    parser.add_argument("--fashion-path", default=FASHION,
+                        help="fashion_mnist_5k.npz, when keras_psm.datasets does not bundle it")
     parser.add_argument("--output", default=os.path.join(RESULTS, "budget_calibration.csv"))
     args = parser.parse_args()
     rows = []
