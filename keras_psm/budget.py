@@ -13,11 +13,11 @@ as the method's sizes allow. Methods declare how (``Method`` in
   layer. Then the allocation picks one candidate per layer to minimize the
   error sum ``sum_l e_l`` (``e_l`` the layer's relative error
   ``||R (W - W_hat)||_F / ||R W||_F``, ``R^T R`` its input covariance with
-  calibration data, ``R = I`` without) subject to the budget: a greedy
-  Lagrangian (multiple-choice knapsack) step from every layer's smallest
-  candidate, each time taking the upgrade with the largest error reduction
-  per added parameter that still fits, as ALDS's rank allocation and AIMET's
-  greedy selection do. The errors are not weighted by layer size: to first
+  calibration data, ``R = I`` without) subject to the budget, a
+  multiple-choice knapsack that dynamic programming solves over the
+  candidates (where ALDS and AIMET search greedily), among the choices that
+  spend at least 96% of the budget where the sizes allow it, then spends
+  what is left one upgrade at a time. The errors are not weighted by layer size: to first
   order, the relative errors of a chain of layers add up at its output
   whatever each layer's size (on LeNet-5 at 20x, weighting by size starves
   the small convolutions and loses most of the accuracy).
@@ -43,7 +43,13 @@ from keras_psm.factorize.calibrated import weighted_relative_error, whitening_fa
 from keras_psm.validation import check_float, check_int
 
 #: Values per ladder that ``knob_grid`` spreads over a knob's range.
-KNOB_COUNT = 12
+KNOB_COUNT = 24
+
+#: Units of the budget in the allocation's dynamic programme (at least 40 per layer).
+KNAPSACK_STEPS = 2000
+
+#: The allocation prefers the least error among choices spending this much of the budget.
+MIN_SPENT = 0.96
 
 #: Candidates per layer scored by ``score_fn`` by default.
 SCORE_CANDIDATES = 4
@@ -57,7 +63,7 @@ def knob_grid(maximum, count=KNOB_COUNT):
     return sorted({int(round(v)) for v in np.geomspace(1, maximum, count)})
 
 
-def fraction_grid(size, count=2 * KNOB_COUNT):
+def fraction_grid(size, count=3 * KNOB_COUNT):
     """Kept fractions of ``size`` entries, from one entry to all of them, geometrically."""
     kept = np.unique(np.round(np.geomspace(1, size, count)).astype(int))
     return [float(k) / size for k in kept]
@@ -176,7 +182,7 @@ def allocate(spec, layers, kernels, config, budget, fit_many, *, covariances=Non
             candidate.cost = candidate.error
     if score is not None:
         _score_costs(candidates, score, score_candidates, verbose)
-    choice = _greedy(candidates, budget)
+    choice = _allocation(candidates, budget)
     configs = {name: candidates[name][index].config for name, index in choice.items()}
     fits = {name: (candidates[name][index].fitted, candidates[name][index].seconds)
             for name, index in choice.items()}
@@ -224,28 +230,73 @@ def _score_costs(candidates, score, count, verbose):
                 candidate.cost = float(np.interp(candidate.params, params, drops))
 
 
-def _greedy(candidates, budget):
-    """Index of one candidate per layer: from the cheapest, the best upgrades that fit."""
-    choice = {name: min(range(len(found)), key=lambda i: (found[i].params, found[i].cost))
-              for name, found in candidates.items()}
-    used = sum(candidates[name][index].params for name, index in choice.items())
-    while True:
-        best, best_gain = None, 0.0
-        for name, found in candidates.items():
-            current = found[choice[name]]
-            for index, candidate in enumerate(found):
-                added = candidate.params - current.params
-                gain = current.cost - candidate.cost
-                if gain <= 0 or used + added > budget:
-                    continue
-                rate = gain / max(added, 1e-9) if added > 0 else math.inf
-                if best is None or rate > best_gain:
-                    best, best_gain = (name, index), rate
-        if best is None:
-            return choice
-        name, index = best
-        used += candidates[name][index].params - candidates[name][choice[name]].params
+def _allocation(candidates, budget):
+    """Index of one candidate per layer minimizing the summed cost within ``budget``.
+
+    A multiple-choice knapsack, solved exactly by dynamic programming over the
+    budget in ``KNAPSACK_STEPS`` units (parameters rounded up, so the choice
+    always fits): the least cost among the choices that spend at least
+    ``MIN_SPENT`` of the budget if there are any (a lower error that leaves
+    more unspent is not what a budget asks for), else among all; then
+    completed by ``_fill``.
+    """
+    names = list(candidates)
+    steps = max(KNAPSACK_STEPS, 40 * len(names))
+    unit = max(1.0, budget / steps)
+    capacity = int(budget // unit)
+    best = np.full(capacity + 1, np.inf)
+    best[0] = 0.0  # best[b]: the least cost of the layers so far in exactly b units
+    picks = []
+    for name in names:
+        found = candidates[name]
+        weights = [math.ceil(c.params / unit) for c in found]
+        options = np.full((len(found), capacity + 1), np.inf)
+        for index, (weight, candidate) in enumerate(zip(weights, found)):
+            if weight <= capacity:
+                options[index, weight:] = best[:capacity + 1 - weight] + candidate.cost
+        picks.append(np.argmin(options, axis=0))
+        best = options.min(axis=0)
+    spent = best[int(MIN_SPENT * capacity):]
+    left = (int(MIN_SPENT * capacity) + int(np.argmin(spent)) if np.isfinite(spent).any()
+            else int(np.argmin(best)))
+    choice = {}
+    for name, pick in zip(reversed(names), reversed(picks)):
+        index = int(pick[left])
         choice[name] = index
+        left -= math.ceil(candidates[name][index].params / unit)
+    return _fill(candidates, budget, choice)
+
+
+def _fill(candidates, budget, choice):
+    """Spend what ``choice`` leaves of the budget, one upgrade at a time.
+
+    First the upgrades that lower the cost, by cost reduction per added
+    parameter; then, so that the budget is spent as far as the sizes allow
+    (a method whose error does not fall with size, like re-initialised
+    weights), the larger candidates that still fit, by least cost increase
+    per added parameter.
+    """
+    choice = dict(choice)
+    used = sum(candidates[name][index].params for name, index in choice.items())
+    for improving in (True, False):
+        while True:
+            best, best_rate = None, -math.inf
+            for name, found in candidates.items():
+                current = found[choice[name]]
+                for index, candidate in enumerate(found):
+                    added = candidate.params - current.params
+                    gain = current.cost - candidate.cost
+                    if used + added > budget or (gain <= 0 if improving else added <= 0):
+                        continue
+                    rate = gain / added if added > 0 else math.inf
+                    if rate > best_rate:
+                        best, best_rate = (name, index), rate
+            if best is None:
+                break
+            name, index = best
+            used += candidates[name][index].params - candidates[name][choice[name]].params
+            choice[name] = index
+    return choice
 
 
 def knob_label(layer_config, config):

@@ -79,7 +79,7 @@ def fit_psm(kernel, config, covariance=None):
 
 
 def psm_sizes(kernel_shape, config):
-    """``target_ratio`` ladders: K on ``knob_grid`` for Q = 2 and Q = 3 (the paper's range),
+    """``target_ratio`` ladders: 12 K on ``knob_grid`` for Q = 2 and Q = 3 (the paper's range),
     up to where splincol's K (max(in, r) + ... + max(r, out)) nonzeros reach the kernel's."""
     rows, cols = math.prod(kernel_shape[:-1]), kernel_shape[-1]
     rank = config.rank or min(rows, cols)
@@ -88,7 +88,7 @@ def psm_sizes(kernel_shape, config):
         least = max(rows, rank) + (n_factors - 2) * rank + max(rank, cols)
         top = min(rank, max(1, rows * cols // least))
         ladders.append([dataclasses.replace(config, n_factors=n_factors, sparsity=k)
-                        for k in knob_grid(top)])
+                        for k in knob_grid(top, count=12)])
     return ladders
 
 
