@@ -40,7 +40,7 @@ def calibration_batches(model, data, batch_size=BATCH_SIZE):
     yielding such inputs, batched or not. Raises ValueError naming the
     input whose samples do not match its shape, TypeError for other types.
     """
-    names = [_input_name(tensor, index) for index, tensor in enumerate(model.inputs)]
+    names = input_names(model)
     shapes = [tuple(tensor.shape)[1:] for tensor in model.inputs]
     if isinstance(data, tf.data.Dataset):
         batches = [_as_inputs(element, names) for element in data]
@@ -175,6 +175,11 @@ def _call_inputs(model):
             "so the inputs of its layers are ambiguous; leave its layers out of `layers`."
         )
     return calls[0]
+
+
+def input_names(model):
+    """The names of the model's inputs (their ``InputLayer`` names), in order."""
+    return [_input_name(tensor, index) for index, tensor in enumerate(model.inputs)]
 
 
 def _input_name(tensor, index):

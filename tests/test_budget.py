@@ -144,3 +144,38 @@ def test_knob_grid():
     grid = knob_grid(1000, count=12)
     assert grid[0] == 1 and grid[-1] == 1000 and len(grid) == 12
     assert grid == sorted(set(grid))
+
+
+def test_cli_target_ratio_and_calibration_file(tmp_path, capsys):
+    from keras_psm import cli
+
+    model = small_model()
+    model_path, data_path = tmp_path / "small.keras", tmp_path / "calibration.npz"
+    model.save(str(model_path))
+    np.savez(data_path, np.random.default_rng(0).random((40, 10, 10, 3)).astype("float32"))
+    output = tmp_path / "out.keras"
+    status = cli.main(["compress", str(model_path), str(output), "--method", "svd",
+                       "--target-ratio", "6", "--calibration", str(data_path), "16", "--quiet"])
+    assert status == 0
+    reloaded = keras.models.load_model(str(output))
+    params = sum(reloaded.get_layer(name).count_nonzero_params()
+                 for name in ("conv", "fc1", "fc2", "fc3"))
+    dense = sum(model.get_layer(name).count_params() for name in ("conv", "fc1", "fc2", "fc3"))
+    assert 0.95 * (dense // 6) <= params <= dense // 6
+    capsys.readouterr()
+    assert cli.main(["compress", str(model_path), str(output), "--calibration",
+                     str(data_path), "zero"]) == 1
+    assert "sample count" in capsys.readouterr().err
+    assert cli.main(["compress", str(model_path), str(output), "--method", "butterfly",
+                     "--target-ratio", "6"]) == 1
+    assert "no size knob" in capsys.readouterr().err
+
+
+def test_demo_budget_trials_cover_every_method_with_a_knob():
+    from keras_psm import demo
+
+    trials = demo.budget_trials(20, max_iter=30)
+    assert [trial.method for trial in trials] == KNOB_METHODS
+    for trial in trials:
+        assert trial.options["target_ratio"] == 20 and trial.budget == "x20"
+        assert trial.options.get("max_iter", 30) <= 30
