@@ -69,26 +69,61 @@ def fraction_grid(size, count=3 * KNOB_COUNT):
     return [float(k) / size for k in kept]
 
 
-def budget_params(target_ratio, target_params, dense_params):
-    """The parameter budget ``N`` from ``target_ratio`` or ``target_params`` (None if neither)."""
+def budget_params(target_ratio, target_params, layers, spec, score_fn=None):
+    """The budget ``N`` over ``layers`` from ``target_ratio`` or ``target_params`` (None if
+    neither); raises ValueError for both, a method without a knob, or ``score_fn`` alone."""
+    if target_ratio is None and target_params is None:
+        if score_fn is not None:
+            raise ValueError("`score_fn` needs `target_ratio` or `target_params`.")
+        return None
     if target_ratio is not None and target_params is not None:
         raise ValueError("pass `target_ratio` or `target_params`, not both.")
-    if target_ratio is not None:
-        ratio = check_float(target_ratio, "target_ratio", minimum=1.0, where="compress")
-        return int(math.floor(dense_params / ratio))
-    if target_params is not None:
-        return check_int(target_params, "target_params", minimum=1, maximum=dense_params,
-                         where="compress")
-    return None
-
-
-def check_budget_method(spec):
-    """Raise ValueError unless ``spec`` has a size knob or a global size target."""
+    if score_fn is not None and not callable(score_fn):
+        raise TypeError(f"`score_fn` must be a callable model -> float, got {score_fn!r}.")
     if spec.size_knob is None and spec.size_target is None:
         raise ValueError(
             f"method {spec.name!r} has no size knob, so `target_ratio`/`target_params` "
             f"cannot set its size; use a method with one ({', '.join(_knob_methods())})."
         )
+    dense = sum(int(layer.count_params()) for layer in layers.values())
+    if target_ratio is not None:
+        ratio = check_float(target_ratio, "target_ratio", minimum=1.0, where="compress")
+        return int(math.floor(dense / ratio))
+    return check_int(target_params, "target_params", minimum=1, maximum=dense, where="compress")
+
+
+def budgeted_fits(model, spec, layers, kernels, config, budget, fit_all, *, covariances=None,
+                  calibration_data=None, score_fn=None, verbose=1):
+    """``(config, configs, fits)`` meeting ``budget`` for ``compress``.
+
+    A method with a global target returns its config for the budget, with
+    ``configs`` and ``fits`` None (``compress`` fits it as usual); one with a
+    size knob returns ``allocate``'s per-layer configs and fits.
+    ``fit_all(kernels, configs, covariances)`` runs fits keyed alike.
+    """
+    if spec.size_knob is None:
+        biases = {name: int(layer.count_params()) - kernels[name].size
+                  for name, layer in layers.items()}
+        return target_config(spec, config, kernels, biases, budget), None, None
+
+    def fit_many(jobs):
+        return fit_all(*({key: job[part] for key, job in jobs.items()} for part in range(3)))
+
+    score = None
+    if score_fn is not None:
+        from keras_psm.compress import compress  # compress calls this module
+
+        baseline = float(score_fn(model))
+
+        def score(name, layer_config):
+            candidate, _ = compress(
+                model, spec.name, [name], config=layer_config, verbose=0,
+                calibration_data=calibration_data if spec.calibrated else None)
+            return baseline - float(score_fn(candidate))
+
+    configs, fits, _ = allocate(spec, layers, kernels, config, budget, fit_many,
+                                covariances=covariances, score=score, verbose=verbose)
+    return config, configs, fits
 
 
 def _knob_methods():

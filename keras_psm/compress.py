@@ -15,7 +15,7 @@ from keras_psm import budget as budgets
 from keras_psm.backend import keras
 from keras_psm.calibration import correct_biases, layer_covariances
 from keras_psm.layers.base import CompressedLayer
-from keras_psm.methods import get_method
+from keras_psm.methods import available_methods, get_method
 from keras_psm.model_layers import check_graph_model, is_graph_model, leaf_layers
 from keras_psm.report import COMPRESSED, SKIPPED, CompressionReport, LayerReport
 from keras_psm.validation import check_choice, check_finite_array
@@ -80,45 +80,26 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
     }
     covariances, means = _covariances(model, spec, targets, calibration_data, target_ratio,
                                       target_params)
-    budget = budgets.budget_params(target_ratio, target_params,
-                                   sum(int(layer.count_params()) for layer in targets.values()))
+    budget = budgets.budget_params(target_ratio, target_params, targets, spec, score_fn)
+    configs = None
     if budget is not None:
-        budgets.check_budget_method(spec)
-        if score_fn is not None and not callable(score_fn):
-            raise TypeError(f"`score_fn` must be a callable model -> float, got {score_fn!r}.")
-    elif score_fn is not None:
-        raise ValueError("`score_fn` needs `target_ratio` or `target_params`.")
-    if budget is not None and spec.size_target is not None:
-        biases = {name: int(layer.count_params()) - kernels[name].size
-                  for name, layer in targets.items()}
-        config = budgets.target_config(spec, config, kernels, biases, budget)
-    if budget is not None and spec.size_knob is not None:
-        def fit_many(jobs):
-            return _fit_all(spec, {key: job[0] for key, job in jobs.items()},
-                            {key: job[1] for key, job in jobs.items()}, executor, 0,
-                            {key: job[2] for key, job in jobs.items()})
-
-        def score(name, layer_config):
-            candidate, _ = compress(model, spec.name, [name], config=layer_config, verbose=0,
-                                    calibration_data=calibration_data if spec.calibrated
-                                    else None)
-            return baseline - score_fn(candidate)
-
-        baseline = None if score_fn is None else float(score_fn(model))
-        configs, fits, _ = budgets.allocate(
-            spec, targets, kernels, config, budget, fit_many, covariances=covariances,
-            score=None if score_fn is None else score, verbose=verbose,
+        config, configs, fits = budgets.budgeted_fits(
+            model, spec, targets, kernels, config, budget,
+            lambda *job: _fit_all(spec, *job[:2], executor, 0, job[2]),
+            covariances=covariances, calibration_data=calibration_data, score_fn=score_fn,
+            verbose=verbose,
         )
-        knobs = {name: budgets.knob_label(configs[name], config) for name in configs}
-    else:
+    knobs = {} if configs is None else {
+        name: budgets.knob_label(configs[name], config) for name in configs}
+    if configs is None:
         configs = (
             dict(spec.allocate(kernels, config)) if spec.allocate is not None
             else {name: config for name in targets}
         )
         fits = _fit_all(spec, kernels, configs, executor, verbose,
                         covariances if spec.calibrated else None)
-        knobs = ({name: budgets.knob_label(configs[name], config) for name in configs}
-                 if spec.allocate is not None else {})
+        if spec.allocate is not None:
+            knobs = {name: budgets.knob_label(configs[name], config) for name in configs}
 
     replaced = {}
     copied = []
@@ -172,19 +153,13 @@ def _covariances(model, spec, targets, calibration_data, target_ratio, target_pa
     if calibration_data is None:
         return {}, {}
     if not spec.calibrated and target_ratio is None and target_params is None:
-        calibrated = [name for name in _calibrated_methods()]
+        calibrated = [name for name in available_methods() if get_method(name).calibrated]
         raise ValueError(
             f"method {spec.name!r} does not fit to calibration data; `calibration_data` "
             f"only weighs its layer errors when allocating a `target_ratio`/`target_params`. "
             f"Methods that fit to it: {calibrated}."
         )
     return layer_covariances(model, targets, calibration_data)
-
-
-def _calibrated_methods():
-    from keras_psm.methods import available_methods
-
-    return [name for name in available_methods() if get_method(name).calibrated]
 
 
 def _budget_line(report, budget):

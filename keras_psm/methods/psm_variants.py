@@ -47,7 +47,7 @@ BUTTERFLY_PAPER = "Pruning Methods with Sparse Factorizations of Neural Networks
 
 
 def fit_psm_reinit(kernel, config, covariance=None):
-    """palm4MSA's supports (calibrated with ``covariance``) with fresh sparse He / Xavier weights."""
+    """palm4MSA's supports (fitted to ``covariance`` if given), fresh sparse He / Xavier weights."""
     supports = fit_psm(kernel, config, covariance).supports
     weights = sparse_factor_init(supports, np.random.default_rng(config.seed))
     return factorization_from(kernel_matrix(kernel), weights, supports)

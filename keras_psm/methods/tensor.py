@@ -146,7 +146,7 @@ def tucker_svd_sizes(kernel_shape, config):
 
 
 def tt_sizes(kernel_shape, config):
-    """``target_ratio`` ladder: maximum TT ranks on ``knob_grid`` up to the kernel's smaller side."""
+    """``target_ratio`` ladder: maximum TT ranks on ``knob_grid`` up to the smaller matrix side."""
     rows = int(np.prod(kernel_shape[:-1]))
     return [[dataclasses.replace(config, max_rank=rank)
              for rank in knob_grid(min(rows, kernel_shape[-1]))]]
