@@ -34,8 +34,11 @@ import typing
 import warnings
 import zipfile
 
+import numpy as np
+
 from keras_psm import demo
 from keras_psm.backend import KERAS_NAME, LEGACY_KERAS, keras
+from keras_psm.calibration import input_names
 from keras_psm.compress import compress
 from keras_psm.datasets import DATASETS
 from keras_psm.export import size_report, to_tflite
@@ -253,11 +256,13 @@ def run_compress(args):
         executor = concurrent.futures.ProcessPoolExecutor(
             args.jobs, mp_context=multiprocessing.get_context("spawn"),
             initializer=None if args.verbose else quiet_worker)
+    calibration = None if args.calibration is None else load_calibration(args.calibration, model)
     progress = not args.quiet and terminal()
     try:
         compressed, report = compress(model, method.name, layers=args.layers,
                                       executor=executor, verbose=int(progress),
-                                      **options)
+                                      target_ratio=args.target_ratio,
+                                      calibration_data=calibration, **options)
     finally:
         if executor is not None:
             executor.shutdown()
@@ -270,6 +275,35 @@ def run_compress(args):
           "Compile it and fine-tune with model.fit"
           + (" passing the method's callbacks" if report.callbacks else "") + ".")
     return 0
+
+
+def load_calibration(values, model):
+    """``--calibration FILE.npz [N]``: the file's first N samples (all without N), one
+    array per model input: the file's only array, its arrays named after the inputs,
+    or ``np.savez``'s positional ``arr_0``, ``arr_1``, ... in input order."""
+    if len(values) > 2:
+        raise CommandError(f"--calibration takes FILE.npz and an optional sample count, "
+                           f"got {values}.")
+    path = existing_file(values[0], "calibration file")
+    count = None
+    if len(values) == 2:
+        if not values[1].isdigit() or int(values[1]) < 1:
+            raise CommandError(f"--calibration: the sample count must be an integer >= 1, "
+                               f"got {values[1]!r}.")
+        count = int(values[1])
+    with np.load(path) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    names = input_names(model)
+    if len(arrays) == 1:
+        data = list(arrays.values())
+    elif set(names) <= set(arrays):
+        data = [arrays[name] for name in names]
+    elif set(arrays) == {f"arr_{i}" for i in range(len(names))}:
+        data = [arrays[f"arr_{i}"] for i in range(len(names))]
+    else:
+        raise CommandError(f"--calibration {path}: holds arrays {sorted(arrays)}; give one "
+                           f"array, or one per model input named {names} or arr_0, arr_1, ...")
+    return [array[:count] for array in data]
 
 
 def run_export(args):
@@ -328,7 +362,8 @@ def run_demo_command(args):
         get_method(name)
     demo.run_demo(settings, output_dir=args.output, methods=args.methods,
                   export=not args.no_export, min_ratio=args.min_ratio,
-                  progress=not args.no_progress and terminal())
+                  progress=not args.no_progress and terminal(),
+                  target_ratio=args.target_ratio)
     return 0
 
 
@@ -404,6 +439,12 @@ def build_parser():
              "--option rank=none")
     add("--jobs", type=int, default=1, metavar="N",
         help="fit N layers at a time in worker processes (default: 1)")
+    add("--target-ratio", type=float, metavar="R",
+        help="choose the method's size per layer (K, rank, sparsity...) so that the "
+             "compressed layers have R times fewer nonzero parameters")
+    add("--calibration", nargs="+", metavar=("FILE.npz", "N"),
+        help="fit each layer to its inputs on these model inputs (an .npz with one array "
+             "per model input; a few hundred samples), using the first N samples if given")
     add("--quiet", action="store_true", help="no progress bar and no per-layer report")
     add("--overwrite", action="store_true", help="replace OUT.keras if it exists")
     compress_parser.set_defaults(run=run_compress)
@@ -479,6 +520,9 @@ def build_parser():
     add("--no-export", action="store_true", help="skip the TFLite export")
     add("--no-progress", action="store_true",
         help="no progress bars (they are drawn only when standard error is a terminal)")
+    add("--target-ratio", type=float, metavar="R",
+        help="compare at equal budget instead: every method with a size knob at R times "
+             "fewer parameters")
     demo_parser.set_defaults(run=run_demo_command)
 
     for command_parser in (compress_parser, export_parser, methods_parser, demo_parser):

@@ -16,7 +16,9 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
+from keras_psm import budget as budgets
 from keras_psm.backend import keras
+from keras_psm.calibration import correct_biases, layer_covariances
 from keras_psm.layers.adapters import (
     CompressedConv1D,
     CompressedEinsumDense,
@@ -24,7 +26,7 @@ from keras_psm.layers.adapters import (
 )
 from keras_psm.layers.attention import PROJECTIONS, CompressedMultiHeadAttention
 from keras_psm.layers.base import CompressedLayer
-from keras_psm.methods import get_method
+from keras_psm.methods import available_methods, get_method
 from keras_psm.model_layers import check_graph_model, clone_replacing, leaf_layers
 from keras_psm.report import COMPRESSED, SKIPPED, CompressionReport, LayerReport
 from keras_psm.validation import check_choice, check_finite_array
@@ -35,7 +37,8 @@ _KIND_NAMES = {"dense": ("Dense", "Dense, EinsumDense, SeparableConv pointwise k
 
 
 def compress(model, method="psm", layers=None, *, config=None, executor=None,
-             verbose=1, **options):
+             verbose=1, target_ratio=None, target_params=None, calibration_data=None,
+             score_fn=None, **options):
     """Compress the layers of a trained model whose kernel is a matrix.
 
     Args:
@@ -54,6 +57,23 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
         executor: an optional ``concurrent.futures.Executor`` (a process
             pool, or a Dask/Ray executor) to fit layers in parallel.
         verbose: 1 shows a progress bar per layer, 0 is silent.
+        target_ratio, target_params: a parameter budget for the selected
+            layers (nonzero parameters, biases included): their dense total
+            divided by ``target_ratio``, or ``target_params``. The method's
+            size knob is chosen per layer (``keras_psm.budget``): the
+            method's options set everything else. Methods without a knob
+            (butterfly) raise ValueError.
+        calibration_data: inputs of the model (an array, one array per
+            input, or a ``tf.data.Dataset``; a few hundred samples): fits
+            minimize ``||X_l (W - W_hat)||_F`` over each layer's inputs
+            ``X_l`` (``keras_psm.calibration``), for the methods that can
+            (psm, psm-reinit, svd, hard-pruning); with a target, every
+            method's allocation weighs errors by them.
+        score_fn: with a target, an optional ``score_fn(model) -> float``
+            (higher is better, e.g. held-out accuracy) that the allocation
+            uses instead of layer errors. It costs ``1 + n_layers *
+            score_candidates`` (4) calls, each on a model with one layer
+            compressed (and refitted), besides the candidate fits.
         **options: the method's options, e.g. ``n_factors=3, sparsity=14``.
 
     Returns:
@@ -75,11 +95,29 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
                                  where=f"layer {name!r}")
         for name, (fitted_layer, _) in presented.items()
     }
-    configs = (
-        dict(spec.allocate(kernels, config)) if spec.allocate is not None
-        else {name: config for name in targets}
-    )
-    fits = _fit_all(spec, kernels, configs, executor, verbose)
+    covariances, means = _covariances(model, spec, targets, calibration_data, target_ratio,
+                                      target_params)
+    budget = budgets.budget_params(target_ratio, target_params, targets, spec, score_fn)
+    configs = None
+    if budget is not None:
+        stand_ins = {name: fitted_layer for name, (fitted_layer, _) in presented.items()}
+        config, configs, fits = budgets.budgeted_fits(
+            model, spec, stand_ins, kernels, config, budget,
+            lambda *job: _fit_all(spec, *job[:2], executor, 0, job[2]),
+            covariances=covariances, calibration_data=calibration_data, score_fn=score_fn,
+            verbose=verbose,
+        )
+    knobs = {} if configs is None else {
+        name: budgets.knob_label(configs[name], config) for name in configs}
+    if configs is None:
+        configs = (
+            dict(spec.allocate(kernels, config)) if spec.allocate is not None
+            else {name: config for name in targets}
+        )
+        fits = _fit_all(spec, kernels, configs, executor, verbose,
+                        covariances if spec.calibrated else None)
+        if spec.allocate is not None:
+            knobs = {name: budgets.knob_label(configs[name], config) for name in configs}
 
     replaced = {}
     attention = []
@@ -106,6 +144,8 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
     compressed = clone_replacing(model, replace)
     for old, new in attention:
         new.copy_kept_projections(old)
+    if spec.calibrated:
+        correct_biases(replaced, kernels, means)
 
     report = CompressionReport(method=spec.name)
     for name, layer in _kernel_layers(model):
@@ -116,7 +156,7 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
                 name=name, layer_type=type(layer).__name__, method=spec.name,
                 params_before=before, params_after=int(new_layer.count_nonzero_params()),
                 relative_error=_relative_error(kernels[name], new_layer.kernel),
-                seconds=fits[name][1], status=COMPRESSED,
+                seconds=fits[name][1], status=COMPRESSED, note=knobs.get(name, ""),
             ))
         elif name in skipped or (name in candidates and before):
             note = skipped.get(name, "not selected")
@@ -128,6 +168,8 @@ def compress(model, method="psm", layers=None, *, config=None, executor=None,
         report.callbacks = list(spec.callbacks(compressed, config))
     if verbose:
         print(report)
+        if budget is not None:
+            print(_budget_line(report, budget))
     return compressed, report
 
 
@@ -146,6 +188,35 @@ _NOT_MATRICES = {
     keras.layers.Conv2DTranspose: "Conv2DTranspose scatters each input position over a "
                                   "window of outputs, not one matrix per position",
 }
+
+
+def _covariances(model, spec, targets, calibration_data, target_ratio, target_params):
+    """Damped input covariances and mean inputs of the selected layers (``{}`` without data)."""
+    if calibration_data is None:
+        return {}, {}
+    if not spec.calibrated and target_ratio is None and target_params is None:
+        calibrated = [name for name in available_methods() if get_method(name).calibrated]
+        raise ValueError(
+            f"method {spec.name!r} does not fit to calibration data; `calibration_data` "
+            f"only weighs its layer errors when allocating a `target_ratio`/`target_params`. "
+            f"Methods that fit to it: {calibrated}."
+        )
+    others = sorted(name for name, layer in targets.items()
+                    if type(layer) not in (keras.layers.Dense, keras.layers.Conv2D))
+    if others:
+        raise ValueError(
+            f"`calibration_data`: layers {others} are not Dense or Conv2D layers, whose "
+            "inputs calibration collects; leave them out with `layers=[...]` or compress "
+            "without calibration data."
+        )
+    return layer_covariances(model, targets, calibration_data)
+
+
+def _budget_line(report, budget):
+    before = sum(row.params_before for row in report.compressed)
+    after = sum(row.params_after for row in report.compressed)
+    return (f"budget {budget:,} parameters: compressed layers {before:,} -> {after:,} "
+            f"(x{before / max(after, 1):.1f})")
 
 
 def _layer_kind(layer):
@@ -253,16 +324,20 @@ def _select(candidates, layers, model):
     return {name: candidates[name] for name in layers}
 
 
-def _timed_fit(fit, kernel, config):
+def _timed_fit(fit, kernel, config, covariance=None):
     start = time.perf_counter()
-    fitted = fit(kernel, config)
+    fitted = fit(kernel, config) if covariance is None else fit(kernel, config, covariance)
     return fitted, time.perf_counter() - start
 
 
-def _fit_all(spec, kernels, configs, executor, verbose):
-    """Fit every kernel, in parallel through ``executor`` when given."""
+def _fit_all(spec, kernels, configs, executor, verbose, covariances=None):
+    """Fit every kernel, in parallel through ``executor`` when given.
+
+    ``covariances`` (by the same keys) go to the calibrated fits.
+    """
+    covariances = covariances or {}
     futures = {} if executor is None else {
-        name: executor.submit(_timed_fit, spec.fit, kernel, configs[name])
+        name: executor.submit(_timed_fit, spec.fit, kernel, configs[name], covariances.get(name))
         for name, kernel in kernels.items()
     }
     results = {}
@@ -272,10 +347,11 @@ def _fit_all(spec, kernels, configs, executor, verbose):
             try:
                 results[name] = (
                     futures[name].result() if futures
-                    else _timed_fit(spec.fit, kernel, configs[name])
+                    else _timed_fit(spec.fit, kernel, configs[name], covariances.get(name))
                 )
             except ValueError as error:
-                raise ValueError(f"layer {name!r}: {error}") from error
+                layer_name = name[0] if isinstance(name, tuple) else name
+                raise ValueError(f"layer {layer_name!r}: {error}") from error
             bar.update()
     return results
 

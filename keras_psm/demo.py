@@ -277,6 +277,17 @@ def preset_trials(methods=None, budgets=BUDGETS, max_iter=None):
     return trials
 
 
+def budget_trials(target_ratio, methods=None, max_iter=None):
+    """One trial per method with a size knob, all at ``target_ratio`` (equal budget)."""
+    trials = []
+    for name in available_methods() if methods is None else methods:
+        spec = get_method(name)
+        if spec.size_knob is not None or spec.size_target is not None:
+            options = cap_max_iter(spec, {"target_ratio": target_ratio}, max_iter)
+            trials.append(Trial(name, f"x{target_ratio:g}", options))
+    return trials
+
+
 def cap_max_iter(spec, options, max_iter):
     """``options`` with ``max_iter`` lowered to at most ``max_iter`` if the method has it."""
     options = dict(options)
@@ -482,8 +493,12 @@ def best_result(results, min_ratio=MIN_RATIO):
 
 
 def run_demo(settings=FULL, output_dir="keras_psm_demo", methods=None, export=True,
-             min_ratio=MIN_RATIO, quantization=None, progress=True, stream=None):
+             min_ratio=MIN_RATIO, quantization=None, progress=True, stream=None,
+             target_ratio=None):
     """Train LeNet-5, compress it with every method, fine-tune, compare, export the best.
+
+    With ``target_ratio``, the methods are compared at equal budget instead of
+    at their presets: every method with a size knob at ``target_ratio``.
 
     Writes ``results.csv``, ``tradeoff.png`` and (``export=True``)
     ``best.tflite`` into ``output_dir`` and prints the table to ``stream``
@@ -491,7 +506,8 @@ def run_demo(settings=FULL, output_dir="keras_psm_demo", methods=None, export=Tr
     """
     stream = sys.stdout if stream is None else stream
     check_float(min_ratio, "min_ratio", minimum=1.0, where="run_demo")
-    trials = preset_trials(methods, max_iter=settings.max_iter)
+    trials = (preset_trials(methods, max_iter=settings.max_iter) if target_ratio is None
+              else budget_trials(target_ratio, methods, max_iter=settings.max_iter))
     os.makedirs(output_dir, exist_ok=True)
     data = load_data(settings)
     (x, y), (x_test, _) = data

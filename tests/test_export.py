@@ -12,7 +12,7 @@ from ai_edge_litert import schema_py_generated as schema
 
 import keras_psm
 from keras_psm import demo, export, litert_cost
-from keras_psm.backend import LEGACY_KERAS, keras
+from keras_psm.backend import LEGACY_KERAS, keras, tf
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
 
 OPERATOR_NAMES = {

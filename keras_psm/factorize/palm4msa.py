@@ -101,7 +101,7 @@ def factor_shapes(matrix_shape, n_factors, rank=None):
 
 
 def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
-             supports=None, random_state=None, block=1):
+             supports=None, random_state=None, block=1, left=None):
     """Approximate ``matrix`` by ``n_factors`` sparse factors with palm4MSA.
 
     Minimizes ``||W - lambda S_1 ... S_Q||_F^2`` over unit-norm factors
@@ -142,11 +142,16 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
             (``projections.splincol_blocks``): 4 keeps whole 1x4 blocks
             along the input axis, which LiteRT's sparse fully connected
             kernel runs on; 1 is plain splincol.
+        left: optional ``(in, in)`` matrix ``M``, a fixed, unprojected leftmost
+            factor: minimizes ``||M W - lambda M S_1 ... S_Q||_F`` instead
+            (``errors`` relative to ``||M W||_F``). With ``M^T M = X^T X``
+            this is the error on the layer inputs ``X``.
 
     Returns:
         A ``Factorization``.
     """
     matrix = _check_matrix(matrix)
+    fixed = [] if left is None else [sps.csr_matrix(_check_left(left, matrix.shape[0]))]
     shapes = factor_shapes(matrix.shape, n_factors, rank)
     n_factors = len(shapes)
     max_iter = _check_int(max_iter, "max_iter", minimum=1)
@@ -162,9 +167,11 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
 
     if not matrix.any():
         return _zero_factorization(shapes, projectors)
-    if n_factors == 1:
+    if n_factors == 1 and not fixed:
         return _single_factor(matrix, projectors[0])
-    state = _palm(matrix, _initial_factors(shapes), 1.0, projectors, max_iter, tol, rng)
+    if fixed:
+        matrix = fixed[0] @ matrix
+    state = _palm(matrix, _initial_factors(shapes), 1.0, projectors, max_iter, tol, rng, fixed)
     return state.result()
 
 
@@ -294,7 +301,7 @@ class _PalmState:
         return Factorization(dense, supports, np.asarray(self.errors, dtype=np.float64))
 
 
-def _palm(matrix, factors, scale, projectors, max_iter, tol, rng):
+def _palm(matrix, factors, scale, projectors, max_iter, tol, rng, fixed=()):
     """palm4MSA iterations (supplement A.4, Algorithm 1) from the given factors and scale.
 
     Each factor update q (from Q down to 1) needs L = S_1..S_{q-1} (not yet
@@ -302,20 +309,23 @@ def _palm(matrix, factors, scale, projectors, max_iter, tol, rng):
     kept as a dense block, grown by one sparse product per update; L is
     applied as a chain of sparse products. The product after each update
     gives the residual of the next one, and the last one gives the error.
+    ``fixed`` (a list of sparse matrices) is prepended to every L, never updated.
     """
+    fixed = list(fixed)
+    fixed_transposed = [f.T.tocsr() for f in fixed]
     n_factors = len(factors)
     factors = list(factors)
     start_vectors = {}
     matrix_norm = np.sqrt(_inner(matrix, matrix))
 
-    product = _chain_times([f.matrix for f in factors[:-1]], factors[-1].matrix.toarray())
+    product = _chain_times(fixed + [f.matrix for f in factors[:-1]], factors[-1].matrix.toarray())
     residual = _residual(scale, product, matrix)
     errors = []
     for _ in range(max_iter):
         right_product = None
         for q in reversed(range(n_factors)):  # 0-based: factors[q] is S_{q+1}
-            left = [f.matrix for f in factors[:q]]
-            left_transposed = [f.transposed for f in factors[:q]]
+            left = fixed + [f.matrix for f in factors[:q]]
+            left_transposed = fixed_transposed + [f.transposed for f in factors[:q]]
             right = [f.matrix for f in factors[q + 1:]]
             right_transposed = [f.transposed for f in factors[q + 1:]]
 
@@ -473,6 +483,13 @@ def _check_matrix(matrix):
 
 def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_left(left, size):
+    left = _check_matrix(left)
+    if left.shape != (size, size):
+        raise ValueError(f"`left` must be a ({size}, {size}) matrix, got shape {left.shape}.")
+    return left
 
 
 def _check_int(value, name, *, minimum):

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from keras_psm.budget import knob_grid
 from keras_psm.factorize.kronecker import (
     block_mask,
     fewest_params_block_shape,
@@ -91,6 +92,11 @@ def fit_kpd(kernel, config):
     return KPDFit(grid_factors=fit.grid_factors, blocks=fit.blocks, s=mask)
 
 
+def kpd_sizes(kernel_shape, config):
+    """``target_ratio`` ladder: Kronecker ranks r on ``knob_grid`` up to the smaller kernel side."""
+    return [[dataclasses.replace(config, rank=rank) for rank in knob_grid(min(kernel_shape))]]
+
+
 def build_kronecker_layer(layer, fitted, config):
     """``KroneckerDense`` from a ``KPDFit``, with the Dense layer's name, activation and bias."""
     bias = layer.get_weights()[1] if layer.use_bias else None
@@ -109,4 +115,5 @@ KPD = register_method(Method(
     layer_kinds=("dense",),
     presets={"small": dict(rank=1), "large": dict(block_shape=(4, 4), rank=4)},
     paper=KPD_PAPER,
+    size_knob=kpd_sizes,
 ))

@@ -12,11 +12,16 @@
 
 import dataclasses
 
+import numpy as np
+
 from keras_psm.backend import keras
+from keras_psm.budget import knob_grid
+from keras_psm.factorize.calibrated import whitened_svd, whitening_factor
 from keras_psm.factorize.lowrank import (
     NORMS,
     SCHEMES,
     alds_allocation,
+    LowRankFactors,
     factor_kernel,
     max_rank,
     rank_for_ratio,
@@ -104,9 +109,34 @@ class LowRankLayerConfig:
         check_choice(self.scheme, "scheme", SCHEMES, where=where)
 
 
-def fit_svd(kernel, config):
-    """Truncated SVD keeping ``config.rank_ratio`` of the kernel's rank."""
-    return factor_kernel(kernel, rank_for_ratio(config.rank_ratio, max_rank(kernel.shape)))
+def fit_svd(kernel, config, covariance=None):
+    """Truncated SVD keeping ``config.rank_ratio`` of the kernel's rank.
+
+    With the layer's input ``covariance``, the whitened SVD (``||X (W - W_hat)||_F``).
+    """
+    rank = rank_for_ratio(config.rank_ratio, max_rank(kernel.shape))
+    if covariance is None:
+        return factor_kernel(kernel, rank)
+    encoder, decoder = whitened_svd(kernel.reshape(-1, kernel.shape[-1]),
+                                    whitening_factor(covariance), rank)
+    encoder = encoder.reshape(kernel.shape[:-1] + (rank,))
+    decoder = decoder if kernel.ndim == 2 else decoder[None, None]
+    return LowRankFactors(encoder, decoder, rank, 1, 0)
+
+
+def svd_sizes(kernel_shape, config):
+    """``target_ratio`` ladder: ranks on ``knob_grid`` up to where rank (rows + cols) reaches
+    rows cols (``rank_ratio`` just under rank / full rank, so the rank is exact)."""
+    full = max_rank(kernel_shape)
+    rows, cols = int(np.prod(kernel_shape[:-1])), kernel_shape[-1]
+    top = min(full, max(1, rows * cols // (rows + cols)))
+    return [[dataclasses.replace(config, rank_ratio=(rank - 0.5) / full)
+             for rank in knob_grid(top)]]
+
+
+def alds_target(config, kept_fraction):
+    """ALDS's ``target`` (fraction of kernel values removed) for a kept fraction."""
+    return dataclasses.replace(config, target=min(max(1.0 - kept_fraction, 1e-6), 1 - 1e-6))
 
 
 def fit_layer_config(kernel, config):
@@ -145,6 +175,8 @@ SVD = register_method(Method(
     build=build_low_rank_layer,
     presets={"small": dict(rank_ratio=0.1), "large": dict(rank_ratio=0.3)},
     paper=ALDS_PAPER,
+    calibrated=True,
+    size_knob=svd_sizes,
 ))
 
 ALDS = register_method(Method(
@@ -156,4 +188,5 @@ ALDS = register_method(Method(
     allocate=allocate_alds,
     presets={"small": dict(target=0.9), "large": dict(target=0.6)},
     paper=ALDS_PAPER,
+    size_target=alds_target,
 ))

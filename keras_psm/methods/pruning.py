@@ -23,6 +23,8 @@ import functools
 
 import numpy as np
 
+from keras_psm.budget import fraction_grid
+from keras_psm.factorize.calibrated import input_norm_scores
 from keras_psm.methods.psm import PSM_PAPER, build_sparse_factor_layer, kernel_matrix
 from keras_psm.methods.psm_variants import factorization_from
 from keras_psm.methods.registry import Method, register_method
@@ -71,11 +73,26 @@ class IterativePruningConfig:
                        self.end_step, self.frequency, self.initial_sparsity)
 
 
-def fit_hard_pruning(kernel, config):
-    """The kernel matrix restricted to its largest magnitudes (one factor)."""
+def fit_hard_pruning(kernel, config, covariance=None):
+    """The kernel matrix restricted to its largest magnitudes (one factor).
+
+    With the layer's input ``covariance``, the largest ``|W_ij| ||x_i||`` instead.
+    """
     matrix = kernel_matrix(kernel)
-    support = top_k_mask(np.abs(matrix), kept_count(matrix.size, config.target_sparsity))
+    scores = np.abs(matrix) if covariance is None else input_norm_scores(matrix, covariance)
+    support = top_k_mask(scores, kept_count(matrix.size, config.target_sparsity))
     return factorization_from(matrix, [matrix * support], [support])
+
+
+def pruning_sizes(kernel_shape, config):
+    """``target_ratio`` ladder: kept fractions on ``fraction_grid`` of the kernel's size."""
+    return [[dataclasses.replace(config, target_sparsity=1.0 - kept)
+             for kept in fraction_grid(int(np.prod(kernel_shape)))]]
+
+
+def pruning_target(config, kept_fraction):
+    """``target_sparsity`` for a kept fraction of the kernels' values."""
+    return dataclasses.replace(config, target_sparsity=max(0.0, 1.0 - kept_fraction))
 
 
 def fit_full_mask(kernel, config):
@@ -101,6 +118,8 @@ HARD_PRUNING = register_method(Method(
     build=build_sparse_factor_layer,
     presets={"small": dict(target_sparsity=0.98), "large": dict(target_sparsity=0.9)},
     paper=PSM_PAPER,
+    calibrated=True,
+    size_knob=pruning_sizes,
 ))
 
 ITERATIVE_PRUNING = register_method(Method(
@@ -115,4 +134,5 @@ ITERATIVE_PRUNING = register_method(Method(
         "large": dict(target_sparsity=0.9, end_step=500, frequency=50),
     },
     paper=PSM_PAPER,
+    size_target=pruning_target,
 ))

@@ -7,9 +7,12 @@ is fine-tuned with the supports fixed.
 """
 
 import dataclasses
+import math
 from typing import Optional
 
 from keras_psm.backend import keras
+from keras_psm.budget import knob_grid
+from keras_psm.factorize.calibrated import whitening_factor
 from keras_psm.factorize.palm4msa import hierarchical_palm4msa, palm4msa
 from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
 from keras_psm.methods.registry import Method, register_method
@@ -63,13 +66,36 @@ def kernel_matrix(kernel):
     return kernel.reshape(-1, kernel.shape[-1])
 
 
-def fit_psm(kernel, config):
-    """palm4MSA (or its hierarchical variant) on the kernel matrix."""
+def fit_psm(kernel, config, covariance=None):
+    """palm4MSA (or its hierarchical variant) on the kernel matrix.
+
+    With the layer's input ``covariance`` ``C``, palm4MSA fits ``R W ~ R S_1 ... S_Q``
+    with ``R^T R = C`` a fixed leftmost factor (``||X (W - W_hat)||_F``).
+    """
+    if covariance is not None and config.hierarchical:
+        raise ValueError("PSMConfig: `hierarchical=True` does not take calibration data; "
+                         "use hierarchical=False with `calibration_data`.")
     fit = hierarchical_palm4msa if config.hierarchical else palm4msa
+    calibrated = {} if covariance is None else {"left": whitening_factor(covariance)}
     return fit(
         kernel_matrix(kernel), config.n_factors, config.sparsity, rank=config.rank,
         max_iter=config.max_iter, tol=config.tol, random_state=config.seed, block=config.block,
+        **calibrated,
     )
+
+
+def psm_sizes(kernel_shape, config):
+    """``target_ratio`` ladders: 12 K on ``knob_grid`` for Q = 2 and Q = 3 (the paper's range),
+    up to where splincol's K (max(in, r) + ... + max(r, out)) nonzeros reach the kernel's."""
+    rows, cols = math.prod(kernel_shape[:-1]), kernel_shape[-1]
+    rank = config.rank or min(rows, cols)
+    ladders = []
+    for n_factors in (2, 3):
+        least = max(rows, rank) + (n_factors - 2) * rank + max(rank, cols)
+        top = min(rank, max(1, rows * cols // least))
+        ladders.append([dataclasses.replace(config, n_factors=n_factors, sparsity=k)
+                        for k in knob_grid(top, count=12)])
+    return ladders
 
 
 def build_sparse_factor_layer(layer, factorization, config, prunable=False):
@@ -104,4 +130,6 @@ PSM = register_method(Method(
     build=build_sparse_factor_layer,
     presets=PSM_PRESETS,
     paper=PSM_PAPER,
+    calibrated=True,
+    size_knob=psm_sizes,
 ))

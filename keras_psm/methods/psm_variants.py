@@ -38,6 +38,7 @@ from keras_psm.methods.psm import (
     build_sparse_factor_layer,
     fit_psm,
     kernel_matrix,
+    psm_sizes,
 )
 from keras_psm.methods.registry import Method, register_method
 from keras_psm.validation import check_int
@@ -45,9 +46,9 @@ from keras_psm.validation import check_int
 BUTTERFLY_PAPER = "Pruning Methods with Sparse Factorizations of Neural Networks"
 
 
-def fit_psm_reinit(kernel, config):
-    """palm4MSA's supports with fresh sparse He / Xavier weights."""
-    supports = fit_psm(kernel, config).supports
+def fit_psm_reinit(kernel, config, covariance=None):
+    """palm4MSA's supports (fitted to ``covariance`` if given), fresh sparse He / Xavier weights."""
+    supports = fit_psm(kernel, config, covariance).supports
     weights = sparse_factor_init(supports, np.random.default_rng(config.seed))
     return factorization_from(kernel_matrix(kernel), weights, supports)
 
@@ -111,6 +112,8 @@ PSM_REINIT = register_method(Method(
     build=build_sparse_factor_layer,
     presets=PSM_PRESETS,
     paper=PSM_PAPER,
+    calibrated=True,
+    size_knob=psm_sizes,
 ))
 
 PSM_RANDOM = register_method(Method(
@@ -121,6 +124,7 @@ PSM_RANDOM = register_method(Method(
     build=build_sparse_factor_layer,
     presets=PSM_PRESETS,
     paper=PSM_PAPER,
+    size_knob=psm_sizes,
 ))
 
 BUTTERFLY = register_method(Method(

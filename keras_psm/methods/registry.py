@@ -21,6 +21,15 @@ A compression method is four things:
   per-layer fits, mapping each layer name to its own config (ALDS shares a
   parameter budget across layers this way).
 
+For ``compress(..., calibration_data=X)``, a method whose fit minimizes
+``||X (W - W_hat)||_F`` sets ``calibrated=True``: its ``fit`` then takes an
+optional third argument, ``fit(kernel, config, covariance=None)``, the
+layer's damped input covariance ``X^T X`` (``keras_psm.calibration``).
+For ``target_ratio=``/``target_params=`` (``keras_psm.budget``), a method
+declares ``size_knob(kernel_shape, config)``, ladders of per-layer configs
+from small to large, or ``size_target(config, kept_fraction)``, its own
+global target keeping that fraction of the kernels' values.
+
 ``callbacks(model, config)``, when given, returns the callbacks ``model.fit``
 needs for the compressed model (iterative pruning updates its masks from
 one). ``presets`` holds example options at a small and a large parameter
@@ -51,6 +60,9 @@ class Method:
     layer_kinds: tuple = LAYER_KINDS
     allocate: Optional[Callable[[Mapping[str, Any], Any], Mapping[str, Any]]] = None
     callbacks: Optional[Callable[[Any, Any], list]] = None
+    calibrated: bool = False
+    size_knob: Optional[Callable[[tuple, Any], list]] = None
+    size_target: Optional[Callable[[Any, float], Any]] = None
     presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     paper: str = ""
 

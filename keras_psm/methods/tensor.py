@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from keras_psm.backend import keras
+from keras_psm.budget import knob_grid
 from keras_psm.factorize.lowrank import factor_kernel, rank_for_ratio
 from keras_psm.factorize.tensor import (
     Tucker2,
@@ -135,6 +136,22 @@ def build_tt_layer(layer, cores, config):
     return TTDense.from_cores(cores, layer.units, **options)
 
 
+def tucker_svd_sizes(kernel_shape, config):
+    """``target_ratio`` ladder: one rank ratio (Dense and Conv2D alike) per ``knob_grid`` step,
+    just under rank / min(in, out) so that a Dense layer's rank is exact."""
+    full = min(kernel_shape[-2:])
+    return [[dataclasses.replace(config, dense_rank_ratio=(rank - 0.5) / full,
+                                 conv_rank_ratio=(rank - 0.5) / full)
+             for rank in knob_grid(full)]]
+
+
+def tt_sizes(kernel_shape, config):
+    """``target_ratio`` ladder: maximum TT ranks on ``knob_grid`` up to the smaller matrix side."""
+    rows = int(np.prod(kernel_shape[:-1]))
+    return [[dataclasses.replace(config, max_rank=rank)
+             for rank in knob_grid(min(rows, kernel_shape[-1]))]]
+
+
 TUCKER_SVD = register_method(Method(
     name="tucker-svd",
     description="Tucker-2 of Conv2D kernels (VBMF ranks), truncated SVD of Dense kernels",
@@ -143,6 +160,7 @@ TUCKER_SVD = register_method(Method(
     build=build_tucker_svd_layer,
     presets={"small": dict(dense_rank_ratio=0.1), "large": dict(dense_rank_ratio=0.2)},
     paper=PSM_PAPER,
+    size_knob=tucker_svd_sizes,
 ))
 
 TT = register_method(Method(
@@ -153,4 +171,5 @@ TT = register_method(Method(
     build=build_tt_layer,
     presets={"small": dict(max_rank=6), "large": dict(max_rank=14)},
     paper=PSM_PAPER,
+    size_knob=tt_sizes,
 ))

@@ -1,0 +1,172 @@
+"""Equal budgets and calibration: LeNet-5 at target_ratio 10, 20 and 40.
+
+``compress(..., target_ratio=R)`` chooses each method's size per layer
+(``keras_psm.budget``) and ``calibration_data=`` fits each layer to its
+inputs (``keras_psm.calibration``). On LeNet-5 trained on the bundled digits
+and on 5,000 Fashion-MNIST images, for each ratio:
+
+- PSM with one K for every layer (Q = 3, the largest K whose ratio reaches R),
+  PSM with K and Q allocated per layer, and allocated with calibration;
+- SVD and hard pruning, allocated, without and with calibration.
+
+Each model's test accuracy is measured right after compression and after the
+same fine-tuning (Adam). Prints one table per data set and writes
+``benchmarks/results/budget_calibration.csv``.
+
+    python benchmarks/budget_calibration.py                       # both data sets
+    python benchmarks/budget_calibration.py --datasets digits --ratios 20 --finetune-epochs 1
+"""
+
+import argparse
+import csv
+import os
+import time
+
+import numpy as np
+
+import keras_psm
+from keras_psm import demo
+from keras_psm.datasets import DATASETS, load_dataset, load_mnist_5k
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+FASHION = "/work/shared/data/fashion_mnist_5k.npz"
+#: (label, method, calibrated): the allocated variants.
+VARIANTS = [
+    ("psm allocated", "psm", False),
+    ("psm allocated + calibration", "psm", True),
+    ("svd allocated", "svd", False),
+    ("svd allocated + calibration", "svd", True),
+    ("hard-pruning allocated", "hard-pruning", False),
+    ("hard-pruning allocated + calibration", "hard-pruning", True),
+]
+FIELDS = ("dataset", "target_ratio", "variant", "ratio", "params", "accuracy_before",
+          "accuracy_after", "compress_seconds", "layer_knobs")
+
+
+def load(name, fashion_path):
+    """``(x_train, y_train), (x_test, y_test)`` of the bundled digits or of Fashion-MNIST 5k.
+
+    Fashion-MNIST comes from ``keras_psm.datasets`` when it bundles it, else
+    from ``fashion_path`` (the archive of 4,000 training and 1,000 test images).
+    """
+    if name == "digits":
+        return load_mnist_5k()
+    if "fashion_mnist_5k" in DATASETS:
+        return load_dataset("fashion_mnist_5k")
+    data = np.load(fashion_path)
+    images = lambda x: (x.astype("float32") / 255.0)[..., None]  # noqa: E731
+    return ((images(data["x_train"]), data["y_train"].astype("int64")),
+            (images(data["x_test"]), data["y_test"].astype("int64")))
+
+
+def finetune_and_score(model, report, data, settings):
+    (x, y), (x_test, y_test) = data
+    before = demo.accuracy(model, x_test, y_test)
+    if settings.finetune_epochs:
+        demo.keras.utils.set_random_seed(settings.seed)
+        demo.compile_for_training(model, settings)
+        model.fit(x, y, epochs=settings.finetune_epochs, batch_size=settings.batch_size,
+                  callbacks=list(report.callbacks), verbose=0)
+    return before, demo.accuracy(model, x_test, y_test)
+
+
+def row(dataset, target, variant, report, scores, seconds):
+    before = sum(r.params_before for r in report.compressed)
+    after = sum(r.params_after for r in report.compressed)
+    return dict(dataset=dataset, target_ratio=target, variant=variant,
+                ratio=round(before / after, 2), params=after,
+                accuracy_before=round(scores[0], 4), accuracy_after=round(scores[1], 4),
+                compress_seconds=round(seconds, 1),
+                layer_knobs="; ".join(f"{r.name}: {r.note}" for r in report.compressed))
+
+
+def uniform_psm(base, ratios, max_iter):
+    """For each ratio, the Q = 3 PSM compression with one K for all layers reaching it."""
+    found, k = {}, 1
+    fits = {}
+    while len(found) < len(ratios) and k <= 16:
+        fits[k] = keras_psm.compress(base, "psm", n_factors=3, sparsity=k, max_iter=max_iter,
+                                     verbose=0)
+        k += 1
+    for ratio in ratios:
+        reaching = [k for k, (_, report) in fits.items() if report.compression_ratio >= ratio]
+        if reaching:
+            found[ratio] = (max(reaching), fits[max(reaching)])
+    return found
+
+
+def run(dataset, args):
+    settings = demo.Settings(train_epochs=args.train_epochs, finetune_epochs=args.finetune_epochs,
+                             max_iter=args.max_iter)
+    data = load(dataset, args.fashion_path)
+    (x, y), (x_test, y_test) = data
+    base = demo.lenet5(x.shape[1:], 10, seed=settings.seed)
+    demo.train(base, data, settings)
+    dense = demo.accuracy(base, x_test, y_test)
+    calibration = x[:args.calibration_samples]
+    rows = [dict(dataset=dataset, target_ratio=1, variant="dense", ratio=1.0,
+                 params=base.count_params(), accuracy_before=round(dense, 4),
+                 accuracy_after=round(dense, 4), compress_seconds=0.0, layer_knobs="")]
+    start = time.perf_counter()
+    uniform = uniform_psm(base, args.ratios, args.max_iter)
+    uniform_seconds = time.perf_counter() - start
+    for ratio in args.ratios:
+        if ratio in uniform:
+            k, (model, report) = uniform[ratio]
+            rows.append(row(dataset, ratio, f"psm uniform K={k}", report,
+                            finetune_and_score(model, report, data, settings), uniform_seconds))
+        for label, method, calibrated in VARIANTS:
+            options = dict(max_iter=args.max_iter) if method == "psm" else {}
+            start = time.perf_counter()
+            model, report = keras_psm.compress(
+                base, method, target_ratio=ratio, verbose=0,
+                calibration_data=calibration if calibrated else None, **options)
+            seconds = time.perf_counter() - start
+            rows.append(row(dataset, ratio, label, report,
+                            finetune_and_score(model, report, data, settings), seconds))
+            print(f"  {dataset} x{ratio} {label}: acc {rows[-1]['accuracy_before']:.3f} -> "
+                  f"{rows[-1]['accuracy_after']:.3f} (x{rows[-1]['ratio']}, {seconds:.0f} s)",
+                  flush=True)
+    return rows
+
+
+def format_rows(rows):
+    header = ("data", "target", "variant", "ratio", "acc. before", "acc. after", "compress s")
+    lines = [header] + [
+        (r["dataset"], f"x{r['target_ratio']}", r["variant"], f"x{r['ratio']}",
+         f"{r['accuracy_before']:.4f}", f"{r['accuracy_after']:.4f}",
+         f"{r['compress_seconds']:.0f}") for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+                     for line in lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["digits", "fashion"],
+                        choices=["digits", "fashion"])
+    parser.add_argument("--ratios", nargs="+", type=int, default=[10, 20, 40])
+    parser.add_argument("--train-epochs", type=int, default=10)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--max-iter", type=int, default=100,
+                        help="palm4MSA iterations per fit (the paper: 300)")
+    parser.add_argument("--calibration-samples", type=int, default=256)
+    parser.add_argument("--fashion-path", default=FASHION,
+                        help="fashion_mnist_5k.npz, when keras_psm.datasets does not bundle it")
+    parser.add_argument("--output", default=os.path.join(RESULTS, "budget_calibration.csv"))
+    args = parser.parse_args()
+    rows = []
+    for dataset in args.datasets:
+        rows += run(dataset, args)
+    print(format_rows(rows))
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
