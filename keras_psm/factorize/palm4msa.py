@@ -51,6 +51,14 @@ ERROR_FLOOR = 1e-13
 # but a multithreaded BLAS stalls when the other cores are busy.
 DENSE_SPEEDUP = 3.0
 
+# Update orders of palm4msa. "auto" runs both for PROBE_FRACTION of max_iter
+# and continues only the one with the lower error. On 20 matrices with
+# power-law spectra (256x512, 512x256, 300x300; Q = 2, 3; K = 4, 8) the order
+# ahead after 1/6 of 300 iterations was the one ahead after 300, and either
+# order can end up to 0.08 ahead, so no fixed order is safe.
+UPDATE_ORDERS = ("auto", "right_to_left", "left_to_right")
+PROBE_FRACTION = 1 / 6
+
 
 @dataclass
 class Factorization:
@@ -101,14 +109,14 @@ def factor_shapes(matrix_shape, n_factors, rank=None):
 
 
 def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
-             supports=None, random_state=None):
+             supports=None, random_state=None, update_order="auto"):
     """Approximate ``matrix`` by ``n_factors`` sparse factors with palm4MSA.
 
     Minimizes ``||W - lambda S_1 ... S_Q||_F^2`` over unit-norm factors
     ``S_q`` in their constraint sets (PSM paper, Eq. 3 and Algorithm 1 of
-    supplement A.4). One iteration updates the factors from ``q = Q`` down to
-    ``q = 1`` by a projected gradient step, with ``L = S_1 .. S_{q-1}`` and
-    ``R = S_{q+1} .. S_Q``::
+    supplement A.4). One iteration updates every factor once (from ``q = Q``
+    down to ``q = 1``, or the reverse, see ``update_order``) by a projected
+    gradient step, with ``L = S_1 .. S_{q-1}`` and ``R = S_{q+1} .. S_Q``::
 
         c   = 1.001 * lambda^2 ||L||_2^2 ||R||_2^2
         S_q = P_q(S_q - (lambda / c) L^T (lambda L S_q R - W) R^T)
@@ -117,9 +125,11 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
     optimal scale). It stops after ``max_iter`` iterations or when the
     relative change of the error drops below ``tol``.
 
-    Initialization (FAuST's default): ``S_Q``, the factor updated first, is
-    zero, the other factors are rectangular identities and ``lambda = 1``;
-    the first update thus sets ``S_Q`` to the projection of ``W``'s top rows.
+    Initialization (FAuST's): the factor updated first (``S_Q`` right to
+    left, ``S_1`` left to right) is zero, the others are rectangular
+    identities and ``lambda = 1``. The two orders reach different local
+    minima; on matrices with decaying spectra either can be ahead by several
+    hundredths of relative error, so by default both are tried.
 
     Args:
         matrix: 2-D array ``(in, out)`` of finite values.
@@ -138,11 +148,17 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
             is then projected onto that fixed support instead of splincol.
         random_state: seed or ``np.random.Generator`` for the start vectors
             of the power iterations (the result barely depends on it).
+        update_order: ``"right_to_left"`` (Algorithm 1 of the PSM
+            supplement), ``"left_to_right"`` (FAuST's default), or
+            ``"auto"``: run both for ``ceil(max_iter / 6)`` iterations and
+            continue the one with the lower error (about 1.2x the time of
+            one order).
 
     Returns:
         A ``Factorization``.
     """
     matrix = _check_matrix(matrix)
+    update_order = _check_update_order(update_order)
     shapes = factor_shapes(matrix.shape, n_factors, rank)
     n_factors = len(shapes)
     max_iter = _check_int(max_iter, "max_iter", minimum=1)
@@ -159,8 +175,16 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
         return _zero_factorization(shapes, projectors)
     if n_factors == 1:
         return _single_factor(matrix, projectors[0])
-    state = _palm(matrix, _initial_factors(shapes), 1.0, projectors, max_iter, tol, rng)
-    return state.result()
+    orders = UPDATE_ORDERS[1:] if update_order == "auto" else (update_order,)
+    runs = [_OrderedRun(matrix, shapes, projectors, order) for order in orders]
+    if len(runs) > 1:
+        probe = int(np.ceil(max_iter * PROBE_FRACTION))
+        for run in runs:
+            run.iterate(probe, tol, rng)
+        runs = [min(runs, key=lambda run: run.state.errors[-1])]
+    best = runs[0]
+    best.iterate(max_iter - len(best.state.errors), tol, rng)
+    return best.result()
 
 
 def hierarchical_palm4msa(matrix, n_factors, sparsity, *, residual_sparsity=None, rank=None,
@@ -245,6 +269,10 @@ class _SplincolProjector:
     def __init__(self, k):
         self.k = k
 
+    def transposed(self):
+        """The projector of the transposed factor (splincol treats rows and columns alike)."""
+        return self
+
     def __call__(self, candidate):
         support = splincol_support(candidate, self.k)
         flat_positions = np.flatnonzero(support)
@@ -264,6 +292,10 @@ class _FixedSupportProjector:
         self.pattern = sps.csr_matrix(support, dtype=np.float64)
         self.flat_positions = np.flatnonzero(support)
 
+    def transposed(self):
+        """The projector of the transposed factor."""
+        return _FixedSupportProjector(self.support.T)
+
     def __call__(self, candidate):
         matrix = self.pattern.copy()
         matrix.data = _unit_norm(candidate.ravel()[self.flat_positions])
@@ -271,23 +303,67 @@ class _FixedSupportProjector:
 
 
 class _PalmState:
-    """Factors (``_SparseFactor``), ``lambda`` and the error history of a palm4MSA run."""
+    """Factors (``_SparseFactor``), ``lambda``, the error history of a palm4MSA run and
+    the start vectors of its power iterations (to continue the run where it stopped)."""
 
-    def __init__(self, factors, scale, errors):
+    def __init__(self, factors, scale, errors, start_vectors=None):
         self.factors = factors
         self.scale = scale
         self.errors = errors
+        self.start_vectors = {} if start_vectors is None else start_vectors
 
-    def result(self):
-        """A ``Factorization`` with ``lambda`` folded into the first factor."""
+    def result(self, transposed=False):
+        """A ``Factorization`` with ``lambda`` folded into the first factor.
+
+        ``transposed``: the run factorized ``W^T = S_Q^T ... S_1^T``; the
+        factors are transposed back and reversed.
+        """
         dense = [factor.matrix.toarray() for factor in self.factors]
-        dense[0] *= self.scale
         supports = [factor.support for factor in self.factors]
+        if transposed:
+            dense = [np.ascontiguousarray(factor.T) for factor in reversed(dense)]
+            supports = [np.ascontiguousarray(support.T) for support in reversed(supports)]
+        dense[0] *= self.scale
         return Factorization(dense, supports, np.asarray(self.errors, dtype=np.float64))
 
 
-def _palm(matrix, factors, scale, projectors, max_iter, tol, rng):
+class _OrderedRun:
+    """A palm4MSA run of ``W`` in one update order, from FAuST's start for that order.
+
+    Updating ``S_1 .. S_Q`` left to right is updating the factors of
+    ``W^T = S_Q^T ... S_1^T`` right to left, so ``_palm`` (right to left)
+    runs on ``W^T`` with the factor shapes and projectors transposed and
+    reversed.
+    """
+
+    def __init__(self, matrix, shapes, projectors, order):
+        self.transposed = order == "left_to_right"
+        if self.transposed:
+            matrix = np.ascontiguousarray(matrix.T)
+            shapes = [(columns, rows) for rows, columns in reversed(shapes)]
+            projectors = [projector.transposed() for projector in reversed(projectors)]
+        self.matrix = matrix
+        self.projectors = projectors
+        self.state = _PalmState(_initial_factors(shapes), 1.0, [])
+
+    def iterate(self, n_iterations, tol, rng):
+        """Up to ``n_iterations`` more iterations (fewer once converged)."""
+        if n_iterations > 0:
+            self.state = _palm(self.matrix, self.state.factors, self.state.scale,
+                               self.projectors, n_iterations, tol, rng,
+                               self.state.errors, self.state.start_vectors)
+
+    def result(self):
+        return self.state.result(self.transposed)
+
+
+def _palm(matrix, factors, scale, projectors, max_iter, tol, rng, errors=(),
+          start_vectors=None):
     """palm4MSA iterations (supplement A.4, Algorithm 1) from the given factors and scale.
+
+    ``errors`` and ``start_vectors`` continue an earlier run (its error
+    history, for the stopping test, and its power-iteration vectors); a run
+    that had converged is returned unchanged.
 
     Each factor update q (from Q down to 1) needs L = S_1..S_{q-1} (not yet
     updated in this iteration) and R = S_{q+1}..S_Q (already updated). R is
@@ -297,12 +373,14 @@ def _palm(matrix, factors, scale, projectors, max_iter, tol, rng):
     """
     n_factors = len(factors)
     factors = list(factors)
-    start_vectors = {}
+    errors = list(errors)
+    start_vectors = {} if start_vectors is None else start_vectors
+    if errors and tol > 0 and _converged(errors, tol):
+        return _PalmState(factors, scale, errors, start_vectors)
     matrix_norm = np.sqrt(_inner(matrix, matrix))
 
     product = _chain_times([f.matrix for f in factors[:-1]], factors[-1].matrix.toarray())
     residual = _residual(scale, product, matrix)
-    errors = []
     for _ in range(max_iter):
         right_product = None
         for q in reversed(range(n_factors)):  # 0-based: factors[q] is S_{q+1}
@@ -339,7 +417,7 @@ def _palm(matrix, factors, scale, projectors, max_iter, tol, rng):
         errors.append(np.sqrt(_inner(residual, residual)) / matrix_norm)
         if tol > 0 and _converged(errors, tol):
             break
-    return _PalmState(factors, scale, errors)
+    return _PalmState(factors, scale, errors, start_vectors)
 
 
 def _converged(errors, tol):
@@ -477,6 +555,15 @@ def _check_tol(tol):
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0:
         raise ValueError(f"`tol` must be a number >= 0, got {tol!r}.")
     return float(tol)
+
+
+def _check_update_order(update_order):
+    if not isinstance(update_order, str) or update_order not in UPDATE_ORDERS:
+        raise ValueError(
+            f"`update_order` must be one of {', '.join(map(repr, UPDATE_ORDERS))}, "
+            f"got {update_order!r}."
+        )
+    return update_order
 
 
 def _check_sparsity(sparsity, n_factors):
