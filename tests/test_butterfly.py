@@ -4,6 +4,7 @@ from functools import reduce
 
 import numpy as np
 import pytest
+import scipy.sparse as sps
 from scipy.linalg import hadamard
 
 import keras_psm
@@ -20,19 +21,24 @@ from keras_psm.factorize.palm4msa import palm4msa
 from keras_psm.layers import SparseFactorDense
 
 
+def dense(matrices):
+    """Factors or supports (``scipy.sparse`` or dense) as dense arrays."""
+    return [matrix.toarray() if sps.issparse(matrix) else matrix for matrix in matrices]
+
+
 def relative_error(matrix, factors):
-    return np.linalg.norm(matrix - reduce(np.matmul, factors)) / np.linalg.norm(matrix)
+    return np.linalg.norm(matrix - reduce(np.matmul, dense(factors))) / np.linalg.norm(matrix)
 
 
 def random_butterfly(size, n_factors=None, seed=0):
     rng = np.random.default_rng(seed)
     return reduce(np.matmul, [rng.standard_normal(s.shape) * s
-                              for s in butterfly_supports(size, n_factors)])
+                              for s in dense(butterfly_supports(size, n_factors))])
 
 
 def test_radix_two_supports_follow_the_definition():
     size = 16
-    supports = butterfly_supports(size)
+    supports = dense(butterfly_supports(size))
     assert len(supports) == 4
     rows, columns = np.indices((size, size))
     for level, support in enumerate(supports, start=1):
@@ -46,8 +52,8 @@ def test_radix_two_supports_follow_the_definition():
 
 @pytest.mark.parametrize("n_factors,expected_per_row", [(2, [4, 4]), (3, [4, 2, 2]), (1, [16])])
 def test_fewer_factors_merge_consecutive_supports(n_factors, expected_per_row):
-    radix_two = butterfly_supports(16)
-    merged = butterfly_supports(16, n_factors)
+    radix_two = dense(butterfly_supports(16))
+    merged = dense(butterfly_supports(16, n_factors))
     assert [int(s.sum(axis=1)[0]) for s in merged] == expected_per_row
     groups = np.array_split(np.arange(4), n_factors)
     for support, group in zip(merged, groups):
@@ -63,9 +69,13 @@ def test_hadamard_is_recovered_exactly(size, n_factors):
     fit = butterfly_factorize(matrix, n_factors)
     assert fit.relative_error < 1e-13
     assert relative_error(matrix, fit.factors) < 1e-13
-    for factor, support in zip(fit.factors, fit.supports):
-        assert not np.any(factor[~support])
-    np.testing.assert_array_equal(fit.supports, butterfly_supports(size, n_factors))
+    for factor, support, expected in zip(fit.factors, fit.supports,
+                                         butterfly_supports(size, n_factors)):
+        # Sparse factors store exactly their support, like the support itself.
+        assert sps.issparse(factor) and sps.issparse(support)
+        np.testing.assert_array_equal(factor.indptr, support.indptr)
+        np.testing.assert_array_equal(factor.indices, support.indices)
+        np.testing.assert_array_equal(support.toarray(), expected.toarray())
 
 
 def test_random_butterfly_products_are_recovered_exactly():
@@ -78,8 +88,8 @@ def test_random_butterfly_products_are_recovered_exactly():
 
 def test_two_factor_step_is_optimal_against_palm4msa_on_the_same_supports():
     matrix = np.random.default_rng(0).standard_normal((16, 16))
-    left_support, right_support = butterfly_supports(16, 2)
-    left, right = two_factor_fixed_support(matrix, left_support, right_support)
+    left_support, right_support = dense(butterfly_supports(16, 2))
+    left, right = dense(two_factor_fixed_support(matrix, left_support, right_support))
     assert not np.any(left[~left_support]) and not np.any(right[~right_support])
     exact = relative_error(matrix, [left, right])
     palm = palm4msa(matrix, 2, None, supports=[left_support, right_support], max_iter=300,
@@ -107,14 +117,17 @@ def test_rectangular_matrices_are_padded_and_cropped():
     fit = butterfly_factorize(matrix)
     shapes = [f.shape for f in fit.factors]
     assert shapes == [(100, 128)] + [(128, 128)] * 5 + [(128, 20)]
-    np.testing.assert_array_equal(fit.supports[0], butterfly_supports(128)[0][:100])
+    np.testing.assert_array_equal(fit.supports[0].toarray(),
+                                  butterfly_supports(128)[0].toarray()[:100])
     for support, expected in zip(fit.supports, padded_butterfly_supports((100, 20))):
-        np.testing.assert_array_equal(support, expected)
+        np.testing.assert_array_equal(support.toarray(), expected.toarray())
     padded = np.zeros((128, 128))
     padded[:100, :20] = matrix
-    square = fit_fixed_supports(padded, butterfly_supports(128))
-    np.testing.assert_allclose(reduce(np.matmul, fit.factors),
-                               reduce(np.matmul, square)[:100, :20], atol=1e-12)
+    square = fit_fixed_supports(padded, dense(butterfly_supports(128)))
+    # Same fit from the dense padded matrix; float64 products of 7 factors: 1e-12.
+    np.testing.assert_allclose(reduce(np.matmul, dense(fit.factors)),
+                               reduce(np.matmul, dense(square))[:100, :20], atol=1e-12)
+    np.testing.assert_allclose(fit.product, reduce(np.matmul, dense(fit.factors)), atol=1e-12)
     assert abs(fit.relative_error - relative_error(matrix, fit.factors)) < 1e-12
 
 
@@ -152,7 +165,7 @@ def test_butterfly_method_builds_exact_layers_on_butterfly_supports(tmp_path):
     assert rows["walsh"].relative_error < 1e-6
     walsh, head = compressed.get_layer("walsh"), compressed.get_layer("head")
     assert isinstance(walsh, SparseFactorDense) and walsh.n_factors == 4
-    for mask, support in zip(walsh.masks, butterfly_supports(16)):
+    for mask, support in zip(walsh.masks, dense(butterfly_supports(16))):
         np.testing.assert_array_equal(mask.numpy() > 0, support)
     assert [tuple(m.shape) for m in head.masks] == [(16, 16)] * 3 + [(16, 10)]
     assert rows["head"].params_after == sum(int(m.numpy().sum()) for m in head.masks) + 10

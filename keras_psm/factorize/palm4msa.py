@@ -66,9 +66,12 @@ class Factorization:
 
     Attributes:
         factors: float64 arrays ``S_1 .. S_Q`` with ``S_1 @ ... @ S_Q ~ matrix``
-            (the scale ``lambda`` is folded into ``S_1``).
-        supports: boolean arrays of the same shapes, the sparsity pattern of
-            each factor (the support chosen by its last projection).
+            (the scale ``lambda`` is folded into ``S_1``). The butterfly fit
+            returns ``scipy.sparse.csr_array``s instead, whose stored entries
+            are exactly the supports.
+        supports: boolean arrays of the same shapes (boolean ``csr_array``s
+            for the butterfly fit), the sparsity pattern of each factor (the
+            support chosen by its last projection).
         errors: ``||W - lambda S_1 ... S_Q||_F / ||W||_F`` after each iteration
             (for the hierarchical variant: of its final global pass).
     """
@@ -79,8 +82,14 @@ class Factorization:
 
     @property
     def product(self):
-        """The dense product ``S_1 @ ... @ S_Q``."""
-        return reduce(np.matmul, self.factors)
+        """The dense product ``S_1 @ ... @ S_Q`` (sparse factors applied right to left)."""
+        if not any(sps.issparse(factor) for factor in self.factors):
+            return reduce(np.matmul, self.factors)
+        product = np.asarray(self.factors[-1].toarray() if sps.issparse(self.factors[-1])
+                             else self.factors[-1])
+        for factor in reversed(self.factors[:-1]):
+            product = factor @ product
+        return np.asarray(product)
 
     @property
     def relative_error(self):

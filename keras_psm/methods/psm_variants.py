@@ -81,7 +81,12 @@ class ButterflyConfig:
 
 
 def fit_butterfly(kernel, config):
-    """Hierarchical butterfly fit (Le et al. 2022) of the (padded) kernel matrix."""
+    """Hierarchical butterfly fit (Le et al. 2022) of the (padded) kernel matrix.
+
+    Returns a ``Factorization`` whose factors are float64
+    ``scipy.sparse.csr_array``s storing exactly their supports (boolean
+    ``csr_array``s): no ``N x N`` dense array is formed.
+    """
     matrix = kernel_matrix(kernel)
     size = butterfly_size(matrix.shape)
     levels = size.bit_length() - 1
@@ -91,6 +96,14 @@ def fit_butterfly(kernel, config):
             f"matrix of shape {matrix.shape}, got {config.n_factors}."
         )
     return butterfly_factorize(matrix, config.n_factors)
+
+
+def build_butterfly_layer(layer, factorization, config):
+    """The sparse-factor layer of a butterfly fit; the layer takes dense factors and masks."""
+    dense = Factorization([factor.toarray() for factor in factorization.factors],
+                          [support.toarray() for support in factorization.supports],
+                          factorization.errors)
+    return build_sparse_factor_layer(layer, dense, config)
 
 
 def factorization_from(matrix, factors, supports):
@@ -128,7 +141,7 @@ BUTTERFLY = register_method(Method(
     description="butterfly supports (padded to a power of two), hierarchical fit (Le et al. 2022)",
     config_class=ButterflyConfig,
     fit=fit_butterfly,
-    build=build_sparse_factor_layer,
+    build=build_butterfly_layer,
     presets={"small": dict(n_factors=None), "large": dict(n_factors=2)},
     paper=BUTTERFLY_PAPER,
 ))
