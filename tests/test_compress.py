@@ -81,7 +81,9 @@ def test_sequential_model_round_trips_exactly(make_lenet, tmp_path):
     model.save(path)
     reloaded = keras.models.load_model(path)
     x = np.random.default_rng(0).random((4, 28, 28, 1)).astype("float32")
-    np.testing.assert_array_equal(model.predict(x, verbose=0), reloaded.predict(x, verbose=0))
+    # Same weights; oneDNN may pick other kernels per graph: float32 rounding, below 1e-5.
+    np.testing.assert_allclose(model.predict(x, verbose=0), reloaded.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_unsupported_layers_are_kept_and_reported():

@@ -72,7 +72,8 @@ def test_gradients_match_the_materialized_computation(n_in, units, block):
                          tape_dense.gradient(dense, variables)):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
     assert len(layer.losses) == 1
-    assert layer.losses[0].numpy() == pytest.approx(0.1 * np.abs(layer.s.numpy()).sum())
+    # A float32 sum of 16 terms against float64: within 16 float32 roundings (~1e-6).
+    assert layer.losses[0].numpy() == pytest.approx(0.1 * np.abs(layer.s.numpy()).sum(), rel=1e-5)
 
 
 def test_sparsify_zeroes_blocks_for_good_and_counts():
@@ -123,8 +124,10 @@ def test_keras_round_trip_is_exact_without_custom_objects(tmp_path):
     model.save(path)
     reloaded = keras.models.load_model(path)
     x = np.random.default_rng(0).standard_normal((4, 13)).astype("float32")
-    np.testing.assert_array_equal(model(x).numpy(), reloaded(x).numpy())
-    for a, b in zip(model.weights, reloaded.weights):
+    # Same weights, possibly different kernels (oneDNN and the CPU's instruction set choose
+    # them per graph): float32 rounding of sums of a few hundred terms, far below 1e-5.
+    np.testing.assert_allclose(model(x).numpy(), reloaded(x).numpy(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(model.weights, reloaded.weights):  # stored values: bit for bit
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert reloaded.layers[1].get_config() == model.layers[1].get_config()
     assert reloaded.layers[1].l1_strength.numpy() == 0.25
