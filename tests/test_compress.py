@@ -20,6 +20,7 @@ def weights_of(model):
 
 
 @pytest.mark.parametrize("n_factors", [2, 3])
+@pytest.mark.slow
 def test_report_errors_match_kernels_and_decrease_with_k(trained_lenet, n_factors):
     errors = []
     for sparsity in (2, 4, 8, 14):
@@ -56,6 +57,7 @@ def test_types_and_untouched_layers_keep_their_weights(trained_lenet, mnist_smal
     assert model.get_layer("fc1").activation is keras.activations.relu
 
 
+@pytest.mark.slow
 def test_input_model_is_never_mutated_and_compressed_model_trains(trained_lenet, mnist_small):
     (x, y), (x_test, y_test) = mnist_small
     before = weights_of(trained_lenet)

@@ -96,6 +96,7 @@ def test_sparsify_zeroes_blocks_for_good_and_counts():
     assert not (layer.s.numpy() * layer.s_mask.numpy())[s <= 0.3].any()
 
 
+@pytest.mark.slow
 def test_l1_penalty_shrinks_s_during_fit():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((128, 16)).astype("float32")
@@ -182,6 +183,7 @@ def test_pattern_layer_is_the_sum_of_its_patterns():
     assert selected.block_shape == layer.block_shapes[layer.selected_pattern]
 
 
+@pytest.mark.slow
 def test_penalty_schedule_raises_strengths_every_few_epochs():
     pattern = KroneckerPatternDense(4, [(2, 2), (4, 4)], rank=1, seed=0, name="pattern")
     dense = KroneckerDense(4, 2, rank=1, seed=0)
@@ -198,6 +200,7 @@ def test_penalty_schedule_raises_strengths_every_few_epochs():
     assert schedule.stopped_epoch is None
 
 
+@pytest.mark.slow
 def test_penalty_schedule_stops_when_one_pattern_remains():
     pattern = KroneckerPatternDense(4, [(2, 2), (4, 4)], rank=1, seed=0)
     model = keras.Sequential([keras.Input((8,)), pattern])
@@ -264,6 +267,7 @@ def test_pattern_selection_on_mnist_keeps_one_pattern():
     assert selected.evaluate(x_test, y_test, verbose=0)[1] > 0.85  # a dense softmax: 0.90
 
 
+@pytest.mark.slow
 def test_compress_kpd_fits_dense_layers_and_skips_conv(trained_lenet):
     model, report = keras_psm.compress(trained_lenet, "kpd", rank=2, verbose=0)
     assert sorted(row.name for row in report.compressed) == ["fc1", "fc2", "fc3"]
@@ -281,6 +285,7 @@ def test_compress_kpd_fits_dense_layers_and_skips_conv(trained_lenet):
     assert model(x).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_compress_kpd_block_mask_padding_and_exact_rank(trained_lenet):
     model, report = keras_psm.compress(trained_lenet, "kpd", layers=["fc2"], block_shape=(16, 8),
                                        rank=4, block_sparsity=0.5, verbose=0)

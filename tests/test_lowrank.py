@@ -211,6 +211,7 @@ def test_layer_arguments_are_validated():
         LowRankDense(3, rank=1, groups=2).build((None, 5))
 
 
+@pytest.mark.slow
 def test_grouped_layers_train_on_cpu_and_round_trip_exactly(tmp_path):
     inputs = keras.Input((10, 10, 4))
     x = LowRankConv(6, 3, rank=2, groups=2, scheme=2, padding="same", activation="relu")(inputs)

@@ -124,6 +124,7 @@ def test_native_iterative_pruning_reaches_the_target_after_fit(trained_lenet, mn
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_native_masks_follow_the_schedule_step_by_step(trained_lenet, mnist_small):
     (x, y), _ = mnist_small
     model, report = keras_psm.compress(trained_lenet, "iterative-pruning", verbose=0,
