@@ -52,10 +52,10 @@ ERROR_FLOOR = 1e-13
 DENSE_SPEEDUP = 3.0
 
 # Update orders of palm4msa. "auto" runs both for PROBE_FRACTION of max_iter
-# and continues only the one with the lower error. On 20 matrices with
-# power-law spectra (256x512, 512x256, 300x300; Q = 2, 3; K = 4, 8) the order
-# ahead after 1/6 of 300 iterations was the one ahead after 300, and either
-# order can end up to 0.08 ahead, so no fixed order is safe.
+# and continues only the one with the lower error. On 20 matrices (19 with
+# power-law spectra, 256x512 to 400x200, one Gaussian; Q = 2, 3; K = 4 to 8)
+# the order ahead after 1/6 of 300 iterations was the one ahead after 300,
+# and either order ended up to 0.08 ahead, so no fixed order is safe.
 UPDATE_ORDERS = ("auto", "right_to_left", "left_to_right")
 PROBE_FRACTION = 1 / 6
 
