@@ -1,17 +1,28 @@
-"""Speed of keras_psm's palm4MSA against FAuST's C++ implementation (pyfaust).
+"""Speed and error of keras_psm's palm4MSA against FAuST's C++ implementation (pyfaust).
 
 Both sides factorize the same matrices with the same constraints (splincol
-``K`` on every factor), the same factor shapes, the same update order (right
-to left, Algorithm 1 of the PSM supplement), the same start (the factor
-updated first at zero, the others identity) and the same number of
-iterations (our ``tol=0`` and pyfaust's ``StoppingCriterion(num_its=...)``).
+``K`` on every factor), the same factor shapes and the same number of
+iterations (our ``tol=0`` and pyfaust's ``StoppingCriterion(num_its=...)``),
+each with its default start and update order: FAuST updates left to right
+from a zero first factor; ours (``update_order="auto"``) probes that and the
+right-to-left order for 1/6 of the iterations and continues the better.
 
-Cases: Gaussian 256x256 (Q=2, K=14), 512x512 (Q=3, K=14), 512x1024 (Q=3,
-K=8), the first Dense kernel (784x256, Q=3, K=14) of an MLP trained here for
-3 epochs on the bundled MNIST digits, and the hierarchical factorization of
-the 256x256 Hadamard matrix into 8 factors against
-``pyfaust.fact.hierarchical(H, 'hadamard')`` (30 iterations per inner run,
-splincol 2 on the factors, d/2^l on the residuals, as that preset).
+Cases:
+
+- Gaussian 256x256 (Q=2, K=14), 512x512 (Q=3, K=14), 512x1024 (Q=3, K=8);
+- matrices ``U diag(i^-alpha) V^T`` (random orthonormal ``U``, ``V``) whose
+  singular values decay like a power law, as those of trained layers do:
+  784x256 (alpha=0.5, Q=2, K=14), 256x784 (alpha=1, Q=2, K=8), 512x256
+  (alpha=1, Q=3, K=8);
+- trained kernels: the first Dense kernel (784x256, Q=3, K=14) of an MLP,
+  the ``fc1`` kernel (400x120, Q=2, K=4) of the demo's LeNet-5, and the
+  ``fc1`` kernel (576x128, Q=2, K=8) and the ``block3_conv2`` kernel as a
+  576x64 matrix (Q=2, K=4) of the demo's ``vgg_small``, each trained here
+  for 3 epochs on the bundled MNIST digits;
+- the hierarchical factorization of the 256x256 Hadamard matrix into 8
+  factors against ``pyfaust.fact.hierarchical(H, 'hadamard')`` (30
+  iterations per inner run, splincol 2 on the factors, d/2^l on the
+  residuals, as that preset).
 
 pyfaust is optional (``pip install keras-psm[bench]``); without it only our
 times are printed. Writes ``results/palm4msa_speed.csv`` and
@@ -62,23 +73,53 @@ def gaussian_case(rows, columns, n_factors, sparsity, rng):
                 n_factors, sparsity)
 
 
-def trained_dense_case(n_factors, sparsity, epochs=3, seed=0):
-    """First Dense kernel (784x256) of an MLP trained on the bundled MNIST digits."""
+def decaying_case(rows, columns, alpha, n_factors, sparsity, rng):
+    """``U diag(i^-alpha) V^T``: singular values decaying like a power law."""
+    rank = min(rows, columns)
+    left, _ = np.linalg.qr(rng.standard_normal((rows, rank)))
+    right, _ = np.linalg.qr(rng.standard_normal((columns, rank)))
+    matrix = (left * np.arange(1.0, rank + 1) ** -alpha) @ right.T
+    return Case(f"decay^{alpha:g} {rows}x{columns} Q={n_factors} K={sparsity}", matrix,
+                n_factors, sparsity)
+
+
+def trained_kernels(epochs=3, seed=0):
+    """Kernels (as ``(in, out)`` matrices) of three models trained on the bundled MNIST digits."""
+    from keras_psm import demo
     from keras_psm.backend import keras
     from keras_psm.datasets import load_mnist_5k
 
-    keras.utils.set_random_seed(seed)
     (x_train, y_train), _ = load_mnist_5k(seed=seed)
-    model = keras.Sequential([
+    keras.utils.set_random_seed(seed)
+    mlp = keras.Sequential([
         keras.Input((28, 28, 1)),
         keras.layers.Flatten(),
-        keras.layers.Dense(256, activation="relu"),
+        keras.layers.Dense(256, activation="relu", name="fc1"),
         keras.layers.Dense(10, activation="softmax"),
     ])
-    model.compile("adam", "sparse_categorical_crossentropy")
-    model.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=0)
-    kernel = np.asarray(model.layers[1].get_weights()[0], dtype=np.float64)
-    return Case(f"MNIST Dense 784x256 Q={n_factors} K={sparsity}", kernel, n_factors, sparsity)
+    models = {"MLP": mlp, "LeNet-5": demo.lenet5(seed=seed),
+              "vgg_small": demo.vgg_small(input_shape=(28, 28, 1), seed=seed)}
+    kernels = {}
+    for name, model in models.items():
+        model.compile("adam", "sparse_categorical_crossentropy")
+        model.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=0)
+        for layer in model.layers:
+            if layer.name in ("fc1", "block3_conv2"):
+                kernel = np.asarray(layer.get_weights()[0], dtype=np.float64)
+                kernels[f"{name} {layer.name}"] = kernel.reshape(-1, kernel.shape[-1])
+    return kernels
+
+
+def trained_cases(seed):
+    kernels = trained_kernels(seed=seed)
+    cases = []
+    for name, n_factors, sparsity in [("MLP fc1", 3, 14), ("LeNet-5 fc1", 2, 4),
+                                      ("vgg_small fc1", 2, 8), ("vgg_small block3_conv2", 2, 4)]:
+        kernel = kernels[name]
+        rows, columns = kernel.shape
+        cases.append(Case(f"{name} {rows}x{columns} Q={n_factors} K={sparsity}", kernel,
+                          n_factors, sparsity))
+    return cases
 
 
 def hadamard_case(n):
@@ -115,8 +156,7 @@ def run_faust(case, iterations):
         for rows, columns in factor_shapes(case.matrix.shape, case.n_factors):
             constraint_args += ["splincol", case.sparsity, rows, columns]
         params = ParamsPalm4MSA(ConstraintList(*constraint_args),
-                                StoppingCriterion(num_its=iterations),
-                                is_update_way_R2L=True)
+                                StoppingCriterion(num_its=iterations))
         start = time.perf_counter()
         faust = faust_palm4msa(case.matrix, params)
     seconds = time.perf_counter() - start
@@ -141,7 +181,10 @@ def build_cases(quick, seed):
         gaussian_case(256, 256, 2, 14, rng),
         gaussian_case(512, 512, 3, 14, rng),
         gaussian_case(512, 1024, 3, 8, rng),
-        trained_dense_case(3, 14, seed=seed),
+        decaying_case(784, 256, 0.5, 2, 14, rng),
+        decaying_case(256, 784, 1.0, 2, 8, rng),
+        decaying_case(512, 256, 1.0, 3, 8, rng),
+        *trained_cases(seed),
         hadamard_case(8),
     ]
 
@@ -149,14 +192,15 @@ def build_cases(quick, seed):
 def print_table(rows, with_faust):
     header = f"{'case':<42} {'ours (s)':>9} {'ours err':>10}"
     if with_faust:
-        header += f" {'FAuST (s)':>10} {'FAuST err':>10} {'ours/FAuST':>11}"
+        header += (f" {'FAuST (s)':>10} {'FAuST err':>10} {'err - FAuST':>12}"
+                   f" {'time ours/FAuST':>16}")
     print(header)
     print("-" * len(header))
     for row in rows:
         line = f"{row['case']:<42} {row['ours_seconds']:>9.2f} {row['ours_error']:>10.3g}"
         if with_faust:
             line += (f" {row['faust_seconds']:>10.2f} {row['faust_error']:>10.3g}"
-                     f" {row['ratio']:>11.3f}")
+                     f" {row['ours_error'] - row['faust_error']:>+12.4f} {row['ratio']:>16.3f}")
         print(line)
 
 

@@ -73,6 +73,7 @@ def test_channel_slicing_wins_when_chunks_are_low_rank():
     assert relative_error_table(kernel)[1] > 0.1  # one chunk of rank 1 is not
 
 
+@pytest.mark.slow
 def test_alds_beats_uniform_svd_and_alds_plus_beats_alds(trained_lenet):
     model = trained_lenet
     kernels = lenet_kernels(model)
@@ -96,6 +97,7 @@ def test_alds_beats_uniform_svd_and_alds_plus_beats_alds(trained_lenet):
     assert max_error(alds) < max_error(svd) - 0.05
 
 
+@pytest.mark.slow
 def test_predicted_errors_are_the_reported_ones(trained_lenet):
     kernels = lenet_kernels(trained_lenet)
     config = ALDSConfig(target=0.8, alds_plus=True)
@@ -114,6 +116,7 @@ def test_predicted_errors_are_the_reported_ones(trained_lenet):
     assert isinstance(compressed.get_layer("fc1"), LowRankDense)
 
 
+@pytest.mark.slow
 def test_operator_norm_measure(trained_lenet):
     kernels = lenet_kernels(trained_lenet)
     allocation = alds_allocation(kernels, 0.7, norm="operator", n_seeds=3)
@@ -123,6 +126,7 @@ def test_operator_norm_measure(trained_lenet):
     assert allocation.max_error < 1.0 and allocation.n_params <= allocation.budget
 
 
+@pytest.mark.slow
 def test_allocation_is_reproducible_and_validated(trained_lenet):
     kernels = lenet_kernels(trained_lenet)
     first = alds_allocation(kernels, 0.9, n_seeds=5, random_state=3)

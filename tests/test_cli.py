@@ -41,6 +41,7 @@ def compressed_run(saved_lenet, tmp_path_factory):
     return completed, output
 
 
+@pytest.mark.slow
 def test_compress_writes_a_model_that_reloads_and_evaluates(saved_lenet, compressed_run,
                                                             mnist_small):
     completed, output = compressed_run
@@ -100,6 +101,7 @@ def test_export_writes_a_tflite_file_that_matches(compressed_run, tmp_path, mnis
     assert TENSORFLOW_LOG.search(verbose.stderr), verbose.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_methods_lists_every_method_with_options_and_paper():
     completed = run_command("methods")
     assert completed.returncode == 0, completed.stderr[-2000:]
@@ -118,6 +120,7 @@ def test_methods_lists_every_method_with_options_and_paper():
     (("compress", "{model}", "{out}", "--option", "sparsity=many"),
      "--option sparsity=many: method 'psm' expects int for 'sparsity'."),
 ])
+@pytest.mark.slow
 def test_errors_are_one_line_and_exit_nonzero(arguments, message, saved_lenet, tmp_path):
     garbage = tmp_path / "garbage.keras"
     garbage.write_bytes(b"not a zip file" * 10)
@@ -200,6 +203,7 @@ def test_options_are_typed_by_the_config_dataclass():
         cli.parse_value("2.5", int)
 
 
+@pytest.mark.slow
 def test_a_file_of_the_other_keras_gets_a_hint(saved_lenet, tmp_path, capsys):
     assert cli.saved_by(saved_lenet[0]) == KERAS_NAME
     (tmp_path / "plain.txt").write_text("hello")

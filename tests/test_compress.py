@@ -20,6 +20,7 @@ def weights_of(model):
 
 
 @pytest.mark.parametrize("n_factors", [2, 3])
+@pytest.mark.slow
 def test_report_errors_match_kernels_and_decrease_with_k(trained_lenet, n_factors):
     errors = []
     for sparsity in (2, 4, 8, 14):
@@ -56,6 +57,7 @@ def test_types_and_untouched_layers_keep_their_weights(trained_lenet, mnist_smal
     assert model.get_layer("fc1").activation is keras.activations.relu
 
 
+@pytest.mark.slow
 def test_input_model_is_never_mutated_and_compressed_model_trains(trained_lenet, mnist_small):
     (x, y), (x_test, y_test) = mnist_small
     before = weights_of(trained_lenet)
@@ -81,7 +83,9 @@ def test_sequential_model_round_trips_exactly(make_lenet, tmp_path):
     model.save(path)
     reloaded = keras.models.load_model(path)
     x = np.random.default_rng(0).random((4, 28, 28, 1)).astype("float32")
-    np.testing.assert_array_equal(model.predict(x, verbose=0), reloaded.predict(x, verbose=0))
+    # Same weights; oneDNN may pick other kernels per graph: float32 rounding, below 1e-5.
+    np.testing.assert_allclose(model.predict(x, verbose=0), reloaded.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_unsupported_layers_are_kept_and_reported():

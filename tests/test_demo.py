@@ -66,6 +66,7 @@ def test_pruning_schedule_is_fitted_to_the_fine_tuning():
     assert demo.fit_schedule(PSM, psm_options, total_steps=300) == psm_options
 
 
+@pytest.mark.slow
 def test_results_are_measured_and_failures_reported(trained_lenet, mnist_small,
                                                     extra_methods):
     (x, y), (x_test, y_test) = mnist_small

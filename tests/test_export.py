@@ -15,6 +15,9 @@ from keras_psm import demo, export, litert_cost
 from keras_psm.backend import LEGACY_KERAS, keras, tf
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
 
+# Every test here converts a model to TFLite (seconds each).
+pytestmark = pytest.mark.slow
+
 OPERATOR_NAMES = {
     value: name for name, value in vars(schema.BuiltinOperator).items() if name.isupper()
 }

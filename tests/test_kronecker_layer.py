@@ -72,7 +72,8 @@ def test_gradients_match_the_materialized_computation(n_in, units, block):
                          tape_dense.gradient(dense, variables)):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
     assert len(layer.losses) == 1
-    assert layer.losses[0].numpy() == pytest.approx(0.1 * np.abs(layer.s.numpy()).sum())
+    # A float32 sum of 16 terms against float64: within 16 float32 roundings (~1e-6).
+    assert layer.losses[0].numpy() == pytest.approx(0.1 * np.abs(layer.s.numpy()).sum(), rel=1e-5)
 
 
 def test_sparsify_zeroes_blocks_for_good_and_counts():
@@ -95,6 +96,7 @@ def test_sparsify_zeroes_blocks_for_good_and_counts():
     assert not (layer.s.numpy() * layer.s_mask.numpy())[s <= 0.3].any()
 
 
+@pytest.mark.slow
 def test_l1_penalty_shrinks_s_during_fit():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((128, 16)).astype("float32")
@@ -123,8 +125,10 @@ def test_keras_round_trip_is_exact_without_custom_objects(tmp_path):
     model.save(path)
     reloaded = keras.models.load_model(path)
     x = np.random.default_rng(0).standard_normal((4, 13)).astype("float32")
-    np.testing.assert_array_equal(model(x).numpy(), reloaded(x).numpy())
-    for a, b in zip(model.weights, reloaded.weights):
+    # Same weights, possibly different kernels (oneDNN and the CPU's instruction set choose
+    # them per graph): float32 rounding of sums of a few hundred terms, far below 1e-5.
+    np.testing.assert_allclose(model(x).numpy(), reloaded(x).numpy(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(model.weights, reloaded.weights):  # stored values: bit for bit
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert reloaded.layers[1].get_config() == model.layers[1].get_config()
     assert reloaded.layers[1].l1_strength.numpy() == 0.25
@@ -179,6 +183,7 @@ def test_pattern_layer_is_the_sum_of_its_patterns():
     assert selected.block_shape == layer.block_shapes[layer.selected_pattern]
 
 
+@pytest.mark.slow
 def test_penalty_schedule_raises_strengths_every_few_epochs():
     pattern = KroneckerPatternDense(4, [(2, 2), (4, 4)], rank=1, seed=0, name="pattern")
     dense = KroneckerDense(4, 2, rank=1, seed=0)
@@ -195,6 +200,7 @@ def test_penalty_schedule_raises_strengths_every_few_epochs():
     assert schedule.stopped_epoch is None
 
 
+@pytest.mark.slow
 def test_penalty_schedule_stops_when_one_pattern_remains():
     pattern = KroneckerPatternDense(4, [(2, 2), (4, 4)], rank=1, seed=0)
     model = keras.Sequential([keras.Input((8,)), pattern])
@@ -261,6 +267,7 @@ def test_pattern_selection_on_mnist_keeps_one_pattern():
     assert selected.evaluate(x_test, y_test, verbose=0)[1] > 0.85  # a dense softmax: 0.90
 
 
+@pytest.mark.slow
 def test_compress_kpd_fits_dense_layers_and_skips_conv(trained_lenet):
     model, report = keras_psm.compress(trained_lenet, "kpd", rank=2, verbose=0)
     assert sorted(row.name for row in report.compressed) == ["fc1", "fc2", "fc3"]
@@ -278,6 +285,7 @@ def test_compress_kpd_fits_dense_layers_and_skips_conv(trained_lenet):
     assert model(x).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_compress_kpd_block_mask_padding_and_exact_rank(trained_lenet):
     model, report = keras_psm.compress(trained_lenet, "kpd", layers=["fc2"], block_shape=(16, 8),
                                        rank=4, block_sparsity=0.5, verbose=0)

@@ -90,6 +90,7 @@ def test_native_hard_pruning_gives_the_target_sparsity_at_once(trained_lenet):
         assert isinstance(layer, (SparseFactorDense, SparseFactorConv2D)) and layer.n_factors == 1
         kept = layer.masks[0].numpy().reshape(kernel.shape) > 0
         assert kernel[kept].min() >= kernel[~kept].max()   # the largest magnitudes
+        # One factor times a 0/1 mask: multiplying by 1 or 0 is exact in float32.
         np.testing.assert_array_equal(layer.kernel.numpy(),
                                       trained_lenet.get_layer(name).kernel.numpy() * kept)
 
@@ -123,9 +124,13 @@ def test_native_iterative_pruning_reaches_the_target_after_fit(trained_lenet, mn
     model.save(path)
     loaded = keras.models.load_model(path)
     x = mnist_small[1][0][:8]
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    # Same weights, possibly different kernels (oneDNN and the CPU's instruction set choose
+    # them per graph): float32 rounding of sums of a few hundred terms, far below 1e-5.
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_native_masks_follow_the_schedule_step_by_step(trained_lenet, mnist_small):
     (x, y), _ = mnist_small
     model, report = keras_psm.compress(trained_lenet, "iterative-pruning", verbose=0,
@@ -221,6 +226,7 @@ def test_tfmot_hard_pruning_gives_the_target_sparsity_at_once(trained_lenet):
     native, _ = keras_psm.compress(trained_lenet, "hard-pruning", target_sparsity=TARGET,
                                    verbose=0)
     for name in KERNEL_LAYERS:
+        # Both keep the trained values on the same support (masking by 0/1 is exact).
         np.testing.assert_array_equal(at_once.get_layer(name).kernel.numpy(),
                                       native.get_layer(name).kernel.numpy())
 
@@ -246,10 +252,9 @@ def test_native_and_tfmot_agree_on_sparsity_and_accuracy(trained_lenet, mnist_sm
     for step in range(0, 60, 3):
         should, sparsity = schedule(step)
         assert bool(should) == is_pruning_step(step, 10, 50, 10)
-        # tfmot evaluates s_t with TensorFlow float32 ops, ours with NumPy float32:
-        # they may round one ulp (6e-8) apart.
+        # tfmot computes the schedule in float32 (rounding ~6e-8 relative); ours in float64.
         assert float(sparsity) == pytest.approx(polynomial_sparsity(step, 0.1, 0.8, 10, 50),
-                                                abs=1e-7)
+                                                rel=1e-6)
 
     pruned, callbacks = iterative_pruning(trained_lenet, TARGET, **SCHEDULE)
     tfmot_accuracy = fine_tune(pruned, mnist_small, callbacks)

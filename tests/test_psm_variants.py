@@ -101,8 +101,9 @@ def test_random_variant_builds_sparse_factor_layers_that_train_and_round_trip(
     path = str(tmp_path / "psm_random.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
-    np.testing.assert_array_equal(loaded.predict(x_test[:8], verbose=0),
-                                  model.predict(x_test[:8], verbose=0))
+    # Same weights; oneDNN may pick other kernels per graph: float32 rounding, below 1e-5.
+    np.testing.assert_allclose(loaded.predict(x_test[:8], verbose=0),
+                               model.predict(x_test[:8], verbose=0), rtol=1e-5, atol=1e-6)
 
 
 def test_variants_are_registered_with_psm_options():

@@ -17,6 +17,7 @@ A Conv2D kernel (kh, kw, cin, cout) is the matrix (kh * kw * cin, cout).
 import functools
 
 import numpy as np
+import scipy.sparse as sps
 
 from keras_psm.backend import register_serializable, tf
 from keras_psm.factorize.palm4msa import factor_shapes, palm4msa
@@ -43,10 +44,23 @@ SPARSE_SLOWDOWN = 100.0
 
 def compact_factor(factor, support):
     """``(values, indices)`` of ``factor`` on ``support``: the sorted flat positions
-    ``row * n_cols + col`` of the support (int32) and the factor's entries there."""
-    factor = np.asarray(factor, dtype=np.float32)
-    indices = np.flatnonzero(np.asarray(support, dtype=bool))
-    return factor.ravel()[indices], indices.astype(np.int32)
+    ``row * n_cols + col`` of the support (int32) and the factor's entries there.
+
+    ``factor`` and ``support`` may be NumPy arrays or SciPy sparse arrays (a
+    butterfly fit's), which are never made dense.
+    """
+    if sps.issparse(support):
+        rows, cols = sps.coo_array(support).nonzero()
+    else:
+        rows, cols = np.nonzero(np.asarray(support, dtype=bool))
+    order = np.lexsort((cols, rows))
+    rows, cols = rows[order], cols[order]
+    if sps.issparse(factor):
+        values = np.asarray(sps.csr_array(factor)[rows, cols]).ravel()
+    else:
+        values = np.asarray(factor)[rows, cols]
+    indices = rows.astype(np.int64) * np.shape(support)[1] + cols
+    return values.astype(np.float32), indices.astype(np.int32)
 
 
 def multiply(inputs, factor):
@@ -312,7 +326,7 @@ class _SparseFactors(CompressedLayer):
     @classmethod
     def _from_factors(cls, factors, supports, bias, **kwargs):
         """A layer starting from fitted factors (supports: their nonzeros by default)."""
-        factors = [np.asarray(f, dtype=np.float32) for f in factors]
+        factors = [f if sps.issparse(f) else np.asarray(f, dtype=np.float32) for f in factors]
         if supports is None:
             supports = [f != 0 for f in factors]
         kwargs.setdefault("use_bias", bias is not None)

@@ -82,7 +82,12 @@ class ButterflyConfig:
 
 
 def fit_butterfly(kernel, config):
-    """Hierarchical butterfly fit (Le et al. 2022) of the (padded) kernel matrix."""
+    """Hierarchical butterfly fit (Le et al. 2022) of the (padded) kernel matrix.
+
+    Returns a ``Factorization`` whose factors are float64
+    ``scipy.sparse.csr_array``s storing exactly their supports (boolean
+    ``csr_array``s): no ``N x N`` dense array is formed.
+    """
     matrix = kernel_matrix(kernel)
     size = butterfly_size(matrix.shape)
     levels = size.bit_length() - 1
