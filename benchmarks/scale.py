@@ -6,9 +6,10 @@ Models (random weights: the time of palm4MSA does not depend on training):
 
 - ResNet50 at 224 x 224 x 3, 1000 classes (25.6 M weights, 54 kernels);
 - VGG19-CIFAR: VGG19's 16 convolutions at 32 x 32 x 3, then Dense 512 and
-  Dense 10 (the PSM paper's CIFAR-10 network, 20.3 M weights);
+  Dense 10 (the PSM paper's CIFAR-10 network, 20.3 M weights, 18 kernels);
 - a transformer encoder: 4 blocks of width 256, 8 heads, feed-forward 1024,
-  on 128 tokens (3.2 M weights, 24 kernels: 16 attention projections).
+  on 128 tokens (5.2 M weights with the embedding; 25 kernels: 16
+  attention projections, 8 feed-forward layers and the head).
 
 Each executor gets its worker processes started and ``keras_psm`` imported
 before it is timed. palm4MSA runs ``--max-iter`` iterations per layer
