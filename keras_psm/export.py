@@ -58,7 +58,6 @@ import numpy as np
 from keras_psm.backend import tf
 from keras_psm.files import write_atomically
 from keras_psm.model_layers import check_graph_model, clone_replacing, is_graph_model, leaf_layers
-from keras_psm.layers.base import CompressedLayer
 from keras_psm.validation import check_choice, check_float, check_int
 
 #: ``quantization`` options -> default ``tolerance`` of the LiteRT check.
@@ -667,7 +666,7 @@ def _layer_sizes(model):
         if not layer.weights:
             continue
         inner, weights = strip_for_export(layer)
-        if isinstance(inner, CompressedLayer):
+        if hasattr(inner, "count_nonzero_params"):
             nonzero = inner.count_nonzero_params()
         else:
             nonzero = sum(int(np.count_nonzero(w)) for w in weights)

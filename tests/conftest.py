@@ -58,3 +58,16 @@ def check_fine_tunes_and_round_trips(compressed, data, path):
     np.testing.assert_allclose(compressed.predict(x_test[:16], verbose=0),
                                reloaded.predict(x_test[:16], verbose=0), rtol=1e-5, atol=1e-6)
     return reloaded
+
+
+def check_exports_to_tflite(model, x, path, **options):
+    """``to_tflite`` writes ``path`` and LiteRT's outputs on ``x`` match the model's
+    within to_tflite's float32 tolerance (1e-4 of the outputs' scale). Returns the path."""
+    import keras_psm
+
+    # to_tflite writes the file only after LiteRT ran it and matched the model;
+    # the check is made again here so the test states it.
+    path = keras_psm.to_tflite(model, str(path), inputs=x, **options)
+    scale = max(1.0, float(np.abs(np.asarray(model(x))).max()))
+    assert keras_psm.verify_tflite(path, model, x) <= 1e-4 * scale
+    return path

@@ -163,11 +163,11 @@ def test_cli_target_ratio_and_calibration_file(tmp_path, capsys):
     dense = sum(model.get_layer(name).count_params() for name in ("conv", "fc1", "fc2", "fc3"))
     assert 0.95 * (dense // 6) <= params <= dense // 6
     capsys.readouterr()
-    assert cli.main(["compress", str(model_path), str(output), "--calibration",
+    assert cli.main(["compress", str(model_path), str(output), "--overwrite", "--calibration",
                      str(data_path), "zero"]) == 1
     assert "sample count" in capsys.readouterr().err
-    assert cli.main(["compress", str(model_path), str(output), "--method", "butterfly",
-                     "--target-ratio", "6"]) == 1
+    assert cli.main(["compress", str(model_path), str(output), "--overwrite", "--method",
+                     "butterfly", "--target-ratio", "6"]) == 1
     assert "no size knob" in capsys.readouterr().err
 
 
