@@ -251,10 +251,10 @@ def export_model(model, factor_form="sequence", quantization=None):
         if forward is not None:
             members = {"call": forward, "__module__": __name__}
             if factors is not None and compact.fits(factors):
-                members["factors"] = property(compact.factors)
+                members["export_factors"] = lambda layer, dtype: compact.factors(layer)
             cls = type(cls.__name__, (cls,), members)
         new_layer = cls.from_config(layer.get_config())
-        if "factors" in vars(cls):
+        if "export_factors" in vars(cls):
             compact.add(new_layer, factors)
         copies.append((new_layer, weights))
         return new_layer
@@ -264,7 +264,7 @@ def export_model(model, factor_form="sequence", quantization=None):
         new_layer.set_weights(weights)
         if hasattr(new_layer, "export_form"):
             new_layer.export_form = (
-                "sequence" if "factors" in vars(type(new_layer))
+                "sequence" if "export_factors" in vars(type(new_layer))
                 else new_layer.cheaper_export_form() if factor_form == "auto" else factor_form)
     return exported
 
@@ -538,7 +538,7 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
                   for encoding in {"auto": (True, False), True: (True,), False: (False,)}[sparse]]
     if quantization is not None and sparse is not False and factor_form == "sequence":
         compact = export_model(model, factor_form, quantization)
-        if any("factors" in vars(type(layer)) for layer in leaf_layers(compact)):
+        if any("export_factors" in vars(type(layer)) for layer in leaf_layers(compact)):
             candidates.insert(0, ("the compact factors", compact, False))
     kept, kept_label, rejected = None, None, []
     with tempfile.TemporaryDirectory() as directory:

@@ -103,8 +103,9 @@ def test_dense_product_is_a_chain_of_sparse_fully_connected_ops(tmp_path, n_fact
     assert "MUL" not in operators  # masks folded into the weights
     assert sparse_tensors == n_factors
     # The layer's own call (its product, for the batch of 1) ends as one dense weight.
+    kernel = tf.constant(layer.kernel.numpy())
     folded = keras.Model(model.inputs, keras.layers.Lambda(
-        lambda x: x @ tf.constant(layer.kernel.numpy()) + layer.bias)(model.inputs[0]))
+        lambda x: x @ kernel + layer.bias)(model.inputs[0]))
     folded_path = tmp_path / "folded.tflite"
     folded_path.write_bytes(export.convert(folded, sparse_encoding=False))
     assert os.path.getsize(path) * 3 < os.path.getsize(folded_path)

@@ -187,7 +187,11 @@ def matmul_last_axis(inputs, compute):
     leading = tf.shape(inputs)[:-1]
     flat = tf.reshape(inputs, (-1, inputs.shape[-1]))
     outputs = compute(flat)
-    return tf.reshape(outputs, tf.concat([leading, tf.shape(outputs)[-1:]], axis=0))
+    result = tf.reshape(outputs, tf.concat([leading, tf.shape(outputs)[-1:]], axis=0))
+    # The dynamic reshape loses the static shape, which the next layer may need
+    # to build (tf_keras builds functional models from it).
+    result.set_shape(inputs.shape[:-1].concatenate(outputs.shape[-1:]))
+    return result
 
 
 def convolve(inputs, kernel, strides, padding, dilation_rate, data_format):

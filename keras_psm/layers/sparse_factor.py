@@ -243,9 +243,11 @@ class _SparseFactors(CompressedLayer):
         first = tf.sparse.to_dense(factors[0]) if sparse[0] else factors[0]
         return apply_in_sequence(first, factors[1:])
 
-    def _frozen_factors(self, dtype):
-        """The dense factors as constants, computed eagerly: what an export trace
-        embeds, so that the converter never sees the scatter of values onto indices."""
+    def export_factors(self, dtype):
+        """The dense factors ``export_call`` applies: constants computed eagerly,
+        so that the converter never sees the scatter of values onto indices.
+        ``keras_psm.export`` replaces this method to store quantized factors
+        compactly."""
         with tf.init_scope():
             arrays = [factor.numpy() for factor in self._factors(dtype)]
         return [tf.constant(array) for array in arrays]
@@ -421,7 +423,7 @@ class SparseFactorDense(_SparseFactors):
         instead of folding their product; in the ``"product"`` form the
         input meets the product kernel."""
         inputs = tf.cast(inputs, self.compute_dtype)
-        factors = self._frozen_factors(self.compute_dtype)
+        factors = self.export_factors(self.compute_dtype)
         if self.export_form == "product":
             kernel = multiply_out(factors)
             outputs = matmul_last_axis(inputs, lambda x: tf.matmul(x, kernel))
@@ -531,7 +533,7 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
         factor as its own sparse constant. In the ``"product"`` form: one
         convolution by the product kernel."""
         inputs = self._to_channels_last(inputs)
-        factors = self._frozen_factors(self.compute_dtype)
+        factors = self.export_factors(self.compute_dtype)
         if self.export_form == "product":
             outputs = self._conv(inputs, self._as_conv_kernel(multiply_out(factors)),
                                  self.strides, self.dilation_rate)
