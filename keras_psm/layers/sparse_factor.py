@@ -66,7 +66,11 @@ def compact_factor(factor, support):
 def multiply(inputs, factor):
     """``inputs @ factor`` for a dense ``factor`` or a ``tf.SparseTensor``."""
     if isinstance(factor, tf.SparseTensor):
-        return tf.sparse.sparse_dense_matmul(inputs, factor)
+        outputs = tf.sparse.sparse_dense_matmul(inputs, factor)
+        # The sparse product does not infer its static shape; a functional
+        # model built on it (tf_keras) needs the number of columns.
+        outputs.set_shape(inputs.shape[:1].concatenate(factor.shape[1:]))
+        return outputs
     return tf.matmul(inputs, factor)
 
 
