@@ -145,6 +145,8 @@ def test_table_csv_and_plot(tmp_path):
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
     assert [row["method"] for row in rows] == [r.method for r in RESULTS]
+    # The CSV holds the Python float the table was given (no TensorFlow arithmetic),
+    # and repr round-trips exactly.
     assert float(rows[3]["compression_ratio"]) == 6.0 and rows[3]["options"] == '{"option": 1}'
     assert rows[4]["params"] == "" and rows[4]["error"] == "ValueError: rank too large"
 
