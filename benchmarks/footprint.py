@@ -43,9 +43,6 @@ from keras_psm import demo, export
 from keras_psm.backend import keras, tf
 from keras_psm.layers.sparse_factor import SPARSE_SLOWDOWN
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tflite_size_latency import latency_us  # noqa: E402
-
 #: VGG19's convolution widths ("M": 2x2 max pooling), Simonyan & Zisserman (2015).
 VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
          512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
@@ -128,7 +125,7 @@ def measure(model, directory, steps, tflite, runs):
             file = os.path.join(directory, f"{model.name}_{form}.tflite")
             export.to_tflite(model, file, factor_form=form)
             row[f"tflite_bytes {form}"] = os.path.getsize(file)
-            row[f"latency_us {form}"] = latency_us(file, runs)
+            row[f"latency_us {form}"] = 1e6 * export.litert_latency(file, runs)
     return row
 
 

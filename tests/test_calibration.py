@@ -62,13 +62,15 @@ def test_whitened_svd_is_the_optimal_rank_r_fit_on_the_inputs():
     np.testing.assert_allclose(x @ encoder @ decoder, best, atol=1e-8 * np.abs(best).max())
 
 
-def test_whitened_inputs_give_plain_palm4msa():
+@pytest.mark.parametrize("warm", [False, True])
+def test_whitened_inputs_give_plain_palm4msa(warm):
     kernel = np.random.default_rng(3).standard_normal((30, 20))
-    config = PSMConfig(n_factors=3, sparsity=3, max_iter=50)
+    init = palm4msa(kernel, 3, 3, max_iter=5).factors if warm else None
     # A fixed left factor runs right to left, so the plain fit takes that order too.
-    plain = palm4msa(kernel, 3, 3, max_iter=50, random_state=config.seed,
-                     update_order="right_to_left")
-    whitened = fit_psm(kernel, config, damped_covariance(np.eye(30)))
+    plain = palm4msa(kernel, 3, 3, max_iter=50, random_state=0, update_order="right_to_left",
+                     init=init)
+    whitened = palm4msa(kernel, 3, 3, max_iter=50, random_state=0,
+                        left=whitening_factor(damped_covariance(np.eye(30))), init=init)
     for a, b in zip(plain.supports, whitened.supports):
         np.testing.assert_array_equal(a, b)
     # R = sqrt(1 + DAMPING) I only rescales the problem; the power-iteration
@@ -77,24 +79,43 @@ def test_whitened_inputs_give_plain_palm4msa():
     np.testing.assert_allclose(whitened.errors, plain.errors, rtol=1e-6)
 
 
+def test_calibrated_psm_starts_from_the_plain_fit():
+    x = correlated_inputs()
+    kernel = np.random.default_rng(7).standard_normal((32, 24))
+    config = PSMConfig(n_factors=2, sparsity=3, max_iter=40)
+    factor = whitening_factor(damped_covariance(x.T @ x / len(x)))
+    plain = fit_psm(kernel, config)
+    calibrated = fit_psm(kernel, config, factor.T @ factor)
+    reference = palm4msa(kernel, 2, 3, max_iter=40, random_state=config.seed, left=factor,
+                         init=plain.factors)
+    np.testing.assert_allclose(calibrated.product, reference.product, atol=1e-9)
+    # palm4MSA steps never raise the error: the calibrated fit is at least as
+    # good on the data as the plain fit it starts from (1e-9: rounding).
+    errors = [np.linalg.norm(factor @ (kernel - fit.product)) for fit in (plain, calibrated)]
+    assert errors[1] <= errors[0] * (1 + 1e-9), errors
+
+
 def test_left_factor_shape_is_checked():
     with pytest.raises(ValueError, match=r"`left` must be a \(6, 6\) matrix"):
         palm4msa(np.ones((6, 4)), 2, 2, left=np.eye(5))
 
 
 def test_whitened_inputs_through_compress():
-    # Inputs with X^T X / n = I and a bias-free layer: calibrated = plain.
+    # Inputs with X^T X / n = I and a bias-free layer: the calibrated fit is the
+    # plain fit continued by plain palm4MSA steps from its own result.
     n, d = 256, 16
     q, _ = np.linalg.qr(np.random.default_rng(4).standard_normal((n, d)))
     x = (np.sqrt(n) * q).astype("float32")
     inputs = keras.Input((d,))
     model = keras.Model(inputs, keras.layers.Dense(12, use_bias=False, name="fc")(inputs))
-    plain, _ = keras_psm.compress(model, "psm", n_factors=2, sparsity=3, max_iter=50, verbose=0)
     calibrated, _ = keras_psm.compress(model, "psm", n_factors=2, sparsity=3, max_iter=50,
                                        calibration_data=x, verbose=0)
+    kernel = model.get_layer("fc").get_weights()[0]
+    plain = palm4msa(kernel, 2, 3, max_iter=50, random_state=0)
+    continued = palm4msa(kernel, 2, 3, max_iter=50, random_state=0, init=plain.factors)
     # float32 inputs: X^T X / n is the identity to about 1e-6.
-    np.testing.assert_allclose(calibrated.get_layer("fc").kernel.numpy(),
-                               plain.get_layer("fc").kernel.numpy(), atol=1e-4)
+    np.testing.assert_allclose(calibrated.get_layer("fc").kernel.numpy(), continued.product,
+                               atol=1e-4)
 
 
 def conv_model(use_bias):

@@ -265,6 +265,10 @@ def test_returns_factorization_dataclass(gaussian):
          r"`supports\[2\]` must have shape \(48, 64\)"),
         ({"supports": [np.ones((48, 48), bool), np.zeros((48, 48), bool),
                        np.ones((48, 64), bool)]}, r"`supports\[1\]` must have at least one True"),
+        ({"init": [np.ones((48, 48))] * 2}, "`init` must be a list of 3"),
+        ({"init": [np.ones((48, 48))] * 3}, r"`init\[2\]` must have shape \(48, 64\)"),
+        ({"init": [np.ones((48, 48)), np.zeros((48, 48)), np.ones((48, 64))]},
+         r"`init\[1\]` must hold finite values, not all zero"),
     ],
 )
 def test_bad_arguments_raise_value_error(gaussian, kwargs, match):
@@ -286,6 +290,19 @@ def test_bad_arguments_raise_value_error(gaussian, kwargs, match):
 def test_bad_matrix_raises_value_error(function, matrix, match):
     with pytest.raises(ValueError, match=match):
         function(matrix, 2, 2)
+
+
+@pytest.mark.parametrize("order", ["right_to_left", "left_to_right"])
+def test_init_is_tried_besides_faust_start(gaussian, order):
+    first = palm4msa(gaussian, 3, 4, max_iter=20, tol=0, update_order=order)
+    continued = palm4msa(gaussian, 3, 4, max_iter=20, tol=0, update_order=order,
+                         init=first.factors)
+    # palm4MSA's projected steps with step size 1 / (1.001 L) never raise the
+    # error; 1e-9 allows for rounding.
+    assert continued.errors[0] <= first.errors[-1] * (1 + 1e-9)
+    assert continued.errors[-1] < first.errors[-1]
+    np.testing.assert_allclose(np.linalg.norm(gaussian - continued.product)
+                               / np.linalg.norm(gaussian), continued.errors[-1], rtol=1e-9)
 
 
 def test_rank_with_one_factor_raises_value_error(gaussian):

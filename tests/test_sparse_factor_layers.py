@@ -11,7 +11,7 @@ import pytest
 from keras_psm.backend import keras, tf
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
 from keras_psm.factorize.palm4msa import factor_shapes
-from keras_psm.layers.sparse_factor import SPARSE_SLOWDOWN, one_at_a_time_is_cheaper
+from keras_psm.layers.sparse_factor import SPARSE_SLOWDOWN, application_plans, cheapest
 
 
 def random_sparse_factors(shapes, density=0.3, seed=0):
@@ -42,15 +42,22 @@ def test_dense_matches_numpy_for_any_input_rank(input_shape):
     np.testing.assert_allclose(layer.kernel.numpy(), product(factors), rtol=1e-5, atol=1e-6)
 
 
-def test_association_order_follows_the_break_even_row_count():
+def test_plans_follow_the_break_even_row_counts():
     shapes = factor_shapes((40, 30), 3)             # (40, 30), (30, 30), (30, 30)
     costs = [rows * cols for rows, cols in shapes]  # 3000 per row against 1200 dense
-    # The product first costs 40 * (30 * 30 + 30 * 30) = 72000: break-even at 40 rows.
-    assert one_at_a_time_is_cheaper(shapes, costs, 39)
-    assert not one_at_a_time_is_cheaper(shapes, costs, 41)
-    assert one_at_a_time_is_cheaper(shapes[:1], costs[:1], 10 ** 6)
-    decide = tf.function(lambda n: one_at_a_time_is_cheaper(shapes, costs, n))
-    assert bool(decide(tf.constant(39))) and not bool(decide(tf.constant(41)))
+    # One at a time: 3000 n. F_1 then (F_2 F_3): 30 * 900 + 2100 n. The product
+    # first, right to left: 30 * (1200 + 900) + 1200 n. (F_1 F_2) then F_3 costs
+    # 36000 + 2100 n and never wins. Break-even at 30 and at 40 rows.
+    plans = application_plans(shapes, costs)
+    assert [(p.split, p.rest_multiplied) for p in plans] == [(1, False), (1, True), (3, False)]
+    assert [(p.fixed_cost, p.row_cost) for p in plans] == [(0, 3000), (27000, 2100),
+                                                           (63000, 1200)]
+    pick = lambda n: cheapest(plans, n, lambda plan: (plan.split, plan.rest_multiplied))  # noqa: E731
+    assert [pick(n) for n in (29, 31, 39, 41)] == [(1, False), (1, True), (1, True), (3, False)]
+    decide = tf.function(lambda n: cheapest(
+        plans, n, lambda plan: tf.constant(plan.split + 10 * plan.rest_multiplied)))
+    assert [int(decide(tf.constant(n))) for n in (29, 31, 41)] == [1, 11, 3]
+    assert application_plans(shapes[:1], costs[:1])[0].split == 1
 
 
 @pytest.mark.parametrize("rows", [3, 5000])     # below and above the break-even row count

@@ -118,7 +118,8 @@ def factor_shapes(matrix_shape, n_factors, rank=None):
 
 
 def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
-             supports=None, random_state=None, block=1, left=None, update_order="auto"):
+             supports=None, random_state=None, block=1, left=None, update_order="auto",
+             init=None):
     """Approximate ``matrix`` by ``n_factors`` sparse factors with palm4MSA.
 
     Minimizes ``||W - lambda S_1 ... S_Q||_F^2`` over unit-norm factors
@@ -170,6 +171,13 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
             ``"auto"``: run both for ``ceil(max_iter / 6)`` iterations and
             continue the one with the lower error (about 1.2x the time of
             one order). With ``left``, the order is right to left.
+        init: optional start factors ``S_1 .. S_Q`` (e.g. the ``factors`` of
+            an earlier fit), each scaled to unit norm, their norms' product
+            starting ``lambda``. They are tried besides FAuST's start: each
+            start runs ``ceil(max_iter / 6)`` iterations and the one with the
+            lower error continues (``update_order`` right to left unless
+            given). palm4MSA steps never raise the error, so the result is
+            no worse than ``init``.
 
     Returns:
         A ``Factorization``.
@@ -184,6 +192,7 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
         update_order = "right_to_left"
     shapes = factor_shapes(matrix.shape, n_factors, rank)
     n_factors = len(shapes)
+    init = None if init is None else _check_init(init, shapes)
     max_iter = _check_int(max_iter, "max_iter", minimum=1)
     tol = _check_tol(tol)
     if supports is None:
@@ -203,6 +212,8 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
         matrix = fixed[0] @ matrix
     orders = UPDATE_ORDERS[1:] if update_order == "auto" else (update_order,)
     runs = [_OrderedRun(matrix, shapes, projectors, order, fixed) for order in orders]
+    if init is not None:
+        runs.append(_OrderedRun(matrix, shapes, projectors, orders[0], fixed, init))
     if len(runs) > 1:
         probe = int(np.ceil(max_iter * PROBE_FRACTION))
         for run in runs:
@@ -371,18 +382,26 @@ class _OrderedRun:
     ``W^T = S_Q^T ... S_1^T`` right to left, so ``_palm`` (right to left)
     runs on ``W^T`` with the factor shapes and projectors transposed and
     reversed. ``fixed`` (right to left only) is prepended to every left chain.
+    ``init`` (checked start factors) replaces FAuST's start.
     """
 
-    def __init__(self, matrix, shapes, projectors, order, fixed=()):
+    def __init__(self, matrix, shapes, projectors, order, fixed=(), init=None):
         self.transposed = order == "left_to_right"
         if self.transposed:
             matrix = np.ascontiguousarray(matrix.T)
             shapes = [(columns, rows) for rows, columns in reversed(shapes)]
             projectors = [projector.transposed() for projector in reversed(projectors)]
+            init = None if init is None else [factor.T for factor in reversed(init)]
         self.matrix = matrix
         self.projectors = projectors
         self.fixed = fixed
-        self.state = _PalmState(_initial_factors(shapes), 1.0, [])
+        if init is None:
+            self.state = _PalmState(_initial_factors(shapes), 1.0, [])
+        else:
+            norms = [np.linalg.norm(factor) for factor in init]
+            self.state = _PalmState([_SparseFactor(sps.csr_matrix(factor / norm))
+                                     for factor, norm in zip(init, norms)], float(np.prod(norms)),
+                                    [])
 
     def iterate(self, n_iterations, tol, rng):
         """Up to ``n_iterations`` more iterations (fewer once converged)."""
@@ -647,6 +666,24 @@ def _check_residual_sparsity(residual_sparsity, shapes, factor_ks):
         )
     values = [_check_int(k, "residual_sparsity", minimum=1) for k in values]
     return values + [factor_ks[-1]]
+
+
+def _check_init(init, shapes):
+    """Start factors: one finite array (or SciPy sparse array) per factor shape, none zero."""
+    if not isinstance(init, (list, tuple)) or len(init) != len(shapes):
+        raise ValueError(f"`init` must be a list of {len(shapes)} (n_factors) arrays of shapes "
+                         f"{shapes}, got {type(init).__name__}"
+                         + (f" of length {len(init)}." if isinstance(init, (list, tuple)) else "."))
+    checked = []
+    for index, (factor, shape) in enumerate(zip(init, shapes)):
+        factor = np.asarray(factor.toarray() if sps.issparse(factor) else factor, dtype=np.float64)
+        if factor.shape != shape:
+            raise ValueError(f"`init[{index}]` must have shape {shape} (factor shapes are "
+                             f"{shapes}), got {factor.shape}.")
+        if not np.all(np.isfinite(factor)) or not factor.any():
+            raise ValueError(f"`init[{index}]` must hold finite values, not all zero.")
+        checked.append(factor)
+    return checked
 
 
 def _check_supports(supports, shapes):

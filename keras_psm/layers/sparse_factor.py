@@ -15,6 +15,7 @@ A Conv2D kernel (kh, kw, cin, cout) is the matrix (kh * kw * cin, cout).
 """
 
 import functools
+import typing
 
 import numpy as np
 import scipy.sparse as sps
@@ -74,11 +75,6 @@ def multiply(inputs, factor):
     return tf.matmul(inputs, factor)
 
 
-def multiply_out(factors):
-    """``F1 @ F2 @ ... @ FQ`` of dense factors."""
-    return functools.reduce(tf.matmul, factors)
-
-
 def apply_in_sequence(inputs, factors):
     """``(((inputs @ F1) @ F2) ... @ FQ)``: the factors applied one at a time."""
     outputs = inputs
@@ -87,24 +83,94 @@ def apply_in_sequence(inputs, factors):
     return outputs
 
 
-def one_at_a_time_is_cheaper(shapes, row_costs, n_rows):
-    """Whether applying the factors one at a time beats multiplying them first.
+def multiplied(factors):
+    """``F1 @ ... @ FQ`` as one dense matrix, multiplied from the narrower end.
 
-    One at a time costs ``n * sum_i c_i`` for n rows (``c_i``: ``row_costs``,
-    the multiply-adds per row of factor i in its dense or sparse form); the
-    product first costs the dense chain product ``d_0 * sum_{i>1} d_i d_{i+1}``
-    plus ``n * d_0 * d_Q``. Returns a bool, or a boolean tensor when
-    ``n_rows`` is a tensor (the batch size is known only when the graph runs).
+    Each factor is dense or a ``tf.SparseTensor``: right to left, a sparse
+    factor multiplies the block on its right (``sparse_dense_matmul``); left
+    to right, the block multiplies it (``multiply``). A single dense or
+    sparse factor is returned as it is.
     """
-    d0, dq = shapes[0][0], shapes[-1][1]
-    per_row = sum(row_costs)
-    if len(shapes) == 1 or per_row <= d0 * dq:
-        return True
-    product_cost = sum(d0 * rows * cols for rows, cols in shapes[1:])
-    break_even = product_cost / (per_row - d0 * dq)
+    if len(factors) == 1:
+        return factors[0]
+    as_dense = [tf.sparse.to_dense(f) if isinstance(f, tf.SparseTensor) else f
+                for f in (factors[0], factors[-1])]
+    if factors[-1].shape[1] <= factors[0].shape[0]:    # (F1 (F2 (... FQ)))
+        matrix = as_dense[1]
+        for factor in reversed(factors[:-1]):
+            matrix = (tf.sparse.sparse_dense_matmul(factor, matrix)
+                      if isinstance(factor, tf.SparseTensor) else tf.matmul(factor, matrix))
+        return matrix
+    return apply_in_sequence(as_dense[0], factors[1:])
+
+
+def product_cost(shapes, row_costs):
+    """Multiply-adds of ``multiplied`` on factors of ``shapes``: from the narrower
+    end, factor i costs ``row_costs[i]`` per row (or column) of the other side."""
+    (d0, _), (_, dq) = shapes[0], shapes[-1]
+    if len(shapes) == 1:
+        return 0
+    return dq * sum(row_costs[:-1]) if dq <= d0 else d0 * sum(row_costs[1:])
+
+
+class Plan(typing.NamedTuple):
+    """One way to apply factors ``F_1 .. F_Q`` to ``n`` rows, costing
+    ``fixed_cost + n * row_cost`` multiply-adds: ``F_1 .. F_split`` multiplied
+    into one matrix and applied first, then ``F_split+1 .. F_Q`` one at a
+    time, or as their product when ``rest_multiplied``."""
+
+    split: int
+    rest_multiplied: bool
+    fixed_cost: float
+    row_cost: float
+
+    def cost(self, n_rows):
+        return self.fixed_cost + n_rows * self.row_cost
+
+    def groups(self, factors):
+        """``factors`` (dense or sparse) grouped as this plan applies them."""
+        first, rest = factors[:self.split], factors[self.split:]
+        return [multiplied(first)] + ([multiplied(rest)] if self.rest_multiplied else rest)
+
+
+def application_plans(shapes, row_costs):
+    """The plans worth considering for factors of ``shapes``: each the cheapest for
+    some number of rows ``n >= 1`` (the lower envelope of their costs in ``n``).
+
+    ``row_costs[i]``: multiply-adds per row of factor i in the form it is
+    applied (``rows * cols`` dense, ``nnz * SPARSE_SLOWDOWN`` sparse). A
+    group of several factors is applied as its dense product.
+    """
+    plans = []
+    for split in range(1, len(shapes) + 1):
+        first = Plan(split, False, product_cost(shapes[:split], row_costs[:split]),
+                     row_costs[0] if split == 1 else shapes[0][0] * shapes[split - 1][1])
+        rest_shapes, rest_costs = shapes[split:], row_costs[split:]
+        plans.append(first._replace(row_cost=first.row_cost + sum(rest_costs)))
+        if len(rest_shapes) > 1:
+            plans.append(Plan(split, True,
+                              first.fixed_cost + product_cost(rest_shapes, rest_costs),
+                              first.row_cost + rest_shapes[0][0] * rest_shapes[-1][1]))
+    crossings = [(b.fixed_cost - a.fixed_cost) / (a.row_cost - b.row_cost)
+                 for a in plans for b in plans if a.row_cost > b.row_cost]
+    points = sorted({1.0} | {n for n in crossings if n > 1})
+    samples = points + [(a + b) / 2 for a, b in zip(points, points[1:])] + [2 * points[-1]]
+    kept = {min(plans, key=lambda plan: plan.cost(n)) for n in samples}
+    kept.add(min(plans, key=lambda plan: (plan.row_cost, plan.fixed_cost)))
+    return sorted(kept, key=lambda plan: -plan.row_cost)
+
+
+def cheapest(plans, n_rows, apply):
+    """``apply(plan)`` for the plan of least cost for ``n_rows`` rows: chosen now for
+    an int, or when the graph runs (``tf.switch_case``) for a tensor."""
+    if len(plans) == 1:
+        return apply(plans[0])
     if isinstance(n_rows, int):
-        return n_rows < break_even
-    return tf.cast(n_rows, tf.float64) < break_even
+        return apply(min(plans, key=lambda plan: plan.cost(n_rows)))
+    costs = (tf.constant([plan.fixed_cost for plan in plans], tf.float64)
+             + tf.cast(n_rows, tf.float64) * [plan.row_cost for plan in plans])
+    return tf.switch_case(tf.cast(tf.argmin(costs), tf.int32),
+                          [functools.partial(apply, plan) for plan in plans])
 
 
 def _first_positions(shape, dtype=None, **kwargs):
@@ -206,46 +272,27 @@ class _SparseFactors(CompressedLayer):
         return [self._is_sparse(index) and not (conv_first and index == 0)
                 for index in range(self.n_factors)]
 
-    def _call_forms(self, conv_first=False):
-        """``(costs, dense, operands)`` for ``call``: each factor's multiply-adds per row,
-        the dense factors (None where no path needs one) and the factors in the form
-        they are applied one at a time (dense, or a ``tf.SparseTensor``)."""
-        dtype = self.compute_dtype
+    def _operands(self, dtype, conv_first=False):
+        """Each factor in the form ``call`` applies it: dense, or a ``tf.SparseTensor``."""
+        return [tf.SparseTensor(self._positions(index), self._kept_values(index, dtype),
+                                self.factor_shapes[index]) if sparse
+                else self._dense_factor(index, dtype)
+                for index, sparse in enumerate(self._applied_sparse(conv_first))]
+
+    def _plans(self, conv_first=False):
+        """The ``application_plans`` of this layer's factors, in their ``call`` forms."""
         sparse = self._applied_sparse(conv_first)
         costs = [self.nonzeros[index] * SPARSE_SLOWDOWN if sparse[index] else rows * cols
                  for index, (rows, cols) in enumerate(self.factor_shapes)]
-        d0, dq = self.factor_shapes[0][0], self.factor_shapes[-1][1]
-        product_possible = self.n_factors > 1 and sum(costs) > d0 * dq
-        dense = [self._dense_factor(index, dtype) if product_possible or not sparse[index]
-                 else None for index in range(self.n_factors)]
-        operands = [tf.SparseTensor(self._positions(index), self._kept_values(index, dtype),
-                                    self.factor_shapes[index]) if sparse[index] else dense[index]
-                    for index in range(self.n_factors)]
-        return costs, dense, operands
+        return application_plans(self.factor_shapes, costs)
 
     def _factors(self, dtype):
         return [self._dense_factor(index, dtype) for index in range(self.n_factors)]
 
     def _product(self, dtype):
-        """The product of the factors as one (in, out) matrix.
-
-        Multiplied from the narrower end, each factor dense or sparse as
-        ``call`` applies it, so that no dense (r, r) factor is formed for
-        factors the cost rule keeps sparse.
-        """
-        sparse = self._applied_sparse()
-        factors = [tf.SparseTensor(self._positions(index), self._kept_values(index, dtype),
-                                   self.factor_shapes[index]) if sparse[index]
-                   else self._dense_factor(index, dtype) for index in range(self.n_factors)]
-        (d0, _), (_, dq) = self.factor_shapes[0], self.factor_shapes[-1]
-        if dq <= d0:    # right to left: (F_1 (F_2 (... F_Q)))
-            matrix = tf.sparse.to_dense(factors[-1]) if sparse[-1] else factors[-1]
-            for factor in reversed(factors[:-1]):
-                matrix = (tf.sparse.sparse_dense_matmul(factor, matrix)
-                          if isinstance(factor, tf.SparseTensor) else tf.matmul(factor, matrix))
-            return matrix
-        first = tf.sparse.to_dense(factors[0]) if sparse[0] else factors[0]
-        return apply_in_sequence(first, factors[1:])
+        """The product of the factors as one dense (in, out) matrix (``multiplied``)."""
+        product = multiplied(self._operands(dtype))
+        return tf.sparse.to_dense(product) if isinstance(product, tf.SparseTensor) else product
 
     def export_factors(self, dtype):
         """The dense factors ``export_call`` applies: constants computed eagerly,
@@ -372,9 +419,10 @@ class SparseFactorDense(_SparseFactors):
 
     ``outputs = activation(inputs @ (F_1 ... F_Q) + bias)``. Each factor is
     applied dense (its values scattered into the matrix) or as a sparse
-    product, whichever is cheaper (``SPARSE_SLOWDOWN``), and the factors one
-    at a time or their product first, whichever is cheaper for the number
-    of rows. Accepts inputs of any rank >= 2, like ``Dense``.
+    product, whichever is cheaper (``SPARSE_SLOWDOWN``); the factors are
+    grouped by the ``Plan`` of fewest multiply-adds for the number of rows
+    (one at a time, the product first, or the product of the first ones
+    then the rest). Accepts inputs of any rank >= 2, like ``Dense``.
 
     Args:
         units: output size.
@@ -407,16 +455,12 @@ class SparseFactorDense(_SparseFactors):
 
     def call(self, inputs):
         inputs = tf.cast(inputs, self.compute_dtype)
-        costs, dense, operands = self._call_forms()
+        operands, plans = self._operands(self.compute_dtype), self._plans()
 
         def compute(x):
             n_rows = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
-            cheaper = one_at_a_time_is_cheaper(self.factor_shapes, costs, n_rows)
-            if isinstance(cheaper, bool):
-                return apply_in_sequence(x, operands) if cheaper else \
-                    tf.matmul(x, multiply_out(dense))
-            return tf.cond(cheaper, lambda: apply_in_sequence(x, operands),
-                           lambda: tf.matmul(x, multiply_out(dense)))
+            return cheapest(plans, n_rows,
+                            lambda plan: apply_in_sequence(x, plan.groups(operands)))
 
         return self._finish(matmul_last_axis(inputs, compute))
 
@@ -429,7 +473,7 @@ class SparseFactorDense(_SparseFactors):
         inputs = tf.cast(inputs, self.compute_dtype)
         factors = self.export_factors(self.compute_dtype)
         if self.export_form == "product":
-            kernel = multiply_out(factors)
+            kernel = multiplied(factors)
             outputs = matmul_last_axis(inputs, lambda x: tf.matmul(x, kernel))
         else:
             outputs = matmul_last_axis(inputs, lambda x: apply_in_sequence(x, factors))
@@ -464,13 +508,13 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
     """``Conv2D`` whose kernel matrix (kh * kw * cin, filters) is a product of Q
     compact sparse factors.
 
-    ``call`` runs either one convolution by the product kernel (PSM
-    supplement A.3), or a convolution by the first factor reshaped to
-    (kh, kw, cin, r) followed by the other factors as matrix products over
-    the (batch * H * W, channels) outputs (each dense or sparse by
-    ``SPARSE_SLOWDOWN``), whichever costs fewer multiply-adds for the number
-    of output pixels. ``strides``, ``padding``, ``dilation_rate`` and
-    ``data_format`` behave as in ``Conv2D``.
+    ``call`` runs a convolution by the product of the first factors
+    reshaped to (kh, kw, cin, r), then the other factors as matrix products
+    over the (batch * H * W, channels) outputs, one at a time (each dense or
+    sparse by ``SPARSE_SLOWDOWN``) or as their product: the ``Plan`` of fewest
+    multiply-adds for the number of output pixels. With every factor in the
+    convolution this is the PSM supplement's form (A.3). ``strides``,
+    ``padding``, ``dilation_rate`` and ``data_format`` behave as in ``Conv2D``.
     """
 
     def build(self, input_shape):
@@ -493,7 +537,7 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
         return self._conv_kernel("float32")
 
     def _first_then_rest(self, inputs, first, rest):
-        """Convolution by the dense ``first`` factor, then ``rest`` on the channels."""
+        """Convolution by the dense ``first`` matrix, then ``rest`` on the channels."""
         outputs = self._conv(inputs, self._as_conv_kernel(first), self.strides, self.dilation_rate)
         if rest:
             outputs = matmul_last_axis(outputs, lambda x: apply_in_sequence(x, rest))
@@ -501,20 +545,13 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
 
     def call(self, inputs):
         inputs = self._to_channels_last(inputs)
-        costs, dense, operands = self._call_forms(conv_first=True)
+        operands = self._operands(self.compute_dtype, conv_first=True)
 
-        def one_at_a_time():
-            return self._first_then_rest(inputs, dense[0], operands[1:])
+        def apply(plan):
+            first, *rest = plan.groups(operands)
+            return self._first_then_rest(inputs, first, rest)
 
-        def product_first():
-            return self._conv(inputs, self._as_conv_kernel(multiply_out(dense)), self.strides,
-                              self.dilation_rate)
-
-        cheaper = one_at_a_time_is_cheaper(self.factor_shapes, costs, self._output_pixels(inputs))
-        if isinstance(cheaper, bool):
-            outputs = one_at_a_time() if cheaper else product_first()
-        else:
-            outputs = tf.cond(cheaper, one_at_a_time, product_first)
+        outputs = cheapest(self._plans(conv_first=True), self._output_pixels(inputs), apply)
         return self._from_channels_last(self._finish(outputs))
 
     def _output_pixels(self, inputs):
@@ -539,8 +576,7 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
         inputs = self._to_channels_last(inputs)
         factors = self.export_factors(self.compute_dtype)
         if self.export_form == "product":
-            outputs = self._conv(inputs, self._as_conv_kernel(multiply_out(factors)),
-                                 self.strides, self.dilation_rate)
+            outputs = self._first_then_rest(inputs, multiplied(factors), [])
         else:
             outputs = self._first_then_rest(inputs, factors[0], factors[1:])
         return self._from_channels_last(self._finish(outputs))
