@@ -7,8 +7,8 @@ palm4MSA capped at ``--max-iter`` iterations), one run prints:
 
 - ``.keras`` bytes (``model.save``);
 - bytes of the model's variables (values, indices and bias);
-- peak resident memory of a ``fit`` (``resource.getrusage`` maxrss of a
-  fresh process that loads the ``.keras`` file and trains, Adam);
+- peak resident memory of a ``fit`` (``peak_resident_bytes`` of a fresh
+  process that loads the ``.keras`` file and trains, Adam);
 - CPU fit-step time at batch 64 (Adam, ``train_on_batch``): the variants of
   a model take turns, one step each, for ``--steps`` rounds after two
   warm-up steps, so that load from other processes falls on all of them
@@ -94,8 +94,21 @@ def fit_child(path, steps):
     x, y = batch_for(model)
     for _ in range(steps + 2):
         model.train_on_batch(x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KB on Linux
-    print(json.dumps({"peak_bytes": peak}))
+    print(json.dumps({"peak_bytes": peak_resident_bytes()}))
+
+
+def peak_resident_bytes():
+    """This process's peak resident memory: Linux's ``VmHWM``, which starts anew
+    at ``exec``. (``getrusage``'s maxrss does not: a child started from a
+    large parent reports at least the parent's size at the fork.)"""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KB on Linux
 
 
 def step_seconds(models, steps):
