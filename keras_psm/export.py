@@ -20,13 +20,20 @@ The sequence keeps the file smallest, but it is not always fastest: LiteRT
 runs most sparse weights densified (``keras_psm.litert_cost``), so a Conv2D
 layer's first factor, reshaped to (kh, kw, cin, r) with r = filters, costs
 as much as the whole dense convolution and every further factor adds to
-it. A sparse-factor layer (PSM) therefore has two export forms, chosen by
-``factor_form``: ``"sequence"`` (the default: the file keeps the
-compression), ``"product"`` (one op with the product kernel, still
-sparse-encoded where that is smaller: the dense layer's speed and nearly
-its size), or ``"auto"`` (per layer, the sequence unless LiteRT is
-predicted to run the product faster: in practice the product for
-convolutions, the sequence for Dense layers).
+it. A sparse-factor layer (PSM) therefore has these export forms, chosen
+by ``factor_form``:
+
+- ``"sequence"`` (the default: the file keeps the compression). A factor
+  that the converter would store in 1x4 blocks in more bytes than plainly
+  (below about 3% density) becomes a 1x1 convolution, whose weight is
+  stored plainly and densified when LiteRT loads the file
+  (``export_sequence``): 3 to 4 times fewer bytes for that factor.
+- ``"product"``: one op with the product kernel, still sparse-encoded where
+  that is smaller: the dense layer's speed and nearly its size.
+- ``"auto"``: per layer, whichever LiteRT is predicted to run faster: the
+  factors as fully connected ops (1x4-block sparse ones on LiteRT's sparse
+  kernel, in the bytes the converter gives them) or the product. In
+  practice the product for convolutions, the factors for Dense layers.
 
 A float32 file is converted with and without TFLite's sparse encoding of
 constants (``Optimize.EXPERIMENTAL_SPARSITY``). LiteRT 2.3 cannot use that
@@ -56,6 +63,7 @@ from typing import List, Optional
 import numpy as np
 
 from keras_psm.backend import tf
+from tensorflow.lite.tools import flatbuffer_utils
 from keras_psm.files import write_atomically
 from keras_psm.model_layers import check_graph_model, clone_replacing, is_graph_model, leaf_layers
 from keras_psm.validation import check_choice, check_float, check_int
@@ -99,14 +107,14 @@ class CompactFactors:
     TFLite's sparse encoding fails LiteRT's check once quantized (float16
     weights in 1x4 blocks reach the op undecoded; XNNPACK cannot prepare a
     sparse int8 weight), and the dense encoding stores every zero. Here the
-    factors F (m x n) are laid end to end, each as F^T (the layout of a
-    fully connected op's weight, so that ``x @ F`` converts to one), in
-    flat buffers of at most 2**24 entries (positions are exact in float32).
-    A buffer is cut into units of 1 entry, or of ``BLOCK`` consecutive
-    entries (a 1x4 block along the input axis) where that stores the factor
-    in fewer bytes, and stored as
+    factors F (m x n) of all layers are laid end to end, each as F^T (the
+    layout of a fully connected op's weight, so that ``x @ F`` converts to
+    one), in flat buffers of at most 2**24 entries (positions are exact in
+    float32). The buffers are cut into units of 1 entry, or of ``BLOCK``
+    consecutive entries (1x4 blocks along the input axis) where that stores
+    all factors in fewer bytes, and stored as
 
-    - the values of its nonzero units: float32 constants, which the
+    - the values of their nonzero units: float32 constants, which the
       converter stores in float16 under ``"float16"``; under
       ``"dynamic_int8"``, int8 ``q = round(v / s)`` with one scale
       ``s = max |v| / 127`` per factor;
@@ -114,12 +122,14 @@ class CompactFactors:
       ``d_i = p_i - p_{i-1}`` (``d_0 = p_0``); a step over 255 is cut by zero
       units in between.
 
-    The graph rebuilds it, ``B = scatter(cumsum(d), q)``, and each factor
-    is a slice of it, reshaped and scaled: ``F = s * B[a:a + mn].reshape(n, m)^T``.
-    The converter folds a constant expression whose result is at most
-    8 KiB or twice its operands; storing all factors in a few buffers keeps
-    the uint8 -> float32 conversions (4 times the bytes) from being folded
-    back into float32 constants, and the graph small.
+    The graph rebuilds a buffer, ``B = scatter(cumsum(d), q)``, and splits it
+    into the factors, each reshaped: ``F_i = B_i.reshape(n, m)^T``. Under
+    int8 the last factor of each layer carries the product ``s_1 ... s_Q`` of
+    its factors' scales (one multiplication a layer). The converter folds a
+    constant expression whose result is at most 8 KiB or twice its
+    operands; a few large buffers keep the uint8 -> float32 conversions
+    (4 times the bytes) from being folded back into float32 constants, and
+    the graph small: its size counts in a small model's file.
     """
 
     MAX_BUFFER_SIZE = 2 ** 24
@@ -129,58 +139,55 @@ class CompactFactors:
 
     def __init__(self, quantization):
         self.quantization = quantization
-        self._buffers = []  # [unit, size, unit positions (arrays), values (arrays)]
-        self._pieces = {}  # id(layer) -> [(buffer index, start, shape, scale)]
-        self._unpacked = {}  # graph -> the buffers as tensors
+        self._layers = {}  # id(layer) -> its (m, n) float32 factors
+        self._buffers = None  # [unit, size, unit positions, values, factor sizes], packed once
+        self._pieces = {}  # id(layer) -> [(buffer index, piece index, shape, scale)]
+        self._unpacked = {}  # graph -> each buffer's factors as flat tensors
 
     @classmethod
     def fits(cls, factors):
         """Whether every factor fits in one buffer."""
         return all(np.asarray(f).size <= cls.MAX_BUFFER_SIZE for f in factors)
 
-    def _buffer_for(self, unit, size):
-        """Index of the last buffer of ``unit`` with room for ``size`` entries (a new one
-        if none)."""
-        for index in range(len(self._buffers) - 1, -1, -1):
-            if self._buffers[index][0] == unit:
-                if self._buffers[index][1] + size <= self.MAX_BUFFER_SIZE:
-                    return index
-                break
-        self._buffers.append([unit, 0, [], []])
-        return len(self._buffers) - 1
-
-    def _unit(self, transposed):
-        """``BLOCK`` if storing whole blocks of the flat factor takes fewer bytes
-        (a value and a step byte per unit), else 1."""
-        if transposed.size % self.BLOCK:
-            return 1
-        value_bytes = 1 if self.quantization == "dynamic_int8" else 2
-        nonzero = np.count_nonzero(transposed)
-        blocks = np.count_nonzero(transposed.reshape(-1, self.BLOCK).any(axis=1))
-        block_bytes = blocks * (self.BLOCK * value_bytes + 1)
-        return self.BLOCK if block_bytes < nonzero * (value_bytes + 1) else 1
-
     def add(self, layer, factors):
         """Store ``layer``'s (m, n) NumPy factors; ``factors(layer)`` rebuilds them."""
-        pieces = []
-        for factor in factors:
-            factor = np.asarray(factor, dtype=np.float32)
-            transposed = factor.T.reshape(-1)
-            unit = self._unit(transposed)
-            units = transposed.reshape(-1, unit)
-            positions = np.flatnonzero(units.any(axis=1))
-            values = units[positions].reshape(-1)
-            scale = None
-            if self.quantization == "dynamic_int8":
-                scale = max(float(np.max(np.abs(values), initial=0.0)), 1e-30) / self.INT8_LEVELS
-                values = np.round(values / scale).astype(np.int8)
-            index = self._buffer_for(unit, factor.size)
-            _, start, buffer_positions, buffer_values = self._buffers[index]
-            buffer_positions.append(start // unit + positions)
-            buffer_values.append(values)
-            pieces.append((index, start, factor.shape, scale))
-            self._buffers[index][1] += factor.size
-        self._pieces[id(layer)] = pieces
+        self._layers[id(layer)] = [np.asarray(f, dtype=np.float32) for f in factors]
+
+    def _unit(self):
+        """``BLOCK`` if storing whole blocks of every flat factor takes fewer bytes
+        (a value and a step byte per unit), else 1."""
+        flat = [f.T.reshape(-1) for factors in self._layers.values() for f in factors]
+        if any(f.size % self.BLOCK for f in flat):
+            return 1
+        value_bytes = 1 if self.quantization == "dynamic_int8" else 2
+        nonzero = sum(np.count_nonzero(f) for f in flat)
+        blocks = sum(np.count_nonzero(f.reshape(-1, self.BLOCK).any(axis=1)) for f in flat)
+        return self.BLOCK if blocks * (self.BLOCK * value_bytes + 1) < nonzero * (
+            value_bytes + 1) else 1
+
+    def _pack(self):
+        """Lay every stored factor into the buffers (once)."""
+        unit, self._buffers = self._unit(), []
+        for key, factors in self._layers.items():
+            pieces = []
+            for factor in factors:
+                units = factor.T.reshape(-1, unit)
+                positions = np.flatnonzero(units.any(axis=1))
+                values = units[positions].reshape(-1)
+                scale = None
+                if self.quantization == "dynamic_int8":
+                    scale = max(float(np.max(np.abs(values), initial=0.0)), 1e-30) / \
+                        self.INT8_LEVELS
+                    values = np.round(values / scale).astype(np.int8)
+                if not self._buffers or self._buffers[-1][1] + factor.size > self.MAX_BUFFER_SIZE:
+                    self._buffers.append([unit, 0, [], [], []])
+                buffer = self._buffers[-1]
+                buffer[2].append(buffer[1] // unit + positions)
+                buffer[3].append(values)
+                buffer[4].append(factor.size)
+                buffer[1] += factor.size
+                pieces.append((len(self._buffers) - 1, len(buffer[4]) - 1, factor.shape, scale))
+            self._pieces[key] = pieces
 
     @classmethod
     def steps(cls, positions):
@@ -196,32 +203,37 @@ class CompactFactors:
         return visited.astype(np.uint8), index
 
     def _unpack(self):
-        """The flat buffers as tensors of the graph being traced (built once per graph)."""
+        """Each buffer's factors, flat, as tensors of the graph being traced (built
+        once per graph): one split of each unpacked buffer."""
+        if self._buffers is None:
+            self._pack()
         graph = tf.compat.v1.get_default_graph()
         if graph not in self._unpacked:
-            buffers = []
-            for unit, size, positions, values in self._buffers:
+            pieces = []
+            for unit, size, positions, values, sizes in self._buffers:
                 steps, index = self.steps(np.concatenate(positions))
                 stored = np.zeros((steps.size, unit), dtype=values[0].dtype)
                 stored[index] = np.concatenate(values).reshape(-1, unit)
                 visited = tf.cumsum(tf.cast(tf.constant(steps), tf.float32))
-                units = tf.scatter_nd(tf.cast(visited, tf.int32)[:, None],
-                                      tf.cast(tf.constant(stored), tf.float32),
-                                      [size // unit, unit])
-                buffers.append(tf.reshape(units, [size]))
-            self._unpacked[graph] = buffers
+                shape = [size] if unit == 1 else [size // unit, unit]
+                units = tf.scatter_nd(tf.reshape(tf.cast(visited, tf.int32), [-1, 1]),
+                                      tf.cast(tf.constant(stored.reshape([-1] + shape[1:])),
+                                              tf.float32), shape)
+                pieces.append(tf.split(tf.reshape(units, [size]) if unit > 1 else units, sizes))
+            self._unpacked[graph] = pieces
         return self._unpacked[graph]
 
     def factors(self, layer):
-        """``layer``'s factors, rebuilt from their buffer."""
-        buffers = self._unpack()
-        factors = []
-        for buffer, start, (rows, cols), scale in self._pieces[id(layer)]:
-            transposed = tf.reshape(buffers[buffer][start:start + rows * cols], (cols, rows))
-            if scale is not None:
-                transposed = transposed * scale
-            factors.append(tf.cast(tf.transpose(transposed), layer.compute_dtype))
-        return factors
+        """``layer``'s factors, rebuilt from their buffers (int8: the last one
+        also scaled by the product of the factors' scales)."""
+        pieces = self._unpack()
+        stored = self._pieces[id(layer)]
+        factors = [tf.reshape(pieces[buffer][piece], (cols, rows))
+                   for buffer, piece, (rows, cols), _ in stored]
+        scales = [scale for *_, scale in stored if scale is not None]
+        if scales:
+            factors[-1] = factors[-1] * float(np.prod(scales))
+        return [tf.cast(tf.transpose(factor), layer.compute_dtype) for factor in factors]
 
 
 def export_model(model, factor_form="sequence", quantization=None):
@@ -306,7 +318,24 @@ def convert(model, quantization=None, sparse_encoding=True, batch_size=1):
     if sparse_encoding:
         optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
     converter.optimizations = optimizations
-    return converter.convert()
+    return without_tensor_names(converter.convert())
+
+
+def without_tensor_names(content):
+    """The TFLite file ``content`` with the names of its inner tensors removed.
+
+    The converter names every tensor after the ops it came from; the names
+    only label the graph for debugging tools, and in a compressed file with
+    a few ops per layer they can take a fifth of the bytes. The inputs and
+    outputs keep theirs, and signatures refer to tensors by index.
+    """
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    for subgraph in model.subgraphs:
+        named = set(subgraph.inputs) | set(subgraph.outputs)
+        for index, tensor in enumerate(subgraph.tensors):
+            if index not in named:
+                tensor.name = None
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _as_input_list(model, inputs):
@@ -491,8 +520,8 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
             ``"sequence"`` (the default: one op per factor, the smallest
             file), ``"product"`` (one op with the product kernel: the dense
             layer's speed and nearly its size) or ``"auto"`` (per layer, the
-            sequence unless LiteRT is predicted to run the product faster;
-            see the module docstring). A quantized ``"sequence"`` file stores
+            faster of the factors as fully connected ops and the product, as
+            LiteRT is predicted to run them; see the module docstring). A quantized ``"sequence"`` file stores
             the factors as ``CompactFactors``, whose ops run in LiteRT's
             builtin kernels (XNNPACK takes constant weights only): several
             times slower than the dense file; quantized ``"product"`` and

@@ -54,6 +54,30 @@ def runs_sparse(matrix):
     return _runtime_blocks(np.asarray(matrix)) is not None
 
 
+def _index_bytes(size):
+    """Bytes of one index into a dimension of ``size`` in TFLite's sparse encoding."""
+    return 1 if size <= 256 else 2 if size <= 65536 else 4
+
+
+def blocks_take_more_bytes(matrix):
+    """Whether a fully connected op would store the (in, out) weight ``matrix`` in
+    1x4 blocks (``runs_sparse``) in more bytes than the plain sparse encoding
+    the converter gives a convolution weight.
+
+    The blocks cost 4 values and an index each, the plain encoding one value
+    and one index per nonzero (float32 values; indices of the input axis, or
+    of its blocks). Below about 3% density the blocks of a random support
+    hold about one nonzero each: 3 to 4 times the bytes.
+    """
+    matrix = np.asarray(matrix)
+    blocks = _runtime_blocks(matrix)
+    if blocks is None:
+        return False
+    n_in = matrix.shape[0]
+    block_bytes = blocks * (4 * BLOCK + _index_bytes(-(-n_in // BLOCK)))
+    return np.count_nonzero(matrix) * (4 + _index_bytes(n_in)) < block_bytes
+
+
 def cost_per_row(matrix, fully_connected=True):
     """Dense-equivalent multiply-adds LiteRT spends per input row on ``matrix``.
 

@@ -99,7 +99,9 @@ def test_dense_product_is_a_chain_of_sparse_fully_connected_ops(tmp_path, n_fact
     path = export.to_tflite(model, tmp_path / "psm.tflite", factor_form="sequence")
     assert export.verify_tflite(path, model, samples((256,))) < 1e-5
     operators, sparse_tensors = tflite_contents(path)
-    assert operators["FULLY_CONNECTED"] == n_factors  # one per factor, no product
+    # One op per factor, no product: fully connected, or a 1x1 convolution where
+    # that stores the factor in fewer bytes (litert_cost.blocks_take_more_bytes).
+    assert operators["FULLY_CONNECTED"] + operators["CONV_2D"] == n_factors
     assert "MUL" not in operators  # masks folded into the weights
     assert sparse_tensors == n_factors
     # The layer's own call (its product, for the batch of 1) ends as one dense weight.
@@ -172,10 +174,10 @@ def test_litert_cost_rule_matches_the_converter(tmp_path):
 def test_auto_form_keeps_a_large_sparse_dense_layer_as_a_chain(tmp_path):
     layer = SparseFactorDense(1024, n_factors=2, sparsity=2, seed=0)
     model = model_of(layer, (1024,))
-    exported = export.export_model(model)
-    assert exported.layers[-1].export_form == "sequence"
+    exported = export.export_model(model, factor_form="auto")
+    assert exported.layers[-1].export_form == "fully_connected"
     assert layer.export_form == "sequence" and "export_form" not in vars(layer)
-    path = export.to_tflite(model, tmp_path / "fc.tflite")
+    path = export.to_tflite(model, tmp_path / "fc.tflite", factor_form="auto")
     operators, sparse_tensors = tflite_contents(path)
     assert operators["FULLY_CONNECTED"] == 2 and "DENSIFY" not in operators
     assert sparse_tensors == 2
@@ -301,25 +303,33 @@ def test_compact_position_steps_visit_every_position():
 
 
 @pytest.mark.parametrize("quantization", ["float16", "dynamic_int8"])
-def test_compact_factors_rebuild_each_factor(quantization):
+@pytest.mark.parametrize("blocks, unit", [(False, 1), (True, 4)])
+def test_compact_factors_rebuild_each_factor(quantization, blocks, unit):
     rng = np.random.default_rng(0)
-    random_support = rng.standard_normal((64, 48)) * (rng.random((64, 48)) < 0.05)
-    # Whole 1x4 blocks along the input axis (4 consecutive rows of a column).
-    blocks = np.repeat(rng.random((16, 48)) < 0.1, 4, axis=0) * rng.standard_normal((64, 48))
-    factors = [random_support.astype("float32"), blocks.astype("float32"),
-               np.zeros((8, 3), "float32")]
+    if blocks:  # whole 1x4 blocks along the input axis (4 consecutive rows of a column)
+        support = np.repeat(rng.random((16, 48)) < 0.1, 4, axis=0)
+    else:
+        support = rng.random((64, 48)) < 0.05
+    factors = [(rng.standard_normal((64, 48)) * support).astype("float32"),
+               (rng.standard_normal((16, 8)) * (rng.random((16, 8)) < 0.5)).astype("float32"),
+               np.zeros((8, 4), "float32")]
     store = export.CompactFactors(quantization)
     layer = types.SimpleNamespace(compute_dtype="float32")
     store.add(layer, factors)
-    assert [unit for unit, *_ in store._buffers] == [1, 4]  # the blocks stored by block
-    for factor, rebuilt in zip(factors, store.factors(layer)):
-        rebuilt = rebuilt.numpy()
+    rebuilt = [factor.numpy() for factor in store.factors(layer)]
+    assert [buffer[0] for buffer in store._buffers] == [unit]  # one buffer, blocks by block
+    # int8: factor i holds q_i = F_i / s_i, and the last one also the product
+    # of the scales, so that F_1 ... F_Q = q_1 ... q_Q s_1 ... s_Q.
+    scales = [1.0 if scale is None else scale for *_, scale in store._pieces[id(layer)]]
+    carried = [1.0] * (len(scales) - 1) + [float(np.prod(scales))]
+    for factor, values, scale, common in zip(factors, rebuilt, scales, carried):
+        values = values / common * scale
         # int8 rounds values below half a step to zero; nothing appears elsewhere.
-        assert np.all(factor[rebuilt != 0] != 0)
+        assert np.all(factor[values != 0] != 0)
         # float16: the values stay float32 until the converter; int8: half a
         # quantization step (max |v| / 254) per value.
         bound = 0 if quantization == "float16" else np.abs(factor).max() / 254 * 1.0001
-        assert np.abs(rebuilt - factor).max() <= bound
+        assert np.abs(values - factor).max() <= bound
 
 
 def small_psm_model():

@@ -23,7 +23,7 @@ import scipy.sparse as sps
 from keras_psm.backend import register_serializable, tf
 from keras_psm.factorize.palm4msa import factor_shapes, palm4msa
 from keras_psm.initializers import random_supports, sparse_factor_init
-from keras_psm.litert_cost import cost_per_row
+from keras_psm.litert_cost import blocks_take_more_bytes, cost_per_row
 from keras_psm.layers.base import (
     CompressedLayer,
     ConvOptions,
@@ -80,6 +80,28 @@ def apply_in_sequence(inputs, factors):
     outputs = inputs
     for factor in factors:
         outputs = multiply(outputs, factor)
+    return outputs
+
+
+def export_sequence(inputs, factors):
+    """``apply_in_sequence`` as a TFLite export traces it.
+
+    A constant factor that the converter would store in 1x4 blocks in more
+    bytes than plainly (``litert_cost.blocks_take_more_bytes``: sparse
+    factors of random support below about 3% density) is applied as a 1x1
+    convolution, whose weight the converter stores plainly and LiteRT
+    densifies once when it loads the file; the others as fully connected ops.
+    """
+    outputs = inputs
+    for factor in factors:
+        matrix = tf.get_static_value(factor)
+        if matrix is not None and blocks_take_more_bytes(matrix):
+            n_in, n_out = matrix.shape
+            outputs = tf.nn.conv2d(tf.reshape(outputs, [-1, 1, 1, n_in]),
+                                   tf.reshape(factor, [1, 1, n_in, n_out]), 1, "VALID")
+            outputs = tf.reshape(outputs, [-1, n_out])
+        else:
+            outputs = multiply(outputs, factor)
     return outputs
 
 
@@ -181,8 +203,11 @@ def _first_positions(shape, dtype=None, **kwargs):
 class _SparseFactors(CompressedLayer):
     """Holds Q compact sparse factors of an (in, out) matrix; subclasses apply them.
 
-    ``export_form`` says how ``export_call`` applies them: ``"sequence"``
-    (one op per factor, each factor its own sparse constant in the file) or
+    ``export_form`` says how ``export_call`` applies them, each factor its
+    own sparse constant in the file: ``"sequence"`` (one op per factor, each
+    stored in the fewest bytes, ``export_sequence``), ``"fully_connected"``
+    (one op per factor, fully connected after a convolution's first one, so
+    that LiteRT runs 1x4-block sparse weights on its sparse kernel), or
     ``"product"`` (one op with the product kernel); ``keras_psm.export``
     sets it on its export copy.
     """
@@ -319,7 +344,7 @@ class _SparseFactors(CompressedLayer):
         return masks
 
     def cheaper_export_form(self):
-        """``"sequence"``, or ``"product"`` where LiteRT runs the product faster.
+        """``"fully_connected"``, or ``"product"`` where LiteRT runs the product faster.
 
         Compares the multiply-adds per output row ``litert_cost`` predicts for
         the factors applied one at a time and for their product. In a
@@ -332,7 +357,7 @@ class _SparseFactors(CompressedLayer):
                        for index, factor in enumerate(factors))
         product = cost_per_row(functools.reduce(np.matmul, factors),
                                fully_connected=not convolution)
-        return "sequence" if sequence <= product else "product"
+        return "fully_connected" if sequence <= product else "product"
 
     def count_nonzero_params(self):
         """Entries of all supports (pruned ones excluded) plus the bias."""
@@ -466,17 +491,18 @@ class SparseFactorDense(_SparseFactors):
 
     def export_call(self, inputs):
         """The forward TFLite export traces (``keras_psm.export``). In the
-        ``"sequence"`` form the dense factors are applied to the input one at
-        a time, so that the converter keeps them as separate sparse constants
-        instead of folding their product; in the ``"product"`` form the
-        input meets the product kernel."""
+        ``"sequence"`` and ``"fully_connected"`` forms the dense factors are
+        applied to the input one at a time, so that the converter keeps them
+        as separate sparse constants instead of folding their product; in the
+        ``"product"`` form the input meets the product kernel."""
         inputs = tf.cast(inputs, self.compute_dtype)
         factors = self.export_factors(self.compute_dtype)
         if self.export_form == "product":
             kernel = multiplied(factors)
             outputs = matmul_last_axis(inputs, lambda x: tf.matmul(x, kernel))
         else:
-            outputs = matmul_last_axis(inputs, lambda x: apply_in_sequence(x, factors))
+            apply = export_sequence if self.export_form == "sequence" else apply_in_sequence
+            outputs = matmul_last_axis(inputs, lambda x: apply(x, factors))
         return self._finish(outputs)
 
     def compute_output_shape(self, input_shape):
@@ -536,11 +562,12 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
         """The (kh, kw, cin, filters) kernel rebuilt from the factors."""
         return self._conv_kernel("float32")
 
-    def _first_then_rest(self, inputs, first, rest):
-        """Convolution by the dense ``first`` matrix, then ``rest`` on the channels."""
+    def _first_then_rest(self, inputs, first, rest, apply=apply_in_sequence):
+        """Convolution by the dense ``first`` matrix, then ``rest`` on the channels
+        (``apply``: ``apply_in_sequence``, or ``export_sequence`` for an export)."""
         outputs = self._conv(inputs, self._as_conv_kernel(first), self.strides, self.dilation_rate)
         if rest:
-            outputs = matmul_last_axis(outputs, lambda x: apply_in_sequence(x, rest))
+            outputs = matmul_last_axis(outputs, lambda x: apply(x, rest))
         return outputs
 
     def call(self, inputs):
@@ -568,17 +595,18 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
 
     def export_call(self, inputs):
         """The forward TFLite export traces (``keras_psm.export``). In the
-        ``"sequence"`` form: a convolution by the first factor reshaped to
-        (kh, kw, cin, r), then the other dense factors applied to the channels
-        one at a time (fully connected ops), so that the converter keeps every
-        factor as its own sparse constant. In the ``"product"`` form: one
-        convolution by the product kernel."""
+        ``"sequence"`` and ``"fully_connected"`` forms: a convolution by the
+        first factor reshaped to (kh, kw, cin, r), then the other dense factors
+        applied to the channels one at a time, so that the converter keeps
+        every factor as its own sparse constant. In the ``"product"`` form:
+        one convolution by the product kernel."""
         inputs = self._to_channels_last(inputs)
         factors = self.export_factors(self.compute_dtype)
         if self.export_form == "product":
             outputs = self._first_then_rest(inputs, multiplied(factors), [])
         else:
-            outputs = self._first_then_rest(inputs, factors[0], factors[1:])
+            apply = export_sequence if self.export_form == "sequence" else apply_in_sequence
+            outputs = self._first_then_rest(inputs, factors[0], factors[1:], apply)
         return self._from_channels_last(self._finish(outputs))
 
     @classmethod
