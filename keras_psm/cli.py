@@ -470,8 +470,8 @@ def build_parser():
     add("--factor-form", choices=("auto", "sequence", "product"), default="sequence",
         help="how PSM layers apply their factors: sequence (one op per factor, the "
              "smallest file), product (one op with the product kernel, the dense "
-             "layer's speed), auto (per layer, the sequence unless LiteRT runs the "
-             "product faster) (default: sequence)")
+             "layer's speed), auto (per layer, the faster of the factors as fully "
+             "connected ops and the product) (default: sequence)")
     add("--batch-size", type=int, default=1, metavar="N",
         help="the file's fixed batch size, 0 for one chosen at run time (default: 1)")
     add("--overwrite", action="store_true", help="replace OUT.tflite if it exists")

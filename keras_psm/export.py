@@ -133,6 +133,10 @@ class CompactFactors:
     """
 
     MAX_BUFFER_SIZE = 2 ** 24
+    #: The most float32 entries in a constant expression the converter folds (8 KiB).
+    FOLDED_UNITS = 2048
+    #: About the bytes a slice op and its constants add to a file.
+    SLICE_BYTES = 200
     MAX_STEP = 255
     INT8_LEVELS = 127
     BLOCK = 4
@@ -202,6 +206,23 @@ class CompactFactors:
         visited[np.setdiff1d(np.arange(visited.size), index)] = cls.MAX_STEP
         return visited.astype(np.uint8), index
 
+    @classmethod
+    def _running_sum(cls, steps):
+        """``cumsum(steps)`` in the graph, as float32.
+
+        The converter folds a running sum of at most ``FOLDED_UNITS`` steps
+        into a constant of float32 positions: 4 bytes a step, not 1. Where
+        it costs fewer bytes, the steps are padded with zeros beyond that
+        and the sum cut back to its first ``len(steps)`` entries, which the
+        converter leaves to the graph.
+        """
+        count = steps.size
+        padding = cls.FOLDED_UNITS + 1 - count
+        if padding <= 0 or padding + cls.SLICE_BYTES >= 3 * count:
+            return tf.cumsum(tf.cast(tf.constant(steps), tf.float32))
+        padded = tf.cumsum(tf.cast(tf.constant(np.pad(steps, (0, padding))), tf.float32))
+        return padded[:count]
+
     def _unpack(self):
         """Each buffer's factors, flat, as tensors of the graph being traced (built
         once per graph): one split of each unpacked buffer."""
@@ -214,7 +235,7 @@ class CompactFactors:
                 steps, index = self.steps(np.concatenate(positions))
                 stored = np.zeros((steps.size, unit), dtype=values[0].dtype)
                 stored[index] = np.concatenate(values).reshape(-1, unit)
-                visited = tf.cumsum(tf.cast(tf.constant(steps), tf.float32))
+                visited = self._running_sum(steps)
                 shape = [size] if unit == 1 else [size // unit, unit]
                 units = tf.scatter_nd(tf.reshape(tf.cast(visited, tf.int32), [-1, 1]),
                                       tf.cast(tf.constant(stored.reshape([-1] + shape[1:])),

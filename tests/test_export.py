@@ -286,6 +286,40 @@ def buffer_sizes(path):
             for i in range(subgraph.TensorsLength())]
 
 
+def constant_types(path):
+    """``(tensor type, bytes)`` of every constant tensor of a .tflite file."""
+    with open(path, "rb") as handle:
+        model = schema.Model.GetRootAs(handle.read(), 0)
+    subgraph = model.Subgraphs(0)
+    tensors = [subgraph.Tensors(i) for i in range(subgraph.TensorsLength())]
+    return [(t.Type(), model.Buffers(t.Buffer()).DataLength()) for t in tensors
+            if model.Buffers(t.Buffer()).DataLength()]
+
+
+@pytest.mark.slow
+def test_int8_positions_stay_one_byte_steps_in_a_small_model(tmp_path):
+    # About 1,000 nonzeros: the running sum of their steps would be folded
+    # into int32 positions (4 bytes each) without the padding of _running_sum.
+    model = model_of(SparseFactorDense(64, n_factors=2, sparsity=2, seed=0), (256,))
+    x = samples((256,))
+    path = export.to_tflite(model, tmp_path / "q.tflite", quantization="dynamic_int8", inputs=x)
+    nonzero = model.layers[-1].count_nonzero_params()
+    constants = constant_types(path)
+    assert max(size for kind, size in constants if kind == schema.TensorType.INT32) < 64
+    assert any(kind == schema.TensorType.UINT8 and size > nonzero / 2 for kind, size in constants)
+    scale = max(1.0, float(np.abs(model(x).numpy()).max()))
+    assert export.verify_tflite(path, model, x) <= export.DEFAULT_TOLERANCES["dynamic_int8"] * scale
+
+
+@pytest.mark.parametrize("count", [1, 600, 2048, 2049, 5000])
+def test_running_sum_of_steps_is_their_cumsum(count):
+    steps = np.random.default_rng(count).integers(0, 256, count).astype(np.uint8)
+    visited = export.CompactFactors._running_sum(steps).numpy()
+    assert visited.shape == (count,)
+    # float32 holds integers up to 2**24 exactly; these sums stay below 1.3 M.
+    np.testing.assert_array_equal(visited, np.cumsum(steps.astype(np.int64)))
+
+
 def test_compact_position_steps_visit_every_position():
     rng = np.random.default_rng(0)
     positions = np.sort(rng.choice(100_000, 300, replace=False))
