@@ -542,9 +542,10 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
             file), ``"product"`` (one op with the product kernel: the dense
             layer's speed and nearly its size) or ``"auto"`` (per layer, the
             faster of the factors as fully connected ops and the product, as
-            LiteRT is predicted to run them; see the module docstring). A quantized ``"sequence"`` file stores
-            the factors as ``CompactFactors``, whose ops run in LiteRT's
-            builtin kernels (XNNPACK takes constant weights only): several
+            LiteRT is predicted to run them; see the module docstring). A
+            quantized ``"sequence"`` file stores the factors as
+            ``CompactFactors``, whose ops run in LiteRT's builtin kernels
+            (XNNPACK takes constant weights only): several
             times slower than the dense file; quantized ``"product"`` and
             ``"auto"`` files store dense quantized weights and keep the
             dense file's speed.

@@ -52,8 +52,9 @@ def test_plans_follow_the_break_even_row_counts():
     assert [(p.split, p.rest_multiplied) for p in plans] == [(1, False), (1, True), (3, False)]
     assert [(p.fixed_cost, p.row_cost) for p in plans] == [(0, 3000), (27000, 2100),
                                                            (63000, 1200)]
-    pick = lambda n: cheapest(plans, n, lambda plan: (plan.split, plan.rest_multiplied))  # noqa: E731
-    assert [pick(n) for n in (29, 31, 39, 41)] == [(1, False), (1, True), (1, True), (3, False)]
+    picked = [cheapest(plans, n, lambda plan: (plan.split, plan.rest_multiplied))
+              for n in (29, 31, 39, 41)]
+    assert picked == [(1, False), (1, True), (1, True), (3, False)]
     decide = tf.function(lambda n: cheapest(
         plans, n, lambda plan: tf.constant(plan.split + 10 * plan.rest_multiplied)))
     assert [int(decide(tf.constant(n))) for n in (29, 31, 41)] == [1, 11, 3]
