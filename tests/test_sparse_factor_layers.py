@@ -81,6 +81,22 @@ def test_dense_and_sparse_forms_match_the_product(rows):
     np.testing.assert_allclose(unknown_rows(x).numpy(), expected, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("pixels", [1, 4])
+def test_functional_conv_with_a_sparse_factor_keeps_its_channels(pixels):
+    rng = np.random.default_rng(2)
+    # A (960, 320) first factor, dense, and a (320, 320) one at 0.5% density,
+    # applied sparse: every plan's output keeps its 320 channels statically,
+    # which a functional model built on the layer needs (tf_keras).
+    factors = [rng.standard_normal((960, 320)).astype("float32"),
+               (rng.standard_normal((320, 320)) * (rng.random((320, 320)) < 0.005)
+                ).astype("float32")]
+    layer = SparseFactorConv2D.from_factors(factors, kernel_size=(1, 1))
+    inputs = keras.Input((pixels, pixels, 960))
+    outputs = keras.layers.BatchNormalization()(layer(inputs))
+    assert tuple(outputs.shape) == (None, pixels, pixels, 320)
+    assert layer._applied_sparse(conv_first=True) == [False, True]
+
+
 def test_kernel_of_a_widening_layer_with_a_sparse_last_factor():
     rng = np.random.default_rng(1)
     # (100, 100) at 30% then (100, 500) at 0.5% (sparse): multiplied left to right.

@@ -115,15 +115,26 @@ def multiplied(factors):
     """
     if len(factors) == 1:
         return factors[0]
-    as_dense = [tf.sparse.to_dense(f) if isinstance(f, tf.SparseTensor) else f
-                for f in (factors[0], factors[-1])]
     if factors[-1].shape[1] <= factors[0].shape[0]:    # (F1 (F2 (... FQ)))
-        matrix = as_dense[1]
+        matrix = _as_dense(factors[-1])
         for factor in reversed(factors[:-1]):
-            matrix = (tf.sparse.sparse_dense_matmul(factor, matrix)
-                      if isinstance(factor, tf.SparseTensor) else tf.matmul(factor, matrix))
+            if isinstance(factor, tf.SparseTensor):
+                matrix = tf.sparse.sparse_dense_matmul(factor, matrix)
+                matrix.set_shape((factor.shape[0], factors[-1].shape[1]))
+            else:
+                matrix = tf.matmul(factor, matrix)
         return matrix
-    return apply_in_sequence(as_dense[0], factors[1:])
+    return apply_in_sequence(_as_dense(factors[0]), factors[1:])
+
+
+def _as_dense(factor):
+    """A dense or ``tf.SparseTensor`` factor as a dense matrix of known static shape
+    (a functional model built on it, tf_keras, needs the shape)."""
+    if not isinstance(factor, tf.SparseTensor):
+        return factor
+    dense = tf.sparse.to_dense(factor)
+    dense.set_shape(factor.shape)
+    return dense
 
 
 def product_cost(shapes, row_costs):
@@ -316,8 +327,7 @@ class _SparseFactors(CompressedLayer):
 
     def _product(self, dtype):
         """The product of the factors as one dense (in, out) matrix (``multiplied``)."""
-        product = multiplied(self._operands(dtype))
-        return tf.sparse.to_dense(product) if isinstance(product, tf.SparseTensor) else product
+        return _as_dense(multiplied(self._operands(dtype)))
 
     def export_factors(self, dtype):
         """The dense factors ``export_call`` applies: constants computed eagerly,
