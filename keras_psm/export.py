@@ -57,6 +57,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import typing
 import warnings
 from typing import List, Optional
 
@@ -98,6 +99,20 @@ def strip_for_export(layer):
     masked = {id(weight): (weight * mask).numpy() for weight, mask, _ in layer.pruning_vars}
     inner = layer.layer
     return inner, [masked.get(id(weight), weight.numpy()) for weight in inner.weights]
+
+
+class _Buffer(typing.NamedTuple):
+    """Flat factors laid end to end: their nonzero ``unit``-entry units' positions
+    and values (one array per factor) and each factor's number of entries."""
+
+    unit: int
+    positions: list
+    values: list
+    sizes: list
+
+    @property
+    def size(self):
+        return sum(self.sizes)
 
 
 class CompactFactors:
@@ -144,7 +159,7 @@ class CompactFactors:
     def __init__(self, quantization):
         self.quantization = quantization
         self._layers = {}  # id(layer) -> its (m, n) float32 factors
-        self._buffers = None  # [unit, size, unit positions, values, factor sizes], packed once
+        self._buffers = None  # the _Buffers, packed once
         self._pieces = {}  # id(layer) -> [(buffer index, piece index, shape, scale)]
         self._unpacked = {}  # graph -> each buffer's factors as flat tensors
 
@@ -183,14 +198,14 @@ class CompactFactors:
                     scale = max(float(np.max(np.abs(values), initial=0.0)), 1e-30) / \
                         self.INT8_LEVELS
                     values = np.round(values / scale).astype(np.int8)
-                if not self._buffers or self._buffers[-1][1] + factor.size > self.MAX_BUFFER_SIZE:
-                    self._buffers.append([unit, 0, [], [], []])
+                if not self._buffers or self._buffers[-1].size + factor.size > \
+                        self.MAX_BUFFER_SIZE:
+                    self._buffers.append(_Buffer(unit, [], [], []))
                 buffer = self._buffers[-1]
-                buffer[2].append(buffer[1] // unit + positions)
-                buffer[3].append(values)
-                buffer[4].append(factor.size)
-                buffer[1] += factor.size
-                pieces.append((len(self._buffers) - 1, len(buffer[4]) - 1, factor.shape, scale))
+                buffer.positions.append(buffer.size // unit + positions)
+                buffer.values.append(values)
+                buffer.sizes.append(factor.size)
+                pieces.append((len(self._buffers) - 1, len(buffer.sizes) - 1, factor.shape, scale))
             self._pieces[key] = pieces
 
     @classmethod
@@ -231,7 +246,8 @@ class CompactFactors:
         graph = tf.compat.v1.get_default_graph()
         if graph not in self._unpacked:
             pieces = []
-            for unit, size, positions, values, sizes in self._buffers:
+            for unit, positions, values, sizes in self._buffers:
+                size = sum(sizes)
                 steps, index = self.steps(np.concatenate(positions))
                 stored = np.zeros((steps.size, unit), dtype=values[0].dtype)
                 stored[index] = np.concatenate(values).reshape(-1, unit)
