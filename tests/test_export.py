@@ -315,9 +315,9 @@ def test_int8_positions_stay_one_byte_steps_in_a_small_model(tmp_path):
 def test_running_sum_of_steps_is_their_cumsum(count):
     steps = np.random.default_rng(count).integers(0, 256, count).astype(np.uint8)
     visited = export.CompactFactors._running_sum(steps).numpy()
-    assert visited.shape == (count,)
-    # float32 holds integers up to 2**24 exactly; these sums stay below 1.3 M.
-    np.testing.assert_array_equal(visited, np.cumsum(steps.astype(np.int64)))
+    assert visited.shape == (count, 1)
+    # Integer sums, exact: int32 holds these (below 1.3 M; buffers stay below 2**24 units).
+    np.testing.assert_array_equal(visited[:, 0], np.cumsum(steps.astype(np.int64)))
 
 
 def test_compact_position_steps_visit_every_position():
