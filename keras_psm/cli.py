@@ -427,10 +427,12 @@ def build_parser():
     add("output", metavar="OUT.keras", help="where to save the compressed model")
     add("--method", default="psm",
         help=f"compression method (default: psm; see '{PROG} methods')")
-    add("--factors", type=int, metavar="Q",
-        help="number of sparse factors per layer (option n_factors)")
+    add("--factors", "--n-factors", dest="factors", type=int, metavar="Q",
+        help="Q, the number of sparse factors per layer (option n_factors)")
     add("--sparsity", type=int, metavar="K",
-        help="nonzeros per row and column of each factor (option sparsity)")
+        help="K, the number of nonzeros kept in every row and every column of each "
+             "factor (option sparsity; an integer count, not a fraction of zeros: "
+             "the pruning methods' fraction removed is --option target_sparsity=0.9)")
     add("--layers", nargs="+", metavar="NAME",
         help="names of the layers to compress (default: every Dense/Conv2D layer the "
              "method supports)")
