@@ -430,8 +430,8 @@ def build_parser():
     add("--factors", "--n-factors", dest="factors", type=int, metavar="Q",
         help="Q, the number of sparse factors per layer (option n_factors)")
     add("--sparsity", type=int, metavar="K",
-        help="K, the number of nonzeros kept in every row and every column of each "
-             "factor (option sparsity; an integer count, not a fraction of zeros: "
+        help="K: each factor keeps at least K nonzeros in every row and every column "
+             "(option sparsity; an integer count, not a fraction of zeros: "
              "the pruning methods' fraction removed is --option target_sparsity=0.9)")
     add("--layers", nargs="+", metavar="NAME",
         help="names of the layers to compress (default: every Dense/Conv2D layer the "
