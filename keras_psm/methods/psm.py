@@ -10,8 +10,10 @@ import dataclasses
 import math
 from typing import Optional
 
+import numpy as np
+
 from keras_psm.backend import keras
-from keras_psm.budget import knob_grid
+from keras_psm.budget import Estimate, knob_grid
 from keras_psm.factorize.calibrated import whitening_factor
 from keras_psm.factorize.palm4msa import hierarchical_palm4msa, palm4msa
 from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
@@ -19,6 +21,9 @@ from keras_psm.methods.registry import Method, register_method
 from keras_psm.validation import check_bool, check_float, check_int
 
 PSM_PAPER = "Sparse matrix products for neural network compression (PSM)"
+
+#: A budget prices each PSM candidate with this fraction of its palm4MSA iterations.
+ESTIMATE_FRACTION = 1 / 15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +109,39 @@ def psm_sizes(kernel_shape, config):
     return ladders
 
 
+def psm_estimates(kernel, ladder, covariance=None, limit=math.inf):
+    """Short palm4MSA fits pricing one ladder (``Method.size_estimates``).
+
+    Each K runs ``ESTIMATE_FRACTION`` of its ``max_iter`` iterations, warm
+    started from the previous K's factors (``palm4msa(init=...)``: their
+    supports fit inside the larger K's, so the error only falls along the
+    ladder), to ``||R (W - S_1 ... S_Q)||_F`` with ``R^T R = covariance``
+    when given. Stops after the first fit past ``limit`` nonzeros.
+    """
+    matrix = kernel_matrix(kernel)
+    left = None if covariance is None else whitening_factor(covariance)
+    estimates, start = [], None
+    for config in ladder:
+        quick = dataclasses.replace(
+            config, max_iter=max(1, math.ceil(config.max_iter * ESTIMATE_FRACTION)))
+        if config.hierarchical:
+            fit = hierarchical_palm4msa(matrix, config.n_factors, config.sparsity,
+                                        rank=config.rank, max_iter=quick.max_iter,
+                                        tol=config.tol, random_state=config.seed,
+                                        block=config.block)
+        else:
+            fit = palm4msa(matrix, config.n_factors, config.sparsity, rank=config.rank,
+                           max_iter=quick.max_iter, tol=config.tol, random_state=config.seed,
+                           block=config.block, left=left, init=start,
+                           update_order="right_to_left")
+            start = fit.factors
+        nonzeros = sum(int(np.count_nonzero(support)) for support in fit.supports)
+        estimates.append(Estimate(nonzeros, fit.relative_error, quick))
+        if nonzeros > limit:
+            break
+    return estimates
+
+
 def build_sparse_factor_layer(layer, factorization, config, prunable=False):
     """``SparseFactorDense``/``SparseFactorConv2D`` from a ``Factorization``.
 
@@ -138,4 +176,5 @@ PSM = register_method(Method(
     paper=PSM_PAPER,
     calibrated=True,
     size_knob=psm_sizes,
+    size_estimates=psm_estimates,
 ))
