@@ -361,15 +361,25 @@ def _room(spec, candidates, budget):
 
 
 def _settle(spec, layers, kernels, candidates, choice, fits, budget, fit_many, covariances):
-    """``choice`` with its full fits within ``budget``.
+    """``choice`` with its full fits within ``budget``, spending it as the estimates did.
 
-    A full fit may hold a few more nonzeros than its estimate (a longer
-    palm4MSA moves its supports). While the fits overrun the budget, the
-    layer whose next smaller candidate costs the least added error per
+    A full fit may hold a few more or fewer nonzeros than its estimate (a
+    longer palm4MSA moves its supports). While the fits overrun the budget,
+    the layer whose next smaller candidate costs the least added error per
     parameter saved (preferring one that saves the whole overrun) is refitted
-    at that size.
+    at that size. Then, while they spend less than ``MIN_SPENT`` of it, the
+    upgrade that lowers the cost most per added parameter and fits in what
+    is left is refitted (kept only if it still fits), one per layer at most.
     """
-    choice = dict(choice)
+    choice, tried = dict(choice), set()
+
+    def refit(name, index):
+        layer_config = candidates[name][index].config
+        fitted = fit_many({name: (kernels[name], layer_config,
+                                  covariances.get(name) if spec.calibrated else None)})[name]
+        return fitted, _measure(spec, layers[name], kernels[name], fitted[0], layer_config,
+                                None)[0]
+
     params = {name: _measure(spec, layers[name], kernels[name], fits[name][0],
                              candidates[name][index].config, None)[0]
               for name, index in choice.items()}
@@ -384,12 +394,22 @@ def _settle(spec, layers, kernels, candidates, choice, fits, budget, fit_many, c
         enough = [step for step in steps if step[1] >= overrun]
         _, _, name, index = (min(enough) if enough
                              else min(steps, key=lambda step: step[0] / step[1]))
-        layer_config = candidates[name][index].config
-        fits.update(fit_many({name: (kernels[name], layer_config,
-                                     covariances.get(name) if spec.calibrated else None)}))
-        params[name] = _measure(spec, layers[name], kernels[name], fits[name][0],
-                                layer_config, None)[0]
+        fits[name], params[name] = refit(name, index)
         choice[name] = index
+    while sum(params.values()) < MIN_SPENT * budget:
+        left = budget - sum(params.values())
+        steps = [((found[choice[name]].cost - candidate.cost) / added, name, index)
+                 for name, found in candidates.items() if name not in tried
+                 for index, candidate in enumerate(found)
+                 for added in [candidate.params - params[name]]
+                 if 0 < added <= left and candidate.cost < found[choice[name]].cost]
+        if not steps:
+            break
+        _, name, index = max(steps)
+        tried.add(name)
+        fitted, count = refit(name, index)
+        if sum(params.values()) - params[name] + count <= budget:
+            fits[name], params[name], choice[name] = fitted, count, index
     return choice
 
 
