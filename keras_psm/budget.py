@@ -8,9 +8,11 @@ as the method's sizes allow. Methods declare how (``Method`` in
 - ``size_knob(kernel_shape, config)``: ladders of per-layer configs, each
   ladder from small to large (PSM: K for Q = 2 and for Q = 3; SVD: the rank;
   TT: the maximum TT rank; pruning: the kept fraction). Every layer's
-  candidates are fitted (through ``executor`` when given), in waves from the
-  small end, stopping a ladder once it outgrows what the budget leaves that
-  layer. Then the allocation picks one candidate per layer to minimize the
+  candidates are priced from the small end, stopping a ladder once it
+  outgrows what the budget leaves that layer: by ``size_estimates`` where
+  the method has it (one SVD, one sort, short warm-started palm4MSA; then
+  only the chosen sizes are fitted in full), else by full fits (through
+  ``executor`` when given), in waves. Then the allocation picks one candidate per layer to minimize the
   error sum ``sum_l e_l`` (``e_l`` the layer's relative error
   ``||R (W - W_hat)||_F / ||R W||_F``, ``R^T R`` its input covariance with
   calibration data, ``R = I`` without) subject to the budget, a
