@@ -18,8 +18,9 @@ This script prints, in one run:
    iterations), svd and hard-pruning: the time ratio, the sizes reached and
    the summed relative error.
 
-    python benchmarks/budget_speed.py                 # both parts
-    python benchmarks/budget_speed.py --parts mobilenet
+    python benchmarks/budget_speed.py                 # every part
+    python benchmarks/budget_speed.py --parts mobilenet --methods svd hard-pruning
+    python benchmarks/budget_speed.py --parts before-after ranking --models lenet5
 """
 
 import argparse
@@ -74,15 +75,18 @@ def summary(report):
     return before / after, sum(row.relative_error for row in report.compressed)
 
 
-def trained_models(epochs):
-    """LeNet-5 and the VGG-style model, trained on the bundled digits, with their test sets."""
+def trained_models(names, epochs):
+    """LeNet-5 and/or the VGG-style model (``names``), trained on the bundled digits,
+    with their test sets."""
     (x_train, y_train), (x_test, y_test) = load_mnist_5k()
 
     def as_rgb32(x):
         return np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0))), 3, axis=-1)
 
-    for model, x, x_eval in ((demo.lenet5(), x_train, x_test),
-                             (demo.vgg_small(), as_rgb32(x_train), as_rgb32(x_test))):
+    models = {"lenet5": lambda: (demo.lenet5(), x_train, x_test),
+              "vgg_small": lambda: (demo.vgg_small(), as_rgb32(x_train), as_rgb32(x_test))}
+    for name in names:
+        model, x, x_eval = models[name]()
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         model.fit(x, y_train, epochs=epochs, batch_size=64, verbose=0)
         yield model, x_eval, y_test
@@ -102,15 +106,15 @@ def estimate_ranking(model, max_iter):
     return kendalltau(estimated, full).statistic, len(full)
 
 
-def before_after(ratio, max_iter, epochs):
+def before_after(models, methods, ratio, max_iter):
     old = old_budget_module()
     print(f"Before ({BEFORE}, every candidate fitted) against after, target_ratio={ratio}, "
           f"psm max_iter={max_iter}")
     print(f"{'model':10} {'method':13} {'before s':>9} {'after s':>8} {'x before':>9} "
           f"{'x after':>8} {'sum err before':>15} {'sum err after':>14} "
           f"{'acc before':>11} {'acc after':>10}")
-    for model, x, y in trained_models(epochs):
-        for method in METHODS:
+    for model, x, y in models:
+        for method in methods:
             options = dict(target_ratio=ratio)
             if method == "psm":
                 options["max_iter"] = max_iter
@@ -121,17 +125,21 @@ def before_after(ratio, max_iter, epochs):
             (t0, r0, e0, a0), (t1, r1, e1, a1) = rows
             print(f"{model.name:10} {method:13} {t0:9.1f} {t1:8.1f} {r0:9.1f} {r1:8.1f} "
                   f"{e0:15.3f} {e1:14.3f} {a0:11.3f} {a1:10.3f}", flush=True)
+
+
+def ranking(models, max_iter):
+    for model, _, _ in models:
         tau, count = estimate_ranking(model, max_iter)
-        print(f"{model.name}: PSM estimates against full fits, Kendall tau {tau:.2f} "
-              f"over {count} candidates", flush=True)
+        print(f"{model.name}: PSM estimates against full fits (max_iter={max_iter}), "
+              f"Kendall tau {tau:.2f} over {count} candidates", flush=True)
 
 
-def mobilenet(ratio):
+def mobilenet(methods, ratio):
     model = keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3), classes=10)
     print(f"MobileNetV2-96, target_ratio={ratio} against a plain compress")
     print(f"{'method':13} {'plain':>26} {'x plain':>8} {'x budget':>9} {'time ratio':>11} "
           f"{'sum err plain':>14} {'sum err budget':>15}")
-    for method in METHODS:
+    for method in methods:
         _, plain, plain_seconds = timed_compress(model, method, **PLAIN[method])
         _, budgeted, budget_seconds = timed_compress(model, method, target_ratio=ratio)
         (rp, ep), (rb, eb) = summary(plain), summary(budgeted)
@@ -142,16 +150,23 @@ def mobilenet(ratio):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["before-after", "mobilenet"],
-                        choices=["before-after", "mobilenet"])
+    parser.add_argument("--parts", nargs="+", default=["before-after", "ranking", "mobilenet"],
+                        choices=["before-after", "ranking", "mobilenet"])
+    parser.add_argument("--models", nargs="+", default=["lenet5", "vgg_small"],
+                        choices=["lenet5", "vgg_small"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--ratio", type=float, default=10.0)
     parser.add_argument("--max-iter", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
+    models = (list(trained_models(args.models, args.epochs))
+              if {"before-after", "ranking"} & set(args.parts) else [])
     if "before-after" in args.parts:
-        before_after(args.ratio, args.max_iter, args.epochs)
+        before_after(models, args.methods, args.ratio, args.max_iter)
+    if "ranking" in args.parts:
+        ranking(models, args.max_iter)
     if "mobilenet" in args.parts:
-        mobilenet(8)
+        mobilenet(args.methods, 8)
 
 
 if __name__ == "__main__":
