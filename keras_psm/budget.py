@@ -8,9 +8,11 @@ as the method's sizes allow. Methods declare how (``Method`` in
 - ``size_knob(kernel_shape, config)``: ladders of per-layer configs, each
   ladder from small to large (PSM: K for Q = 2 and for Q = 3; SVD: the rank;
   TT: the maximum TT rank; pruning: the kept fraction). Every layer's
-  candidates are fitted (through ``executor`` when given), in waves from the
-  small end, stopping a ladder once it outgrows what the budget leaves that
-  layer. Then the allocation picks one candidate per layer to minimize the
+  candidates are priced from the small end, stopping a ladder once it
+  outgrows what the budget leaves that layer: by ``size_estimates`` where
+  the method has it (one SVD, one sort, short warm-started palm4MSA; then
+  only the chosen sizes are fitted in full), else by full fits (through
+  ``executor`` when given), in waves. Then the allocation picks one candidate per layer to minimize the
   error sum ``sum_l e_l`` (``e_l`` the layer's relative error
   ``||R (W - W_hat)||_F / ||R W||_F``, ``R^T R`` its input covariance with
   calibration data, ``R = I`` without) subject to the budget, a
@@ -35,6 +37,9 @@ their parameter counts.
 
 import dataclasses
 import math
+import sys
+import threading
+import time
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -53,6 +58,9 @@ MIN_SPENT = 0.96
 
 #: Candidates per layer scored by ``score_fn`` by default.
 SCORE_CANDIDATES = 4
+
+#: Seconds between two progress lines when standard error is not a terminal.
+PROGRESS_SECONDS = 5.0
 
 
 def knob_grid(maximum, count=KNOB_COUNT):
@@ -150,9 +158,80 @@ def target_config(spec, config, kernels, biases, budget):
     return spec.size_target(config, min(kept, 1.0))
 
 
+class Progress:
+    """What a budgeted compress is doing, on standard error.
+
+    On a terminal, a tqdm bar over the layers; otherwise (a pipe, a file) a
+    line every ``PROGRESS_SECONDS`` from a background thread, so that a long
+    fit in between still shows: the stage, layers done of all, candidates
+    priced, elapsed seconds. Silent when ``verbose`` is 0.
+    """
+
+    def __init__(self, description, layers, verbose):
+        self.description, self.layers, self.verbose = description, layers, bool(verbose)
+        self.what, self.done, self.candidates = "pricing candidates", 0, 0
+        self.start = time.perf_counter()
+        self.bar, self.thread, self.stopped = None, None, threading.Event()
+
+    def __enter__(self):
+        if self.verbose and sys.stderr.isatty():
+            self.bar = tqdm(total=self.layers, desc=self.description, unit="layer")
+        elif self.verbose:
+            self.thread = threading.Thread(target=self._lines, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
+            self._print()
+        if self.bar is not None:
+            self.bar.close()
+
+    def line(self):
+        return (f"{self.description}: {self.what}, {self.done}/{self.layers} layers, "
+                f"{self.candidates} candidates, {time.perf_counter() - self.start:.0f} s")
+
+    def stage(self, what, layers):
+        """Start a new stage over ``layers`` layers."""
+        self.what, self.done, self.layers = what, 0, layers
+        if self.bar is not None:
+            self.bar.reset(total=layers)
+            self.bar.set_description(f"{self.description}: {what}")
+
+    def update(self, layers=0, candidates=0):
+        self.done += layers
+        self.candidates += candidates
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.candidates} candidates", refresh=False)
+            self.bar.update(layers)
+
+    def _lines(self):
+        while not self.stopped.wait(PROGRESS_SECONDS):
+            self._print()
+
+    def _print(self):
+        print(self.line(), file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class Estimate:
+    """A candidate priced without its full fit (``Method.size_estimates``).
+
+    ``nonzeros``: the kernel's nonzero parameters (biases aside); ``error``:
+    its relative (input-weighted) error; ``quick_config``: the config that
+    fits it as cheaply as it was priced (for ``score_fn``), None for its own.
+    """
+
+    nonzeros: int
+    error: float
+    quick_config: object = None
+
+
 @dataclasses.dataclass
 class Candidate:
-    """One fitted size of one layer: its config, fit, parameters and error."""
+    """One size of one layer: its config, fit (None if only estimated), parameters and error."""
 
     config: object
     fitted: object
@@ -160,11 +239,17 @@ class Candidate:
     params: int
     error: float
     cost: float = 0.0
+    quick_config: object = None
 
 
 def allocate(spec, layers, kernels, config, budget, fit_many, *, covariances=None,
              score=None, score_candidates=SCORE_CANDIDATES, verbose=1):
     """Per-layer configs and fits of ``spec`` meeting ``budget`` nonzero parameters.
+
+    A method with ``size_estimates`` prices its candidates cheaply, and only
+    the chosen configs are fitted (then, should a full fit hold more
+    nonzeros than its estimate and overrun the budget, ``_settle`` steps
+    layers down); any other method's candidates are all fitted.
 
     Args:
         spec: the ``Method`` (with ``size_knob``).
@@ -185,45 +270,149 @@ def allocate(spec, layers, kernels, config, budget, fit_many, *, covariances=Non
     factors = {name: whitening_factor(covariances[name]) if name in covariances else None
                for name in kernels}
     ladders = {name: spec.size_knob(kernels[name].shape, config) for name in kernels}
-    dense = sum(int(layer.count_params()) for layer in layers.values())
+    with Progress(f"{spec.name} budget", len(kernels), verbose) as progress:
+        if spec.size_estimates is None:
+            candidates, room = _fitted_candidates(spec, layers, kernels, ladders, budget,
+                                                  fit_many, covariances, factors, progress)
+        else:
+            candidates, room = _estimated_candidates(spec, layers, kernels, ladders, budget,
+                                                     covariances, progress)
+        for name, found in candidates.items():
+            found[:] = [c for c in found if c.params <= room[name]]
+            for candidate in found:
+                candidate.cost = candidate.error
+        if score is not None:
+            _score_costs(candidates, score, score_candidates, progress)
+        choice = _allocation(candidates, budget)
+        progress.stage("fitting the chosen sizes", len(choice))
+        fits = {name: (candidates[name][index].fitted, candidates[name][index].seconds)
+                for name, index in choice.items() if candidates[name][index].fitted is not None}
+        if len(fits) < len(choice):
+            fits.update(fit_many({
+                name: (kernels[name], candidates[name][index].config,
+                       covariances.get(name) if spec.calibrated else None)
+                for name, index in choice.items() if name not in fits}))
+            choice = _settle(spec, layers, kernels, candidates, choice, fits, budget,
+                             fit_many, covariances)
+        progress.update(layers=len(choice))
+    configs = {name: candidates[name][index].config for name, index in choice.items()}
+    return configs, {name: fits[name] for name in choice}, candidates
+
+
+def _fitted_candidates(spec, layers, kernels, ladders, budget, fit_many, covariances,
+                       factors, progress):
+    """Every candidate fitted in full, in waves from the small end of each ladder, each
+    ladder stopping once it outgrows what the budget leaves its layer."""
     candidates = {name: [] for name in kernels}
     position = {(name, index): 0 for name in kernels for index in range(len(ladders[name]))}
-    with tqdm(desc=f"{spec.name} sizes", unit="fit", disable=not verbose) as bar:
-        while position:
-            jobs = {(name, index, step): (kernels[name], ladders[name][index][step],
-                                          covariances.get(name) if spec.calibrated else None)
-                    for (name, index), step in position.items()}
-            for (name, index, step), (fitted, seconds) in fit_many(jobs).items():
-                layer_config = ladders[name][index][step]
-                params, error = _measure(spec, layers[name], kernels[name], fitted,
-                                         layer_config, factors[name])
-                candidates[name].append(Candidate(layer_config, fitted, seconds, params, error))
-                position[(name, index)] = step + 1
-                bar.update()
-            smallest = {name: min(c.params for c in found) for name, found in candidates.items()}
-            if sum(smallest.values()) > budget:
-                raise ValueError(
-                    f"method {spec.name!r} cannot reach {budget:,} parameters: its smallest "
-                    f"fits of the selected layers total {sum(smallest.values()):,} "
-                    f"(x{dense / sum(smallest.values()):.1f})."
-                )
-            room = {name: budget - sum(smallest.values()) + smallest[name] for name in kernels}
-            position = {
-                (name, index): step for (name, index), step in position.items()
-                if step < len(ladders[name][index])
-                and _last_params(candidates[name], ladders[name][index][step - 1]) <= room[name]
-            }
-    for name, found in candidates.items():
-        found[:] = [c for c in found if c.params <= room[name]]
-        for candidate in found:
-            candidate.cost = candidate.error
-    if score is not None:
-        _score_costs(candidates, score, score_candidates, verbose)
-    choice = _allocation(candidates, budget)
-    configs = {name: candidates[name][index].config for name, index in choice.items()}
-    fits = {name: (candidates[name][index].fitted, candidates[name][index].seconds)
-            for name, index in choice.items()}
-    return configs, fits, candidates
+    done = set()
+    while position:
+        jobs = {(name, index, step): (kernels[name], ladders[name][index][step],
+                                      covariances.get(name) if spec.calibrated else None)
+                for (name, index), step in position.items()}
+        for (name, index, step), (fitted, seconds) in fit_many(jobs).items():
+            layer_config = ladders[name][index][step]
+            params, error = _measure(spec, layers[name], kernels[name], fitted,
+                                     layer_config, factors[name])
+            candidates[name].append(Candidate(layer_config, fitted, seconds, params, error))
+            position[(name, index)] = step + 1
+        room = _room(spec, candidates, budget)
+        position = {
+            (name, index): step for (name, index), step in position.items()
+            if step < len(ladders[name][index])
+            and _last_params(candidates[name], ladders[name][index][step - 1]) <= room[name]
+        }
+        finished = {name for name in kernels if not any(key[0] == name for key in position)}
+        progress.update(layers=len(finished - done), candidates=len(jobs))
+        done |= finished
+    return candidates, room
+
+
+def _estimated_candidates(spec, layers, kernels, ladders, budget, covariances, progress):
+    """Every candidate priced by ``spec.size_estimates``: first the smallest of each ladder,
+    then each ladder up to the first candidate past what the budget leaves its layer."""
+    biases = {name: int(layers[name].count_params()) - kernels[name].size for name in kernels}
+
+    def priced(name, limit):
+        found = []
+        for ladder in ladders[name]:
+            estimates = spec.size_estimates(kernels[name], ladder, covariances.get(name), limit)
+            found += [Candidate(layer_config, None, 0.0, estimate.nonzeros + biases[name],
+                                estimate.error, quick_config=estimate.quick_config)
+                      for layer_config, estimate in zip(ladder, estimates)]
+        return found
+
+    candidates = {name: priced(name, limit=-1) for name in kernels}
+    progress.update(candidates=sum(len(found) for found in candidates.values()))
+    room = _room(spec, candidates, budget)
+    for name in kernels:
+        candidates[name] = priced(name, limit=room[name] - biases[name])
+        progress.update(layers=1, candidates=len(candidates[name]))
+    return candidates, room
+
+
+def _room(spec, candidates, budget):
+    """The most each layer may hold: the budget less the other layers' smallest candidates."""
+    smallest = {name: min(c.params for c in found) for name, found in candidates.items()}
+    if sum(smallest.values()) > budget:
+        raise ValueError(
+            f"method {spec.name!r} cannot reach {budget:,} parameters: its smallest "
+            f"sizes of the selected layers total {sum(smallest.values()):,}."
+        )
+    return {name: budget - sum(smallest.values()) + smallest[name] for name in candidates}
+
+
+def _settle(spec, layers, kernels, candidates, choice, fits, budget, fit_many, covariances):
+    """``choice`` with its full fits within ``budget``, spending it as the estimates did.
+
+    A full fit may hold a few more or fewer nonzeros than its estimate (a
+    longer palm4MSA moves its supports). While the fits overrun the budget,
+    the layer whose next smaller candidate costs the least added error per
+    parameter saved (preferring one that saves the whole overrun) is refitted
+    at that size. Then, while they spend less than ``MIN_SPENT`` of it, the
+    upgrade that lowers the cost most per added parameter and fits in what
+    is left is refitted (kept only if it still fits), one per layer at most.
+    """
+    choice, tried = dict(choice), set()
+
+    def refit(name, index):
+        layer_config = candidates[name][index].config
+        fitted = fit_many({name: (kernels[name], layer_config,
+                                  covariances.get(name) if spec.calibrated else None)})[name]
+        return fitted, _measure(spec, layers[name], kernels[name], fitted[0], layer_config,
+                                None)[0]
+
+    params = {name: _measure(spec, layers[name], kernels[name], fits[name][0],
+                             candidates[name][index].config, None)[0]
+              for name, index in choice.items()}
+    while sum(params.values()) > budget:
+        overrun = sum(params.values()) - budget
+        steps = [(candidate.cost - found[choice[name]].cost, saved, name, index)
+                 for name, found in candidates.items()
+                 for index, candidate in enumerate(found)
+                 for saved in [params[name] - candidate.params] if saved > 0]
+        if not steps:
+            raise ValueError(f"method {spec.name!r} cannot reach {budget:,} parameters.")
+        enough = [step for step in steps if step[1] >= overrun]
+        _, _, name, index = (min(enough) if enough
+                             else min(steps, key=lambda step: step[0] / step[1]))
+        fits[name], params[name] = refit(name, index)
+        choice[name] = index
+    while sum(params.values()) < MIN_SPENT * budget:
+        left = budget - sum(params.values())
+        steps = [((found[choice[name]].cost - candidate.cost) / added, name, index)
+                 for name, found in candidates.items() if name not in tried
+                 for index, candidate in enumerate(found)
+                 for added in [candidate.params - params[name]]
+                 if 0 < added <= left and candidate.cost < found[choice[name]].cost]
+        if not steps:
+            break
+        _, name, index = max(steps)
+        tried.add(name)
+        fitted, count = refit(name, index)
+        if sum(params.values()) - params[name] + count <= budget:
+            fits[name], params[name], choice[name] = fitted, count, index
+    return choice
 
 
 def _last_params(found, layer_config):
@@ -249,22 +438,24 @@ def _input_shape(layer, kernel):
         return (None, None, None, kernel.shape[2])
 
 
-def _score_costs(candidates, score, count, verbose):
-    """Replace each candidate's cost by its score drop (measured or interpolated)."""
-    total = sum(min(count, len(found)) for found in candidates.values())
-    with tqdm(total=total, desc="score_fn", unit="model", disable=not verbose) as bar:
-        for name, found in candidates.items():
-            order = sorted(range(len(found)), key=lambda i: found[i].params)
-            picked = sorted({order[int(round(i))] for i in
-                             np.linspace(0, len(order) - 1, min(count, len(order)))},
-                            key=lambda i: found[i].params)
-            params = [found[i].params for i in picked]
-            drops = []
-            for index in picked:
-                drops.append(max(0.0, float(score(name, found[index].config))))
-                bar.update()
-            for candidate in found:
-                candidate.cost = float(np.interp(candidate.params, params, drops))
+def _score_costs(candidates, score, count, progress):
+    """Replace each candidate's cost by its score drop (measured or interpolated).
+
+    A candidate that was only estimated is scored at its ``quick_config``, as
+    cheaply as it was priced.
+    """
+    progress.stage("score_fn", len(candidates))
+    for name, found in candidates.items():
+        order = sorted(range(len(found)), key=lambda i: found[i].params)
+        picked = sorted({order[int(round(i))] for i in
+                         np.linspace(0, len(order) - 1, min(count, len(order)))},
+                        key=lambda i: found[i].params)
+        params = [found[i].params for i in picked]
+        drops = [max(0.0, float(score(name, found[index].quick_config or found[index].config)))
+                 for index in picked]
+        for candidate in found:
+            candidate.cost = float(np.interp(candidate.params, params, drops))
+        progress.update(layers=1, candidates=len(picked))
 
 
 def _allocation(candidates, budget):

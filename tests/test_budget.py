@@ -179,3 +179,88 @@ def test_demo_budget_trials_cover_every_method_with_a_knob():
     for trial in trials:
         assert trial.options["target_ratio"] == 20 and trial.budget == "x20"
         assert trial.options.get("max_iter", 30) <= 30
+
+
+def decaying_matrix(rows, cols, seed):
+    """A matrix with singular values 1 / (1 + i)^0.7, like a trained layer's spectrum."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((rows, rows)))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, cols)))
+    values = 1.0 / (1.0 + np.arange(min(rows, cols))) ** 0.7
+    return (u[:, :values.size] * values) @ v[:, :values.size].T
+
+
+def fitted_price(method, layer, kernel, layer_config, covariance):
+    """Nonzeros (biases aside) and input-weighted error of the method's full fit."""
+    from keras_psm.budget import _measure
+    from keras_psm.factorize.calibrated import whitening_factor
+
+    spec = get_method(method)
+    fitted = spec.fit(kernel, layer_config, covariance)
+    params, error = _measure(spec, layer, kernel, fitted, layer_config,
+                             None if covariance is None else whitening_factor(covariance))
+    return params - layer.count_params() + kernel.size, error
+
+
+@pytest.mark.parametrize("method", ["svd", "hard-pruning"])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_svd_and_pruning_estimates_are_the_full_fits_prices(method, calibrated):
+    rng = np.random.default_rng(1)
+    kernel = rng.standard_normal((3, 3, 4, 6))
+    layer = keras.layers.Conv2D(6, 3, name="conv")
+    layer.build((None, 8, 8, 4))
+    layer.set_weights([kernel.astype("float32"), np.zeros(6, "float32")])
+    kernel = layer.get_weights()[0].astype(np.float64)
+    inputs = rng.standard_normal((200, 36)) * rng.random(36)
+    covariance = inputs.T @ inputs + 0.1 * np.eye(36) if calibrated else None
+    spec = get_method(method)
+    (ladder,) = spec.size_knob(kernel.shape, spec.make_config())
+    estimates = spec.size_estimates(kernel, ladder, covariance)
+    assert len(estimates) == len(ladder)
+    for layer_config, estimate in zip(ladder, estimates):
+        nonzeros, error = fitted_price(method, layer, kernel, layer_config, covariance)
+        assert estimate.nonzeros == nonzeros
+        # The fitted layer's kernel is float32: its error moves by ~1e-6 relative.
+        assert estimate.error == pytest.approx(error, rel=1e-4, abs=1e-6)
+
+
+def test_psm_estimates_rank_candidates_as_full_fits_do():
+    from scipy.stats import kendalltau
+
+    from keras_psm.methods.psm import PSMConfig, fit_psm, psm_estimates, psm_sizes
+
+    config = PSMConfig(max_iter=90)
+    estimated, full = [], []
+    for seed, shape in enumerate([(40, 24), (24, 32)]):
+        matrix = decaying_matrix(*shape, seed)
+        for ladder in psm_sizes(shape, config):
+            estimated += [e.error for e in psm_estimates(matrix, ladder)]
+            full += [fit_psm(matrix, layer_config).relative_error for layer_config in ladder]
+    # Pooled over both matrices and Q = 2, 3 (40 candidates): short fits from warm starts
+    # overrate large K's errors by up to ~0.15 but keep the candidates' order (tau ~0.9).
+    assert kendalltau(estimated, full).statistic >= 0.8
+
+
+def test_progress_lines_when_stderr_is_a_pipe(monkeypatch):
+    import io
+    import os
+    import sys
+    import threading
+
+    from keras_psm import budget
+
+    read, write = os.pipe()
+    pipe = io.TextIOWrapper(os.fdopen(write, "wb"), write_through=True)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(os.fdopen(read).read()))
+    reader.start()  # drains the pipe, so a slow run cannot fill it
+    monkeypatch.setattr(sys, "stderr", pipe)
+    monkeypatch.setattr(budget, "PROGRESS_SECONDS", 0.05)
+    keras_psm.compress(small_model(), "svd", target_ratio=6, verbose=1)
+    pipe.close()
+    reader.join()
+    printed = [line for line in received[0].splitlines() if line.startswith("svd budget:")]
+    assert printed, "no progress line on a pipe"
+    # The last line: every layer done of the four, candidates counted, time elapsed.
+    assert printed[-1].split(": ", 1)[1].split(", ")[1] == "4/4 layers"
+    assert " candidates, " in printed[-1] and printed[-1].endswith(" s")

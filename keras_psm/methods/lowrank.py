@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 
 from keras_psm.backend import keras
-from keras_psm.budget import knob_grid
+from keras_psm.budget import Estimate, knob_grid
 from keras_psm.factorize.calibrated import whitened_svd, whitening_factor
 from keras_psm.factorize.lowrank import (
     NORMS,
@@ -134,6 +134,26 @@ def svd_sizes(kernel_shape, config):
              for rank in knob_grid(top)]]
 
 
+def svd_estimates(kernel, ladder, covariance=None, limit=None):
+    """Exact errors of a ladder's ranks from one SVD (``Method.size_estimates``).
+
+    Truncating ``R W = U S V^T`` (``R = I`` without ``covariance``) to rank j
+    leaves ``||R (W - W_j)||_F^2 = sum_{i > j} s_i^2`` (Eckart-Young; the
+    whitened SVD of SVD-LLM for ``R^T R = covariance``); a rank-j layer holds
+    j (rows + cols) values. ``limit`` is unused: every rank costs the same SVD.
+    """
+    matrix = kernel.reshape(-1, kernel.shape[-1]).astype(np.float64)
+    if covariance is not None:
+        matrix = whitening_factor(covariance) @ matrix
+    energy = np.square(np.linalg.svd(matrix, compute_uv=False))
+    tail = np.append(np.cumsum(energy[::-1])[::-1], 0.0)  # tail[j] = sum_{i >= j} s_i^2
+    total = max(tail[0], 1e-300)
+    full = max_rank(kernel.shape)
+    ranks = [rank_for_ratio(config.rank_ratio, full) for config in ladder]
+    return [Estimate(rank * sum(matrix.shape), float(np.sqrt(tail[rank] / total)))
+            for rank in ranks]
+
+
 def alds_target(config, kept_fraction):
     """ALDS's ``target`` (fraction of kernel values removed) for a kept fraction."""
     return dataclasses.replace(config, target=min(max(1.0 - kept_fraction, 1e-6), 1 - 1e-6))
@@ -177,6 +197,7 @@ SVD = register_method(Method(
     paper=ALDS_PAPER,
     calibrated=True,
     size_knob=svd_sizes,
+    size_estimates=svd_estimates,
 ))
 
 ALDS = register_method(Method(

@@ -23,8 +23,8 @@ import functools
 
 import numpy as np
 
-from keras_psm.budget import fraction_grid
-from keras_psm.factorize.calibrated import input_norm_scores
+from keras_psm.budget import Estimate, fraction_grid
+from keras_psm.factorize.calibrated import input_norm_scores, whitening_factor
 from keras_psm.methods.psm import PSM_PAPER, build_sparse_factor_layer, kernel_matrix
 from keras_psm.methods.psm_variants import factorization_from
 from keras_psm.methods.registry import Method, register_method
@@ -90,6 +90,36 @@ def pruning_sizes(kernel_shape, config):
              for kept in fraction_grid(int(np.prod(kernel_shape)))]]
 
 
+def pruning_estimates(kernel, ladder, covariance=None, limit=np.inf):
+    """Exact errors of a ladder's kept fractions from one sort (``Method.size_estimates``).
+
+    Keeping the k largest scores leaves the other entries ``E_k`` of W:
+    ``||E_k||_F^2`` is a sum of the sorted squares, all k from one cumulative
+    sum; with ``covariance`` (``R^T R``), ``||R E_k||_F`` for each k. Stops
+    after the first size past ``limit`` nonzeros.
+    """
+    matrix = kernel_matrix(kernel).astype(np.float64)
+    scores = np.abs(matrix) if covariance is None else input_norm_scores(matrix, covariance)
+    order = np.argsort(-scores, axis=None, kind="stable")
+    factor = None if covariance is None else whitening_factor(covariance)
+    squares = np.square(matrix.ravel()[order])
+    dropped = np.append(np.cumsum(squares[::-1])[::-1], 0.0)  # dropped[k]: all but the top k
+    total = np.linalg.norm(matrix if factor is None else factor @ matrix) ** 2
+    estimates = []
+    for config in ladder:
+        kept = kept_count(matrix.size, config.target_sparsity)
+        if factor is None:
+            error = dropped[kept]
+        else:
+            left = matrix.ravel().copy()
+            left[order[:kept]] = 0.0
+            error = np.linalg.norm(factor @ left.reshape(matrix.shape)) ** 2
+        estimates.append(Estimate(kept, float(np.sqrt(error / max(total, 1e-300)))))
+        if kept > limit:
+            break
+    return estimates
+
+
 def pruning_target(config, kept_fraction):
     """``target_sparsity`` for a kept fraction of the kernels' values."""
     return dataclasses.replace(config, target_sparsity=max(0.0, 1.0 - kept_fraction))
@@ -120,6 +150,7 @@ HARD_PRUNING = register_method(Method(
     paper=PSM_PAPER,
     calibrated=True,
     size_knob=pruning_sizes,
+    size_estimates=pruning_estimates,
 ))
 
 ITERATIVE_PRUNING = register_method(Method(

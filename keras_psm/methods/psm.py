@@ -10,8 +10,10 @@ import dataclasses
 import math
 from typing import Optional
 
+import numpy as np
+
 from keras_psm.backend import keras
-from keras_psm.budget import knob_grid
+from keras_psm.budget import Estimate, knob_grid
 from keras_psm.factorize.calibrated import whitening_factor
 from keras_psm.factorize.palm4msa import hierarchical_palm4msa, palm4msa
 from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
@@ -19,6 +21,12 @@ from keras_psm.methods.registry import Method, register_method
 from keras_psm.validation import check_bool, check_float, check_int
 
 PSM_PAPER = "Sparse matrix products for neural network compression (PSM)"
+
+#: A budget prices each PSM candidate with this fraction of its palm4MSA iterations.
+ESTIMATE_FRACTION = 1 / 30
+
+#: Between two priced K whose errors differ by at most this, the K in between is interpolated.
+SMOOTH_ERROR = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +112,60 @@ def psm_sizes(kernel_shape, config):
     return ladders
 
 
+def psm_estimates(kernel, ladder, covariance=None, limit=math.inf):
+    """Short palm4MSA fits pricing one ladder (``Method.size_estimates``).
+
+    Each priced K runs ``ESTIMATE_FRACTION`` of its ``max_iter``
+    iterations, warm started from the previous priced K's factors
+    (``palm4msa(init=...)``: their supports fit inside the larger K's, so
+    the error only falls along the ladder), to ``||R (W - S_1 ... S_Q)||_F``
+    with ``R^T R = covariance`` when given. Every other K is priced first;
+    one in between is interpolated (its nonzeros and error linearly in K)
+    where its neighbours' errors differ by at most ``SMOOTH_ERROR``, and
+    priced from its smaller neighbour otherwise. Stops after the first fit
+    past ``limit`` nonzeros.
+    """
+    matrix = kernel_matrix(kernel)
+    left = None if covariance is None else whitening_factor(covariance)
+
+    def quick(config):
+        return dataclasses.replace(
+            config, max_iter=max(1, math.ceil(config.max_iter * ESTIMATE_FRACTION)))
+
+    def price(config, start):
+        options = dict(rank=config.rank, max_iter=quick(config).max_iter, tol=config.tol,
+                       random_state=config.seed, block=config.block)
+        if config.hierarchical:
+            # the hierarchical fit takes no start
+            fit = hierarchical_palm4msa(matrix, config.n_factors, config.sparsity, **options)
+        else:
+            fit = palm4msa(matrix, config.n_factors, config.sparsity, left=left, init=start,
+                           update_order="right_to_left", **options)
+        nonzeros = sum(int(np.count_nonzero(support)) for support in fit.supports)
+        return Estimate(nonzeros, fit.relative_error, quick(config)), fit.factors
+
+    priced, start = {}, None
+    for index in [*range(0, len(ladder) - 1, 2), len(ladder) - 1]:
+        priced[index] = price(ladder[index], start)
+        start = priced[index][1]
+        if priced[index][0].nonzeros > limit:
+            break
+    estimates = []
+    for index in range(max(priced) + 1):
+        if index not in priced:
+            (low, start), (high, _) = priced[index - 1], priced[index + 1]
+            if abs(low.error - high.error) <= SMOOTH_ERROR:
+                share = ((ladder[index].sparsity - ladder[index - 1].sparsity)
+                         / (ladder[index + 1].sparsity - ladder[index - 1].sparsity))
+                priced[index] = (Estimate(
+                    int(round(low.nonzeros + share * (high.nonzeros - low.nonzeros))),
+                    low.error + share * (high.error - low.error), quick(ladder[index])), None)
+            else:
+                priced[index] = price(ladder[index], start)
+        estimates.append(priced[index][0])
+    return estimates
+
+
 def build_sparse_factor_layer(layer, factorization, config, prunable=False):
     """``SparseFactorDense``/``SparseFactorConv2D`` from a ``Factorization``.
 
@@ -138,4 +200,5 @@ PSM = register_method(Method(
     paper=PSM_PAPER,
     calibrated=True,
     size_knob=psm_sizes,
+    size_estimates=psm_estimates,
 ))

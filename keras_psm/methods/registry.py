@@ -28,7 +28,10 @@ layer's damped input covariance ``X^T X`` (``keras_psm.calibration``).
 For ``target_ratio=``/``target_params=`` (``keras_psm.budget``), a method
 declares ``size_knob(kernel_shape, config)``, ladders of per-layer configs
 from small to large, or ``size_target(config, kept_fraction)``, its own
-global target keeping that fraction of the kernels' values.
+global target keeping that fraction of the kernels' values. With
+``size_estimates(kernel, ladder, covariance, limit)`` a method prices a
+ladder's candidates cheaply (``keras_psm.budget.Estimate``: an SVD's
+singular values, one sort, a short palm4MSA) instead of fitting each in full.
 
 ``callbacks(model, config)``, when given, returns the callbacks ``model.fit``
 needs for the compressed model (iterative pruning updates its masks from
@@ -63,6 +66,7 @@ class Method:
     calibrated: bool = False
     size_knob: Optional[Callable[[tuple, Any], list]] = None
     size_target: Optional[Callable[[Any, float], Any]] = None
+    size_estimates: Optional[Callable[..., list]] = None
     presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     paper: str = ""
 
