@@ -39,7 +39,7 @@ from keras_psm.factorize.palm4msa_gram import (
 )
 from keras_psm.factorize.projections import splincol_blocks_support, top_k_mask, transposed_copy
 
-__all__ = ["Factorization", "factor_shapes", "hierarchical_palm4msa", "palm4msa"]
+__all__ = ["Factorization", "factor_shapes", "hierarchical_palm4msa", "palm4msa", "run_best"]
 
 # The step 1/c uses c = LIPSCHITZ_MARGIN * lambda^2 ||L||_2^2 ||R||_2^2, just above
 # the Lipschitz constant of the gradient (the value FAuST uses).
@@ -234,16 +234,27 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
     runs = [_OrderedRun(target, shapes, projectors, order, fixed) for order in orders]
     if init is not None:
         runs.append(_OrderedRun(target, shapes, projectors, orders[0], fixed, init))
+    return run_best(runs, max_iter, tol, rng, verbose).result()
+
+
+def run_best(runs, max_iter, tol, rng, verbose=False):
+    """Run each of ``runs`` for ``ceil(max_iter / 6)`` iterations (when there are several),
+    continue the one with the lowest error up to ``max_iter`` and return it.
+
+    A run has ``iterate(n_iterations, tol, rng, progress)`` and ``errors``;
+    ``verbose`` shows a tqdm bar of the iterations with the error.
+    """
     probe = int(np.ceil(max_iter * PROBE_FRACTION)) if len(runs) > 1 else 0
-    with tqdm(total=probe * len(runs) + max_iter - probe, desc=f"palm4MSA {matrix.shape}",
+    shape = runs[0].shape
+    with tqdm(total=probe * len(runs) + max_iter - probe, desc=f"palm4MSA {shape}",
               unit="it", disable=not verbose, leave=False) as progress:
         if len(runs) > 1:
             for run in runs:
                 run.iterate(probe, tol, rng, progress)
-            runs = [min(runs, key=lambda run: run.state.errors[-1])]
+            runs = [min(runs, key=lambda run: run.errors[-1])]
         best = runs[0]
-        best.iterate(max_iter - len(best.state.errors), tol, rng, progress)
-    return best.result()
+        best.iterate(max_iter - len(best.errors), tol, rng, progress)
+    return best
 
 
 def hierarchical_palm4msa(matrix, n_factors, sparsity, *, residual_sparsity=None, rank=None,
@@ -440,6 +451,15 @@ class _OrderedRun:
             self.state = _palm(self.target, self.state.factors, self.state.scale,
                                self.projectors, n_iterations, tol, rng,
                                self.state.errors, self.state.start_vectors, self.fixed, progress)
+
+    @property
+    def errors(self):
+        return self.state.errors
+
+    @property
+    def shape(self):
+        """Shape of the matrix as given to palm4msa."""
+        return self.target.matrix.shape
 
     def result(self):
         return self.state.result(self.transposed)
