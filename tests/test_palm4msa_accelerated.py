@@ -53,3 +53,25 @@ def test_bad_arguments_raise_value_error():
         palm4msa_on_device(matrix, 2, 2, update_order="sideways")
     with pytest.raises(ValueError, match="non-empty 2-D"):
         palm4msa_on_device(np.ones(5), 2, 2)
+
+
+def test_psm_config_device_auto_fits_on_the_device():
+    from keras_psm.methods.psm import PSMConfig, fit_psm
+    from keras_psm.palm4msa_accelerated import palm4msa_on_device
+
+    kernel = np.random.default_rng(4).standard_normal((3, 3, 4, 8))
+    config = PSMConfig(n_factors=2, sparsity=3, max_iter=5, device="auto")
+    result = fit_psm(kernel, config)
+    expected = palm4msa_on_device(kernel.reshape(36, 8), 2, 3, max_iter=5, tol=1e-6, random_state=0)
+    np.testing.assert_array_equal(result.errors, expected.errors)  # same computation twice
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(device="gpu"), "`device` must be one of 'cpu', 'auto'"),
+    (dict(device="auto", block=4), "`device='auto'` fits plain palm4MSA with block=1"),
+])
+def test_psm_config_rejects_bad_device_options(kwargs, match):
+    from keras_psm.methods.psm import PSMConfig
+
+    with pytest.raises(ValueError, match=match):
+        PSMConfig(**kwargs)
