@@ -69,6 +69,12 @@ DENSE_SPEEDUP = 3.0
 UPDATE_ORDERS = ("auto", "right_to_left", "left_to_right")
 PROBE_FRACTION = 1 / 6
 
+# Below this many entries the residual form is faster: the Gram form's fixed costs per
+# update (Gram blocks, sparse-sparse products) dominate. Measured per iteration on 2
+# busy cores: 784x256 Q=2 K=14 3.5x slower in the Gram form, 4608x512 Q=3 K=14 1.2x
+# faster, VGG16's fc6 (25,088 x 4,096) 1.2x faster with 2.5x less memory.
+GRAM_MIN_ENTRIES = 2 ** 20
+
 # W is kept in float32 above this many entries (32 MB in float64). On the
 # benchmark's fc6-sized matrix float32 moved the error after the same
 # iterations by less than 1e-4 (benchmarks/palm4msa_speed.py --precision).
@@ -569,11 +575,12 @@ def _palm(target, factors, scale, projectors, max_iter, tol, rng, errors=(),
 
 
 def _uses_gram_form(matrix_shape, factor_shape, q, n_factors):
-    """Cost rule: update ``q`` takes the Gram form when the dense blocks it writes
-    (``palm4msa_gram.gram_entries``) are fewer than the residual form's ``in x out``
-    product and residual."""
+    """Cost rule: update ``q`` of a matrix of at least ``GRAM_MIN_ENTRIES`` entries takes
+    the Gram form when the dense blocks it writes (``palm4msa_gram.gram_entries``) are
+    fewer than the residual form's ``in x out`` product and residual."""
+    size = matrix_shape[0] * matrix_shape[1]
     entries = gram_entries(matrix_shape, factor_shape, q > 0, q < n_factors - 1)
-    return entries < 2 * matrix_shape[0] * matrix_shape[1]
+    return size >= GRAM_MIN_ENTRIES and entries < 2 * size
 
 
 def _left_blocks(target, factors, uses_gram):

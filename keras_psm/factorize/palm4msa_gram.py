@@ -135,7 +135,6 @@ def trace_terms(factor, data_term, right_gram):
     ``<S_1^T S_1, R R^T>`` (float64 sums)."""
     inner = np.dot(data_term.ravel()[factor.flat_positions].astype(np.float64),
                    factor.matrix.data.astype(np.float64))
-    overlap = (factor.transposed @ factor.matrix).tocoo()
-    energy = np.dot(overlap.data.astype(np.float64),
-                    right_gram[overlap.row, overlap.col].astype(np.float64))
+    overlap = gram(factor.transposed, factor.matrix)
+    energy = np.einsum("ij,ij->", overlap, right_gram, dtype=np.float64)
     return float(inner), float(energy)
