@@ -63,7 +63,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from keras_psm.backend import tf
+import tensorflow as tf
 from tensorflow.lite.tools import flatbuffer_utils
 from keras_psm.files import write_atomically
 from keras_psm.model_layers import check_graph_model, clone_replacing, is_graph_model, leaf_layers

@@ -31,7 +31,8 @@ import math
 
 import numpy as np
 
-from keras_psm.backend import keras, register_serializable, tf
+from keras_psm import ops
+from keras_psm.backend import keras, register_serializable
 from keras_psm.layers.base import CompressedLayer
 
 
@@ -141,9 +142,9 @@ class CompressedEinsumDense(_Wrapper):
         self.built = True
 
     def _apply(self, inputs, forward):
-        leading = tf.shape(inputs)[:inputs.shape.rank - len(self.input_dims)]
-        outputs = forward(tf.reshape(inputs, (-1, math.prod(self.input_dims))))
-        return tf.reshape(outputs, tf.concat([leading, self.output_dims], axis=0))
+        leading = ops.shape(inputs)[:len(inputs.shape) - len(self.input_dims)]
+        outputs = forward(ops.reshape(inputs, (-1, math.prod(self.input_dims))))
+        return ops.reshape(outputs, tuple(leading) + tuple(self.output_dims))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:len(input_shape) - len(self.input_dims)]) + self.output_dims
@@ -151,14 +152,14 @@ class CompressedEinsumDense(_Wrapper):
     @property
     def kernel(self):
         """The EinsumDense kernel, shape ``input_dims + output_dims``."""
-        return tf.reshape(self.layer.kernel, self.input_dims + self.output_dims)
+        return ops.reshape(self.layer.kernel, self.input_dims + self.output_dims)
 
     @property
     def bias(self):
         """The bias over ``output_dims``, or None."""
         if not self.layer.use_bias:
             return None
-        return tf.reshape(self.layer.bias, self.output_dims)
+        return ops.reshape(self.layer.bias, self.output_dims)
 
     def get_config(self):
         config = super().get_config()
@@ -249,12 +250,12 @@ class CompressedConv1D(_Wrapper):
         return tuple(shape)
 
     def _apply(self, inputs, forward):
-        outputs = tf.expand_dims(inputs, self._height_axis)
+        outputs = ops.expand_dims(inputs, self._height_axis)
         if self._left_padding:
             paddings = [[0, 0]] * 4
             paddings[self._height_axis + 1] = [self._left_padding, 0]
-            outputs = tf.pad(outputs, paddings)
-        return tf.squeeze(forward(outputs), self._height_axis)
+            outputs = ops.pad(outputs, paddings)
+        return ops.squeeze(forward(outputs), self._height_axis)
 
     def compute_output_shape(self, input_shape):
         return keras.layers.Conv1D(
@@ -340,7 +341,7 @@ class CompressedSeparableConv(_Wrapper):
     def kernel(self):
         """The pointwise kernel (1, [1,] cin * depth_multiplier, filters)."""
         ones = (1,) * len(self.depthwise.kernel_size)
-        return tf.reshape(self.layer.kernel, ones + tuple(self.layer.kernel.shape))
+        return ops.reshape(self.layer.kernel, ones + tuple(self.layer.kernel.shape))
 
     def get_config(self):
         config = super().get_config()
