@@ -93,7 +93,7 @@ class _Wrapper(CompressedLayer):
 
     def count_nonzero_params(self):
         return self.layer.count_nonzero_params() + sum(
-            int(np.count_nonzero(w.numpy())) for w in self._own_weights())
+            int(np.count_nonzero(ops.convert_to_numpy(w))) for w in self._own_weights())
 
     def _own_weights(self):
         """Weights of this wrapper outside ``layer`` (none by default)."""
@@ -200,9 +200,10 @@ class CompressedEinsumDense(_Wrapper):
             use_bias=layer.bias is not None, **_replacement_options(layer),
         )
         dense.build((None, math.prod(input_dims)))
-        weights = [layer.kernel.numpy().reshape(dense.kernel.shape)]
+        weights = [ops.convert_to_numpy(layer.kernel).reshape(dense.kernel.shape)]
         if layer.bias is not None:
-            weights.append(np.broadcast_to(layer.bias.numpy(), output_dims).reshape(-1))
+            bias = ops.convert_to_numpy(layer.bias)
+            weights.append(np.broadcast_to(bias, output_dims).reshape(-1))
         dense.set_weights(weights)
         return dense
 
@@ -285,11 +286,11 @@ class CompressedConv1D(_Wrapper):
             dilation_rate=(1, layer.dilation_rate[0]), data_format=layer.data_format,
             activation=layer.activation, use_bias=layer.use_bias, **_replacement_options(layer),
         )
-        kernel = layer.kernel.numpy()
+        kernel = ops.convert_to_numpy(layer.kernel)
         channels = kernel.shape[1]
         conv.build((None, channels, 1, None) if layer.data_format == "channels_first"
                    else (None, 1, None, channels))
-        conv.set_weights([kernel[None]] + [w.numpy() for w in layer.weights[1:]])
+        conv.set_weights([kernel[None]] + [ops.convert_to_numpy(w) for w in layer.weights[1:]])
         return conv
 
     @classmethod
@@ -358,21 +359,21 @@ class CompressedSeparableConv(_Wrapper):
     def stand_in(cls, layer):
         """A built ``Dense`` holding ``layer``'s pointwise kernel as the matrix
         (cin * depth_multiplier, filters), its bias and activation."""
-        pointwise = layer.pointwise_kernel.numpy()
+        pointwise = ops.convert_to_numpy(layer.pointwise_kernel)
         dense = keras.layers.Dense(
             layer.filters, activation=layer.activation, use_bias=layer.use_bias,
             **_replacement_options(layer),
         )
         dense.build((None, pointwise.shape[-2]))
         dense.set_weights([pointwise.reshape(dense.kernel.shape)]
-                          + ([layer.bias.numpy()] if layer.use_bias else []))
+                          + ([ops.convert_to_numpy(layer.bias)] if layer.use_bias else []))
         return dense
 
     @classmethod
     def wrapping(cls, layer, replacement):
         """The wrapper standing in for separable ``layer``: a copy of its
         depthwise kernel, then ``replacement``."""
-        kernel = layer.depthwise_kernel.numpy()
+        kernel = ops.convert_to_numpy(layer.depthwise_kernel)
         depthwise = cls._depthwise_class(layer)(
             layer.kernel_size, strides=layer.strides, padding=layer.padding,
             depth_multiplier=layer.depth_multiplier, data_format=layer.data_format,

@@ -203,7 +203,7 @@ class KroneckerDense(CompressedLayer):
     @property
     def block_sparsity(self):
         """Fraction of the blocks (entries of S * s_mask) that are exactly zero."""
-        return float(np.mean(self._effective_s("float32").numpy() == 0))
+        return float(np.mean(ops.convert_to_numpy(self._effective_s("float32")) == 0))
 
     def sparsify(self, threshold):
         """Zero for good the blocks whose ``|S|`` is at most ``threshold``.
@@ -213,7 +213,7 @@ class KroneckerDense(CompressedLayer):
         """
         threshold = check_float(threshold, "threshold", minimum=0.0,
                                 where=f"KroneckerDense {self.name!r}.sparsify")
-        s, mask = self.s.numpy(), self.s_mask.numpy()
+        s, mask = ops.convert_to_numpy(self.s), ops.convert_to_numpy(self.s_mask)
         keep = (np.abs(s) > threshold) & (mask != 0)
         self.s_mask.assign(keep.astype(mask.dtype))
         self.s.assign(np.where(keep, s, 0.0).astype(s.dtype))
@@ -226,8 +226,8 @@ class KroneckerDense(CompressedLayer):
 
     def count_nonzero_params(self):
         """Nonzeros of the r products S * A_i and of the B_i, plus the bias."""
-        count = int(np.count_nonzero(self._grid_factors("float32").numpy()))
-        count += int(np.count_nonzero(self.b.numpy()))
+        count = int(np.count_nonzero(ops.convert_to_numpy(self._grid_factors("float32"))))
+        count += int(np.count_nonzero(ops.convert_to_numpy(self.b)))
         return count + (self.units if self.use_bias else 0)
 
     def get_config(self):

@@ -153,12 +153,12 @@ class KroneckerPatternDense(CompressedLayer):
 
     def s_l1_norms(self):
         """``||S_k||_1`` for each pattern k, as a NumPy array (the paper's Figure 3)."""
-        return np.array([np.abs(s.numpy()).sum() for s in self.s])
+        return np.array([np.abs(ops.convert_to_numpy(s)).sum() for s in self.s])
 
     def kernel_norms(self):
         """``||W_k||_F``, the norm of each pattern's kernel, as a NumPy array."""
-        return np.array([np.linalg.norm(geometry.kernel(grid_factors, blocks).numpy())
-                    for geometry, grid_factors, blocks in self._patterns("float32")])
+        return np.array([np.linalg.norm(ops.convert_to_numpy(geometry.kernel(grid_factors, blocks)))
+                         for geometry, grid_factors, blocks in self._patterns("float32")])
 
     def surviving_patterns(self, tolerance=0.05):
         """Indices k whose ``||W_k||_F`` exceeds ``tolerance`` times the largest."""
@@ -180,8 +180,10 @@ class KroneckerPatternDense(CompressedLayer):
 
     def count_nonzero_params(self):
         """Nonzeros of every pattern's S_k * A_ki and B_ki, plus the bias."""
-        count = sum(int(np.count_nonzero(grid_factors.numpy())) + int(np.count_nonzero(b.numpy()))
+        count = sum(np.count_nonzero(ops.convert_to_numpy(grid_factors))
+                    + np.count_nonzero(ops.convert_to_numpy(b))
                     for _, grid_factors, b in self._patterns("float32"))
+        count = int(count)
         return count + (self.units if self.use_bias else 0)
 
     def get_config(self):
@@ -203,9 +205,10 @@ def select_pattern(layer, l1=0.0):
                         f"{type(layer).__name__}.")
     k = layer.selected_pattern
     return KroneckerDense.from_factors(
-        layer.units, layer.a[k].numpy(), layer.b[k].numpy(), s=layer.s[k].numpy(),
+        layer.units, ops.convert_to_numpy(layer.a[k]), ops.convert_to_numpy(layer.b[k]),
+        s=ops.convert_to_numpy(layer.s[k]),
         s_mask=np.ones(layer.geometries[k].grid_shape, np.float32),
-        bias=layer.bias.numpy() if layer.use_bias else None,
+        bias=ops.convert_to_numpy(layer.bias) if layer.use_bias else None,
         l1=l1, seed=layer.seed, **common_options(layer),
     )
 
