@@ -552,4 +552,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # By now ``keras_psm`` has loaded TensorFlow, whose log lines nothing can hide any more.
+    sys.exit(f"{PROG}: run `keras-psm ...` or `python -m keras_psm_cli ...`, which hide "
+             "TensorFlow's log lines; `python -m keras_psm.cli` is not an entry point.")

@@ -27,7 +27,10 @@ by ``factor_form``:
   that the converter would store in 1x4 blocks in more bytes than plainly
   (below about 3% density) becomes a 1x1 convolution, whose weight is
   stored plainly and densified when LiteRT loads the file
-  (``export_sequence``): 3 to 4 times fewer bytes for that factor.
+  (``export_sequence``): 3 to 4 times fewer bytes for that factor. So does
+  a factor whose 1x4 blocks would leave out its last ``in % 4`` inputs
+  (``litert_cost.drops_inputs``: TensorFlow 2.21's converter encodes such
+  weights wrongly, typically small ones such as a 6 x 6 factor).
 - ``"product"``: one op with the product kernel, still sparse-encoded where
   that is smaller: the dense layer's speed and nearly its size.
 - ``"auto"``: per layer, whichever LiteRT is predicted to run faster: the
@@ -49,10 +52,14 @@ Each candidate file is run by the LiteRT interpreter with its default
 (XNNPACK) delegate, in a separate process so that a crash cannot take the
 caller down, on check samples, and compared with the Keras model; the
 smallest one that runs and agrees is written. ``to_tflite`` never writes a
-file that does not run or that disagrees with the model.
+file that does not run or that disagrees with the model. A float32
+``"sequence"`` file whose sparse encoding is rejected falls back to the
+smaller of the densely encoded sequence and the ``"product"`` form, with a
+warning: the file is then never much larger than the uncompressed model's.
 """
 
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -64,6 +71,7 @@ from typing import List, Optional
 import numpy as np
 
 import tensorflow as tf
+from keras_psm.backend import require_tensorflow_backend
 from tensorflow.lite.tools import flatbuffer_utils
 from keras_psm.files import write_atomically
 from keras_psm.model_layers import check_graph_model, clone_replacing, is_graph_model, leaf_layers
@@ -223,10 +231,10 @@ class CompactFactors:
 
     @classmethod
     def _running_sum(cls, steps):
-        """``cumsum(steps)`` in the graph, as float32.
+        """``cumsum(steps)`` in the graph, as int32 scatter indices of shape (n, 1).
 
         The converter folds a running sum of at most ``FOLDED_UNITS`` steps
-        into a constant of float32 positions: 4 bytes a step, not 1. Where
+        into a constant of positions: 4 bytes a step, not 1. Where
         it costs fewer bytes, the steps are padded with zeros beyond that
         and the sum cut back to its first ``len(steps)`` entries, which the
         converter leaves to the graph.
@@ -234,9 +242,15 @@ class CompactFactors:
         count = steps.size
         padding = cls.FOLDED_UNITS + 1 - count
         if padding <= 0 or padding + cls.SLICE_BYTES >= 3 * count:
-            return tf.cumsum(tf.cast(tf.constant(steps), tf.float32))
-        padded = tf.cumsum(tf.cast(tf.constant(np.pad(steps, (0, padding))), tf.float32))
-        return padded[:count]
+            return cls._positions(steps)
+        return cls._positions(np.pad(steps, (0, padding)))[:count]
+
+    @staticmethod
+    def _positions(steps):
+        """``cumsum(steps)`` as int32 of shape (n, 1), summed in float32 (exact below
+        2**24), since the converter folds an int32 running sum whatever its size."""
+        summed = tf.cumsum(tf.cast(tf.constant(steps.reshape(-1, 1)), tf.float32), axis=0)
+        return tf.cast(summed, tf.int32)
 
     def _unpack(self):
         """Each buffer's factors, flat, as tensors of the graph being traced (built
@@ -253,9 +267,8 @@ class CompactFactors:
                 stored[index] = np.concatenate(values).reshape(-1, unit)
                 visited = self._running_sum(steps)
                 shape = [size] if unit == 1 else [size // unit, unit]
-                units = tf.scatter_nd(tf.reshape(tf.cast(visited, tf.int32), [-1, 1]),
-                                      tf.cast(tf.constant(stored.reshape([-1] + shape[1:])),
-                                              tf.float32), shape)
+                units = tf.scatter_nd(visited, tf.cast(tf.constant(
+                    stored.reshape([-1] + shape[1:])), tf.float32), shape)
                 pieces.append(tf.split(tf.reshape(units, [size]) if unit > 1 else units, sizes))
             self._unpacked[graph] = pieces
         return self._unpacked[graph]
@@ -524,6 +537,31 @@ def _random_inputs(model, n_samples, seed=0):
     ]
 
 
+def _smallest_agreeing(candidates, arrays, expected, allowed, quantization, batch_size):
+    """``(content, label, rejected)``: the smallest converted candidate that runs in
+    LiteRT and agrees with ``expected`` within ``allowed`` (None and None if
+    none does), and the reason each rejected candidate was rejected."""
+    kept, kept_label, rejected = None, None, []
+    with tempfile.TemporaryDirectory() as directory:
+        for index, (label, exported, sparse_encoding) in enumerate(candidates):
+            content = convert(exported, quantization, sparse_encoding, batch_size)
+            candidate = os.path.join(directory, f"{index}.tflite")
+            with open(candidate, "wb") as handle:
+                handle.write(content)
+            try:
+                difference = _max_difference(run_tflite(candidate, arrays), expected)
+            except RuntimeError as error:
+                rejected.append(f"{label} does not run: {error}")
+                continue
+            if not difference <= allowed:
+                rejected.append(
+                    f"{label} differs from the Keras model by up to "
+                    f"{difference:.3g}, more than the tolerance {allowed:.3g}")
+            elif kept is None or len(content) < len(kept):
+                kept, kept_label = content, label
+    return kept, kept_label, rejected
+
+
 def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="sequence",
               inputs=None, tolerance=None, batch_size=1):
     """Write ``model`` as a .tflite file that keeps its compression; returns ``path``.
@@ -582,6 +620,8 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
             gives each candidate's reason).
     """
     where = "to_tflite"
+    require_tensorflow_backend(where, "save the model (model.save('m.keras')) and export it "
+                               "with KERAS_BACKEND=tensorflow keras-psm export m.keras m.tflite.")
     check_graph_model(model, "export")
     check_choice(quantization, "quantization", tuple(DEFAULT_TOLERANCES), where=where)
     check_choice(sparse, "sparse", SPARSE_CHOICES, where=where)
@@ -600,31 +640,28 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
     expected = _keras_outputs(model, arrays)
     allowed = tolerance * max(1.0, max(float(np.max(np.abs(e))) for e in expected))
 
+    encodings = {"auto": (True, False), True: (True,), False: (False,)}[sparse]
     exported = export_model(model, factor_form)
     candidates = [(f"the {'sparse' if encoding else 'dense'} encoding", exported, encoding)
-                  for encoding in {"auto": (True, False), True: (True,), False: (False,)}[sparse]]
+                  for encoding in encodings]
     if quantization is not None and sparse is not False and factor_form == "sequence":
         compact = export_model(model, factor_form, quantization)
         if any("export_factors" in vars(type(layer)) for layer in leaf_layers(compact)):
             candidates.insert(0, ("the compact factors", compact, False))
-    kept, kept_label, rejected = None, None, []
-    with tempfile.TemporaryDirectory() as directory:
-        for index, (label, exported, sparse_encoding) in enumerate(candidates):
-            content = convert(exported, quantization, sparse_encoding, batch_size)
-            candidate = os.path.join(directory, f"{index}.tflite")
-            with open(candidate, "wb") as handle:
-                handle.write(content)
-            try:
-                difference = _max_difference(run_tflite(candidate, arrays), expected)
-            except RuntimeError as error:
-                rejected.append(f"{label} does not run: {error}")
-                continue
-            if not difference <= allowed:
-                rejected.append(
-                    f"{label} differs from the Keras model by up to "
-                    f"{difference:.3g}, more than the tolerance {allowed:.3g}")
-            elif kept is None or len(content) < len(kept):
-                kept, kept_label = content, label
+    check = functools.partial(_smallest_agreeing, arrays=arrays, expected=expected,
+                              allowed=allowed, quantization=quantization, batch_size=batch_size)
+    kept, kept_label, rejected = check(candidates)
+    if (quantization is None and factor_form == "sequence" and sparse is not False
+            and kept_label != "the sparse encoding" and any(hasattr(layer, "export_form") for layer in leaf_layers(exported))):
+        # Densely encoded, the factors hold more than the kernels they factor:
+        # the product form is about the uncompressed model's size.
+        product = export_model(model, "product")
+        candidates = [(f"the product form in the {'sparse' if encoding else 'dense'} encoding",
+                       product, encoding) for encoding in encodings]
+        product_kept, product_label, product_rejected = check(candidates)
+        rejected += product_rejected
+        if product_kept is not None and (kept is None or len(product_kept) < len(kept)):
+            kept, kept_label = product_kept, product_label
     summary = (f"model {model.name!r} (quantization={quantization!r}, sparse={sparse!r}, "
                f"factor_form={factor_form!r})")
     if kept is None:
@@ -634,7 +671,12 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
             "or another quantization; pass real samples as `inputs` or a larger "
             "`tolerance` if only the tolerance is exceeded."
         )
-    if rejected and kept_label != "the compact factors":
+    if kept_label.startswith("the product form"):
+        warnings.warn(f"{where}: {summary}: " + "; ".join(rejected)
+                      + f"; the file keeps {kept_label} (one kernel per layer, about the "
+                      "uncompressed size), since the sequence of factors could not be stored "
+                      "sparsely.", RuntimeWarning, stacklevel=2)
+    elif rejected and kept_label != "the compact factors":
         warnings.warn(f"{where}: {summary}: " + "; ".join(rejected)
                       + f"; the file keeps {kept_label}.", RuntimeWarning, stacklevel=2)
     with write_atomically(path) as temporary, open(temporary, "wb") as handle:

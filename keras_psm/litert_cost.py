@@ -4,10 +4,18 @@ TensorFlow's converter (``Optimize.EXPERIMENTAL_SPARSITY``) stores a
 constant weight with at least 30% zeros in TFLite's sparse encoding. A fully
 connected op then runs on the sparse weight itself when the weight is
 "1x4 block sparse": its (out, in) layout, cut into blocks of 4 consecutive
-inputs, has more than 0.9 times as many all-zero blocks, relatively, as it
-has zeros. Every other sparse weight, and every convolution weight, is
+inputs, leaves out more than 0.9 times as many of its entries, relatively,
+as it has zeros. Every other sparse weight, and every convolution weight, is
 densified when the file is loaded (a ``DENSIFY`` op) and costs what a dense
-weight costs. (TensorFlow 2.21, ``dense_to_sparse.cc``; LiteRT 2.3.)
+weight costs. (TensorFlow 2.21, ``dense_to_sparse_pass.cc``; LiteRT 2.3.)
+
+The converter cuts the input axis into ``in // 4`` whole blocks: when ``in``
+is not a multiple of 4 the last ``in % 4`` inputs are in no block. It counts
+them as zeros when it decides, and it leaves them out of the encoding, so
+LiteRT computes ``x[:, :4 * (in // 4)] @ W[:4 * (in // 4)]``: wrong numbers.
+Small weights (``in`` of 5 to 7) are picked for blocks even at 70% density,
+since 1 to 3 of every 5 to 7 entries count as zeros. ``drops_inputs`` says
+which weights this happens to; export applies them another way.
 
 ``cost_per_row`` turns that into multiply-adds per row of the input, in
 units of the dense kernel's multiply-add: LiteRT's sparse kernel computes
@@ -30,28 +38,40 @@ BLOCK = 4
 
 
 def _nonzero_blocks(matrix):
-    """Nonzero 1x4 blocks of the (in, out) ``matrix`` in TFLite's (out, in) layout."""
+    """Nonzero whole 1x4 blocks of the (in, out) ``matrix`` in TFLite's (out, in)
+    layout; the last ``in % 4`` inputs are in none."""
     n_in, n_out = matrix.shape
-    padded = np.zeros((-(-n_in // BLOCK) * BLOCK, n_out), dtype=bool)
-    padded[:n_in] = matrix != 0
-    return int(np.count_nonzero(padded.reshape(-1, BLOCK, n_out).any(axis=1)))
+    whole = matrix[: n_in // BLOCK * BLOCK] != 0
+    return int(np.count_nonzero(whole.reshape(-1, BLOCK, n_out).any(axis=1)))
 
 
 def _runtime_blocks(matrix):
-    """Nonzero 1x4 blocks of the weight if a fully connected op runs on its
-    sparse encoding, else None."""
-    zeros = 1.0 - np.count_nonzero(matrix) / matrix.size
+    """Nonzero 1x4 blocks of the weight if the converter stores it in blocks
+    for a fully connected op, else None. The entries outside the stored
+    blocks count as zeros, as the converter counts them."""
+    # In float32, as the converter computes it: a ratio of exactly 0.9 passes.
+    zeros = np.float32((matrix.size - np.count_nonzero(matrix)) / matrix.size)
     if zeros < MIN_ZERO_FRACTION:
         return None
     nonzero_blocks = _nonzero_blocks(matrix)
-    zero_blocks = 1.0 - nonzero_blocks / (-(-matrix.shape[0] // BLOCK) * matrix.shape[1])
-    return nonzero_blocks if zero_blocks / zeros > BLOCK_OVER_RANDOM_RATIO else None
+    left_out = np.float32((matrix.size - nonzero_blocks * BLOCK) / matrix.size)
+    return nonzero_blocks if left_out / zeros > np.float32(BLOCK_OVER_RANDOM_RATIO) else None
+
+
+def drops_inputs(matrix):
+    """Whether a fully connected op with the (in, out) weight ``matrix``
+    computes wrong numbers in LiteRT: the converter stores the weight in 1x4
+    blocks and ``in`` is not a multiple of 4, so its last ``in % 4`` rows are
+    lost (see the module docstring)."""
+    matrix = np.asarray(matrix)
+    return matrix.shape[0] % BLOCK != 0 and _runtime_blocks(matrix) is not None
 
 
 def runs_sparse(matrix):
     """Whether a fully connected op with the (in, out) weight ``matrix`` runs
-    on TFLite's sparse encoding instead of densifying it."""
-    return _runtime_blocks(np.asarray(matrix)) is not None
+    on TFLite's sparse encoding (correctly) instead of densifying it."""
+    matrix = np.asarray(matrix)
+    return _runtime_blocks(matrix) is not None and not drops_inputs(matrix)
 
 
 def _index_bytes(size):
@@ -71,7 +91,7 @@ def blocks_take_more_bytes(matrix):
     """
     matrix = np.asarray(matrix)
     blocks = _runtime_blocks(matrix)
-    if blocks is None:
+    if blocks is None or drops_inputs(matrix):
         return False
     n_in = matrix.shape[0]
     block_bytes = blocks * (4 * BLOCK + _index_bytes(-(-n_in // BLOCK)))
@@ -86,5 +106,6 @@ def cost_per_row(matrix, fully_connected=True):
     convolution: ``fully_connected=False``) costs the dense ``in * out``.
     """
     matrix = np.asarray(matrix)
-    blocks = _runtime_blocks(matrix) if fully_connected else None
-    return float(matrix.size) if blocks is None else SPARSE_BLOCK_COST * BLOCK * blocks
+    if not (fully_connected and runs_sparse(matrix)):
+        return float(matrix.size)
+    return SPARSE_BLOCK_COST * BLOCK * _runtime_blocks(matrix)

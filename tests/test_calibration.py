@@ -165,15 +165,18 @@ def test_dataset_nested_and_multi_input_data_give_the_same_covariances():
                  tf.data.Dataset.from_tensor_slices(x).batch(8), [x]):
         covariances, _ = layer_covariances(model, layers, data)
         for name in layers:
-            # Sums in a different order of batches: float64 rounding.
-            np.testing.assert_allclose(covariances[name], reference[name], rtol=1e-10,
-                                       atol=1e-12 * np.abs(reference[name]).max())
+            # float32 TF activations move by ulps with the batch size (oneDNN picks kernels
+            # per shape and CPU); centring cancels them into small entries, so the bound is
+            # on the scale of C: measured 1e-8 max|C| (4-ulp worst case 5e-7), bound 1e-5.
+            np.testing.assert_allclose(covariances[name], reference[name], rtol=1e-5,
+                                       atol=1e-5 * np.abs(reference[name]).max())
     inputs = keras.Input((9, 9, 2))
     outer = keras.Model(inputs, keras.layers.Dense(3, name="head")(model(inputs)))
     nested, _ = layer_covariances(outer, layers, x)
     for name in layers:
-        np.testing.assert_allclose(nested[name], reference[name], rtol=1e-10,
-                                   atol=1e-12 * np.abs(reference[name]).max())
+        # As above: the nested model's float32 activations, bound on the scale of C.
+        np.testing.assert_allclose(nested[name], reference[name], rtol=1e-5,
+                                   atol=1e-5 * np.abs(reference[name]).max())
 
 
 def two_input_model():

@@ -327,6 +327,17 @@ def test_verbose_is_found_as_argparse_would_accept_it():
     assert args.verbose
 
 
+@pytest.mark.slow
+def test_keras_psm_cli_module_points_to_the_entry_point():
+    # By the time `python -m keras_psm.cli` runs, TensorFlow has loaded: it says where to go.
+    completed = subprocess.run([sys.executable, "-m", "keras_psm.cli", "--help"],
+                               capture_output=True, text=True, timeout=300,
+                               env=command_environment())
+    assert completed.returncode == 1
+    assert "python -m keras_psm_cli" in completed.stderr.splitlines()[-1]
+    assert completed.stdout == ""
+
+
 def test_native_writes_to_standard_error_are_hidden_while_importing():
     code = ("import os, sys; from keras_psm_cli import native_stderr_hidden\n"
             "with native_stderr_hidden():\n"

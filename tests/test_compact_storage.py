@@ -68,8 +68,10 @@ def test_keras_file_stores_values_and_indices_only(tmp_path):
     assert size < dense_mask_layout / 50
     reloaded = keras.models.load_model(path)
     x = np.random.default_rng(0).standard_normal((3, 1024)).astype("float32")
-    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(reloaded(x)))
-    for a, b in zip(model.weights, reloaded.weights):
+    # Same weights; oneDNN may pick other kernels per graph: float32 rounding, below 1e-5.
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(reloaded(x)), rtol=1e-5,
+                               atol=1e-6)
+    for a, b in zip(model.weights, reloaded.weights):  # stored values: bit for bit
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -90,7 +92,9 @@ def test_iterative_pruning_and_pruning_at_init_keep_entries_removed_during_fit(t
     path = str(tmp_path / "pruned.keras")
     model.save(path)
     reloaded = keras.models.load_model(path)
-    np.testing.assert_array_equal(np.asarray(model(x[:2])), np.asarray(reloaded(x[:2])))
+    # Same weights; oneDNN may pick other kernels per graph: float32 rounding, below 1e-5.
+    np.testing.assert_allclose(np.asarray(model(x[:2])), np.asarray(reloaded(x[:2])), rtol=1e-5,
+                               atol=1e-6)
 
     pruned = keras_psm.prune_at_init(psm_model(), 0.5, "magnitude")
     counts = [sum(layer.nonzeros) for layer in sparse_layers(pruned)]

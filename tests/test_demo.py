@@ -90,7 +90,8 @@ def test_results_are_measured_and_failures_reported(trained_lenet, mnist_small,
     assert psm_result.params == report.params_after  # supports fixed during fine-tuning
     assert psm_result.compression_ratio == pytest.approx(base_params / report.params_after)
     evaluated = psm_result.model.evaluate(x_test, y_test, verbose=0)[1]
-    assert psm_result.accuracy_after == pytest.approx(evaluated, abs=1e-6)
+    # evaluate() runs other batch sizes: float32 rounding may flip one near-tied argmax.
+    assert psm_result.accuracy_after == pytest.approx(evaluated, abs=1.5 / len(y_test))
     assert 0.0 <= psm_result.accuracy_before <= 1.0
     assert psm_result.compress_seconds > 0 and psm_result.fit_seconds > 0
 
@@ -106,8 +107,9 @@ def test_results_are_measured_and_failures_reported(trained_lenet, mnist_small,
     most = sum(kept_count(int(np.prod(k.shape)), 0.9) for k in kernels) + \
         sum(int(b.shape[0]) for b in biases)
     assert most - 20 <= pruned.params <= most
+    # The same kernels through another graph: float32 rounding may flip one near-tied argmax.
     assert pruned.accuracy_before == pytest.approx(
-        demo.accuracy(trained_lenet, x_test, y_test))
+        demo.accuracy(trained_lenet, x_test, y_test), abs=1.5 / len(y_test))
 
 
 def make_result(method, budget, params, ratio, accuracy, error=""):

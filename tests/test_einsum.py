@@ -154,8 +154,8 @@ def test_attention_model_round_trips_through_keras_file(tmp_path):
     reloaded = keras.models.load_model(str(path))
     assert isinstance(reloaded.get_layer("mha"), CompressedMultiHeadAttention)
     x = samples()
-    # Same weights, same ops.
-    np.testing.assert_allclose(reloaded(x).numpy(), compressed(x).numpy(), rtol=1e-6, atol=1e-6)
+    # Same weights; oneDNN may pick other kernels per graph: float32 rounding, below 1e-5.
+    np.testing.assert_allclose(reloaded(x).numpy(), compressed(x).numpy(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

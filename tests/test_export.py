@@ -97,7 +97,8 @@ def test_dense_product_is_a_chain_of_sparse_fully_connected_ops(tmp_path, n_fact
     layer = SparseFactorDense(256, n_factors=n_factors, sparsity=4, seed=0)
     model = model_of(layer, (256,))
     path = export.to_tflite(model, tmp_path / "psm.tflite", factor_form="sequence")
-    assert export.verify_tflite(path, model, samples((256,))) < 1e-5
+    # LiteRT and TensorFlow sum float32 in other orders: rounding, bounded on the outputs' scale.
+    assert relative_difference(path, model, samples((256,))) < 1e-4
     operators, sparse_tensors = tflite_contents(path)
     # One op per factor, no product: fully connected, or a 1x1 convolution where
     # that stores the factor in fewer bytes (litert_cost.blocks_take_more_bytes).
@@ -124,7 +125,8 @@ def test_conv_product_matches_keras(tmp_path, data_format, n_factors, factor_for
     model = model_of(layer, shape)
     path = export.to_tflite(model, tmp_path / "conv.tflite", inputs=samples(shape),
                             factor_form=factor_form)
-    assert export.verify_tflite(path, model, samples(shape, seed=2)) < 1e-5
+    # LiteRT and TensorFlow sum float32 in other orders: rounding, bounded on the outputs' scale.
+    assert relative_difference(path, model, samples(shape, seed=2)) < 1e-4
     operators, _ = tflite_contents(path)
     assert operators["CONV_2D"] == 1
     # With r = filters the first factor's convolution alone costs the dense
@@ -181,7 +183,8 @@ def test_auto_form_keeps_a_large_sparse_dense_layer_as_a_chain(tmp_path):
     operators, sparse_tensors = tflite_contents(path)
     assert operators["FULLY_CONNECTED"] == 2 and "DENSIFY" not in operators
     assert sparse_tensors == 2
-    assert export.verify_tflite(path, model, samples((1024,))) < 1e-5
+    # LiteRT and TensorFlow sum float32 in other orders: rounding, bounded on the outputs' scale.
+    assert relative_difference(path, model, samples((1024,))) < 1e-4
 
 
 @pytest.mark.slow
@@ -191,7 +194,8 @@ def test_product_form_is_one_op_with_the_product_kernel(tmp_path):
     path = export.to_tflite(model, tmp_path / "p.tflite", factor_form="product")
     operators, _ = tflite_contents(path)
     assert operators["FULLY_CONNECTED"] == 1
-    assert export.verify_tflite(path, model, samples((256,))) < 1e-5
+    # LiteRT and TensorFlow sum float32 in other orders: rounding, bounded on the outputs' scale.
+    assert relative_difference(path, model, samples((256,))) < 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +243,8 @@ def test_size_report_counts_layers_against_the_dense_original(mlp_files):
 def test_verify_detects_a_different_model(mlp_files):
     model, path, _, _ = mlp_files
     x = samples((784,))
-    assert export.verify_tflite(path, model, x) < 1e-5
+    # LiteRT and TensorFlow sum float32 in other orders: rounding, bounded on the outputs' scale.
+    assert relative_difference(path, model, x) < 1e-4
     assert export.verify_tflite(path, psm_mlp(seed=5), x) > 1e-2
 
 
@@ -315,9 +320,9 @@ def test_int8_positions_stay_one_byte_steps_in_a_small_model(tmp_path):
 def test_running_sum_of_steps_is_their_cumsum(count):
     steps = np.random.default_rng(count).integers(0, 256, count).astype(np.uint8)
     visited = export.CompactFactors._running_sum(steps).numpy()
-    assert visited.shape == (count,)
-    # float32 holds integers up to 2**24 exactly; these sums stay below 1.3 M.
-    np.testing.assert_array_equal(visited, np.cumsum(steps.astype(np.int64)))
+    assert visited.shape == (count, 1)
+    # Integer sums, exact: int32 holds these (below 1.3 M; buffers stay below 2**24 units).
+    np.testing.assert_array_equal(visited[:, 0], np.cumsum(steps.astype(np.int64)))
 
 
 def test_compact_position_steps_visit_every_position():
@@ -401,7 +406,9 @@ def test_dynamic_batch_and_two_inputs(tmp_path):
                                                           seed=1)(joined), joined])
     x = [samples((6,), n=5), samples((4,), n=5, seed=3)]
     path = export.to_tflite(model, tmp_path / "two.tflite", inputs=x, batch_size=None)
-    assert export.verify_tflite(path, model, x) < 1e-5
+    # LiteRT and TensorFlow sum float32 in other orders: rounding, bounded on the outputs' scale.
+    scale = max(1.0, max(float(np.abs(output).max()) for output in model(x)))
+    assert export.verify_tflite(path, model, x) < 1e-4 * scale
     outputs = export.run_tflite(path, x)
     assert [o.shape for o in outputs] == [(5, 3), (5, 9)]
 

@@ -48,12 +48,12 @@ def test_operations_survive_and_unselected_layers_give_the_same_outputs():
     for name in ("first", "second"):
         expected = keras.Model(model.input, model.get_layer(name).output)(x).numpy()
         actual = keras.Model(compressed.input, compressed.get_layer(name).output)(x).numpy()
-        # The same weights through the same ops: equal up to float32 rounding.
-        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
+        # The same weights through the same ops in another graph: float32 rounding, below 1e-5.
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
     head_input = keras.Model(compressed.input, compressed.get_layer("head").input)(x).numpy()
     expected_input = keras.Model(model.input, model.get_layer("head").input)(x).numpy()
-    # The operations after the layers are carried over exactly as well.
-    np.testing.assert_allclose(head_input, expected_input, rtol=1e-6, atol=1e-6)
+    # The operations after the layers are carried over as well (float32 rounding, as above).
+    np.testing.assert_allclose(head_input, expected_input, rtol=1e-5, atol=1e-6)
     assert model.get_config() == config_before
 
 
@@ -103,8 +103,8 @@ def test_clone_replacing_copies_untouched_layers_with_their_weights():
         for a, b in zip(old.get_weights(), new.get_weights()):
             np.testing.assert_array_equal(a, b)
     x = samples()
-    # Same weights, same ops.
-    np.testing.assert_allclose(clone(x).numpy(), model(x).numpy(), rtol=1e-6, atol=1e-6)
+    # Same weights, same ops in another graph: float32 rounding, below 1e-5.
+    np.testing.assert_allclose(clone(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_keep_selected_patterns_descends_into_nested_models():

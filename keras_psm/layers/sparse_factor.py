@@ -24,7 +24,7 @@ from keras_psm import ops
 from keras_psm.backend import register_serializable
 from keras_psm.factorize.palm4msa import factor_shapes, palm4msa
 from keras_psm.initializers import random_supports, sparse_factor_init
-from keras_psm.litert_cost import blocks_take_more_bytes, cost_per_row
+from keras_psm.litert_cost import blocks_take_more_bytes, cost_per_row, drops_inputs
 from keras_psm.layers.base import (
     CompressedLayer,
     ConvOptions,
@@ -81,21 +81,25 @@ def apply_in_sequence(inputs, factors):
     return outputs
 
 
-def export_sequence(inputs, factors):
+def export_sequence(inputs, factors, fewest_bytes=True):
     """``apply_in_sequence`` as a TFLite export traces it.
 
-    A constant factor that the converter would store in 1x4 blocks in more
-    bytes than plainly (``litert_cost.blocks_take_more_bytes``: sparse
-    factors of random support below about 3% density) is applied as a 1x1
-    convolution, whose weight the converter stores plainly and LiteRT
-    densifies once when it loads the file; the others as fully connected ops.
+    A constant factor is applied as a 1x1 convolution, whose weight the
+    converter stores plainly and LiteRT densifies once when it loads the
+    file, where a fully connected op would compute wrong numbers
+    (``litert_cost.drops_inputs``: 1x4 blocks that leave out the last
+    ``in % 4`` inputs) or, with ``fewest_bytes``, store it in 1x4 blocks in
+    more bytes than plainly (``litert_cost.blocks_take_more_bytes``: sparse
+    factors of random support below about 3% density); the others as fully
+    connected ops.
     """
     from keras_psm.backend import tf  # export traces in TensorFlow
 
     outputs = inputs
     for factor in factors:
         matrix = tf.get_static_value(factor)
-        if matrix is not None and blocks_take_more_bytes(matrix):
+        if matrix is not None and (
+                drops_inputs(matrix) or (fewest_bytes and blocks_take_more_bytes(matrix))):
             n_in, n_out = matrix.shape
             outputs = tf.nn.conv2d(tf.reshape(outputs, [-1, 1, 1, n_in]),
                                    tf.reshape(factor, [1, 1, n_in, n_out]), 1, "VALID")
@@ -505,7 +509,8 @@ class SparseFactorDense(_SparseFactors):
             kernel = multiplied(factors)
             outputs = matmul_last_axis(inputs, lambda x: ops.matmul(x, kernel))
         else:
-            apply = export_sequence if self.export_form == "sequence" else apply_in_sequence
+            apply = functools.partial(export_sequence,
+                                      fewest_bytes=self.export_form == "sequence")
             outputs = matmul_last_axis(inputs, lambda x: apply(x, factors))
         return self._finish(outputs)
 
@@ -608,7 +613,8 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
         if self.export_form == "product":
             outputs = self._first_then_rest(inputs, multiplied(factors), [])
         else:
-            apply = export_sequence if self.export_form == "sequence" else apply_in_sequence
+            apply = functools.partial(export_sequence,
+                                      fewest_bytes=self.export_form == "sequence")
             outputs = self._first_then_rest(inputs, factors[0], factors[1:], apply)
         return self._from_channels_last(self._finish(outputs))
 
