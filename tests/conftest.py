@@ -8,11 +8,12 @@ from keras_psm import demo
 from keras_psm.backend import BACKEND, keras
 from keras_psm.datasets import load_mnist_5k
 
-#: Test files whose every test needs TensorFlow itself (TFLite export, tfmot, the
-#: command line that exports): skipped, like tests marked ``tensorflow``, on other
+#: Test files whose every test needs TensorFlow itself (TFLite export and LiteRT,
+#: the command line and demo that export, pruning-at-init scores through
+#: TensorFlow's gradient tape): skipped, like tests marked ``tensorflow``, on other
 #: Keras backends.
-TENSORFLOW_FILES = {"test_export.py", "test_cli.py", "test_demo.py", "test_zoo.py",
-                    "test_budget.py", "test_dask.py"}
+TENSORFLOW_FILES = {"test_export.py", "test_litert_faults.py", "test_cli.py", "test_demo.py",
+                    "test_zoo.py", "test_pruning_at_init.py"}
 
 
 def pytest_configure(config):
