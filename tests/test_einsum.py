@@ -155,7 +155,8 @@ def test_attention_model_round_trips_through_keras_file(tmp_path):
     assert isinstance(reloaded.get_layer("mha"), CompressedMultiHeadAttention)
     x = samples()
     # Same weights; oneDNN may pick other kernels per graph: float32 rounding, below 1e-5.
-    np.testing.assert_allclose(np.asarray(reloaded(x)), np.asarray(compressed(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(reloaded(x)), np.asarray(compressed(x)), rtol=1e-5,
+                               atol=1e-6)
 
 
 @pytest.mark.slow

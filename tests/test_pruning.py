@@ -86,7 +86,8 @@ def test_native_hard_pruning_gives_the_target_sparsity_at_once(trained_lenet):
     assert report.callbacks == []
     assert kernel_counts(model) == expected_counts(model, TARGET)
     for name in KERNEL_LAYERS:
-        layer, kernel = model.get_layer(name), np.abs(np.asarray(trained_lenet.get_layer(name).kernel))
+        layer = model.get_layer(name)
+        kernel = np.abs(np.asarray(trained_lenet.get_layer(name).kernel))
         assert isinstance(layer, (SparseFactorDense, SparseFactorConv2D)) and layer.n_factors == 1
         kept = np.asarray(layer.masks[0]).reshape(kernel.shape) > 0
         assert kernel[kept].min() >= kernel[~kept].max()   # the largest magnitudes
