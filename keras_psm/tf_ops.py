@@ -61,3 +61,99 @@ __all__ = [
     "cast", "convert_to_numpy", "convert_to_tensor", "log", "log_softmax", "matmul", "mean",
     "reshape", "shape", "softmax", "sum", "transpose",
 ]
+
+
+# --- what the layers, the pruning callbacks and calibration use ---
+
+def abs(x):  # noqa: A001 (keras.ops.abs's name)
+    return tf.abs(x)
+
+
+def arange(start, stop=None, step=1, dtype=None):
+    if stop is None:
+        start, stop = 0, start
+    return tf.range(start, stop, step, dtype=dtype or "int32")
+
+
+def argmin(x, axis=None, keepdims=False):
+    if axis is None:
+        x, axis = tf.reshape(x, [-1]), 0
+    result = tf.argmin(x, axis=axis, output_type=tf.int32)
+    return tf.expand_dims(result, axis) if keepdims else result
+
+
+def concatenate(xs, axis=0):
+    return tf.concat(xs, axis=axis)
+
+
+def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
+    channels_first = data_format == "channels_first"
+    return tf.nn.convolution(inputs, kernel, strides=strides, padding=padding.upper(),
+                             dilations=dilation_rate, data_format="NCHW" if channels_first
+                             else "NHWC")
+
+
+def einsum(subscripts, *operands, **kwargs):
+    return tf.einsum(subscripts, *operands)
+
+
+def expand_dims(x, axis):
+    return tf.expand_dims(x, axis)
+
+
+def ones(shape, dtype=None):
+    return tf.ones(shape, dtype=dtype or "float32")
+
+
+def pad(x, pad_width, mode="constant", constant_values=None):
+    return tf.pad(x, pad_width, mode=mode.upper(), constant_values=constant_values or 0)
+
+
+def scatter(indices, values, shape):
+    return tf.scatter_nd(indices, values, shape)
+
+
+def segment_sum(data, segment_ids, num_segments=None, sorted=False):  # noqa: A002
+    if num_segments is None:
+        num_segments = tf.reduce_max(segment_ids) + 1
+    return tf.math.unsorted_segment_sum(data, segment_ids, num_segments)
+
+
+def split(x, indices_or_sections, axis=0):
+    if isinstance(indices_or_sections, int):
+        return tf.split(x, indices_or_sections, axis=axis)
+    bounds = [0, *indices_or_sections, x.shape[axis]]
+    return tf.split(x, [end - start for start, end in zip(bounds, bounds[1:])], axis=axis)
+
+
+def sqrt(x):
+    return tf.sqrt(x)
+
+
+def square(x):
+    return tf.square(x)
+
+
+def squeeze(x, axis=None):
+    return tf.squeeze(x, axis)
+
+
+def stack(x, axis=0):
+    return tf.stack(x, axis=axis)
+
+
+def switch(index, branches, *operands):
+    return tf.switch_case(index, [lambda branch=branch: branch(*operands)
+                                  for branch in branches])
+
+
+def take(x, indices, axis=None):
+    if axis is None:
+        x, axis = tf.reshape(x, [-1]), 0
+    return tf.gather(x, indices, axis=axis)
+
+
+__all__ += [
+    "abs", "arange", "argmin", "concatenate", "conv", "einsum", "expand_dims", "ones", "pad",
+    "scatter", "segment_sum", "split", "sqrt", "square", "squeeze", "stack", "switch", "take",
+]
