@@ -9,7 +9,9 @@ The Keras in use is ``keras_psm.backend.keras``: Keras 3, or tf_keras when
 
 from keras_psm.backend import KERAS_NAME, LEGACY_KERAS, keras
 from keras_psm.compress import compress
+from keras_psm.distill import Distiller
 from keras_psm.export import size_report, to_tflite, verify_tflite
+from keras_psm.learning_rate import LearningRatePick, pick_learning_rate
 from keras_psm.layers import (
     CompressedConv1D,
     CompressedEinsumDense,
@@ -59,6 +61,7 @@ __all__ = [
     "CompressedMultiHeadAttention",
     "CompressedSeparableConv",
     "CompressionReport",
+    "Distiller",
     "HardPruningConfig",
     "IterativePruning",
     "IterativePruningConfig",
@@ -66,6 +69,7 @@ __all__ = [
     "KroneckerDense",
     "KroneckerPatternDense",
     "LayerReport",
+    "LearningRatePick",
     "LowRankConv",
     "LowRankDense",
     "Method",
@@ -83,6 +87,7 @@ __all__ = [
     "compress",
     "get_method",
     "keras",
+    "pick_learning_rate",
     "prune_at_init",
     "register_method",
     "size_report",

@@ -61,3 +61,18 @@ __all__ = [
     "cast", "convert_to_numpy", "convert_to_tensor", "log", "log_softmax", "matmul", "mean",
     "reshape", "shape", "softmax", "sum", "transpose",
 ]
+
+
+def exp(x):
+    return tf.exp(x)
+
+
+def maximum(x1, x2):
+    return tf.maximum(x1, x2)
+
+
+def stop_gradient(variable):
+    return tf.stop_gradient(variable)
+
+
+__all__ += ["exp", "maximum", "stop_gradient"]
