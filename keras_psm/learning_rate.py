@@ -91,8 +91,9 @@ def pick_learning_rate(model, x, y, loss, *, optimizer=keras.optimizers.Adam,
     scores = {}
     for rate in candidates:
         keras.utils.set_random_seed(seed)
+        # Eagerly: tracing a training step costs more than running a few.
         model.compile(optimizer=optimizer(learning_rate=rate), loss=loss,
-                      metrics=["accuracy"] if by == "error" else None)
+                      metrics=["accuracy"] if by == "error" else None, run_eagerly=True)
         model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False,
                   callbacks=list(callbacks), verbose=0)
         evaluated = np.atleast_1d(model.evaluate(x_val, y_val, batch_size=batch_size,
