@@ -15,7 +15,7 @@ same fine-tuning (Adam, at the learning rate the PSM paper's protocol picks:
 alone ("after") and distilled from the uncompressed model ("distilled",
 ``keras_psm.Distiller``). A longer-fine-tuning row (``--long-epochs``) shows
 what more epochs buy calibrated PSM. Prints one table and writes
-``benchmarks/results/budget_calibration.csv``.
+``benchmarks/results/budget_calibration.csv`` (``--output``).
 
     python benchmarks/budget_calibration.py                       # both data sets
     python benchmarks/budget_calibration.py --datasets digits --ratios 20 --finetune-epochs 1
