@@ -4,9 +4,10 @@
 bundled MNIST digits (or another of ``keras_psm.datasets.DATASETS``), then
 compressed by every registered method at each of its presets (a "small"
 and a "large" parameter budget), each compressed model is fine-tuned with
-``model.fit`` (same optimizer and epochs for all), by default distilled from the uncompressed model (``keras_psm.Distiller``) at
-the learning rate the PSM paper's protocol picks (``pick_learning_rate``),
-and the results are compared in a table, a CSV file and a plot of accuracy against parameters on
+``model.fit`` (same optimizer and epochs for all; by default distilled from
+the uncompressed model, ``keras_psm.Distiller``, at the learning rate the PSM
+paper's protocol picks, ``pick_learning_rate``), and the results are
+compared in a table, a CSV file and a plot of accuracy against parameters on
 a log scale (as in Figure 1 of the PSM paper). The most accurate model
 among those compressed at least ``MIN_RATIO`` times is exported to TFLite.
 
