@@ -11,6 +11,8 @@ TensorFlow, so they load on first use.
 
 from keras_psm.backend import BACKEND, KERAS_NAME, LEGACY_KERAS, keras
 from keras_psm.compress import compress
+from keras_psm.distill import Distiller
+from keras_psm.learning_rate import LearningRatePick, pick_learning_rate
 from keras_psm.layers import (
     CompressedConv1D,
     CompressedEinsumDense,
@@ -73,6 +75,7 @@ __all__ = [
     "CompressedMultiHeadAttention",
     "CompressedSeparableConv",
     "CompressionReport",
+    "Distiller",
     "HardPruningConfig",
     "IterativePruning",
     "IterativePruningConfig",
@@ -80,6 +83,7 @@ __all__ = [
     "KroneckerDense",
     "KroneckerPatternDense",
     "LayerReport",
+    "LearningRatePick",
     "LowRankConv",
     "LowRankDense",
     "Method",
@@ -97,6 +101,7 @@ __all__ = [
     "compress",
     "get_method",
     "keras",
+    "pick_learning_rate",
     "prune_at_init",
     "register_method",
     "size_report",
