@@ -10,17 +10,24 @@ and on 5,000 Fashion-MNIST images, for each ratio:
 - SVD and hard pruning, allocated, without and with calibration.
 
 Each model's test accuracy is measured right after compression and after the
-same fine-tuning (Adam). Prints one table per data set and writes
-``benchmarks/results/budget_calibration.csv``.
+same fine-tuning (Adam, at the learning rate the PSM paper's protocol picks:
+``keras_psm.pick_learning_rate``), twice from the same start: on the labels
+alone ("after") and distilled from the uncompressed model ("distilled",
+``keras_psm.Distiller``). A longer-fine-tuning row (``--long-epochs``) shows
+what more epochs buy calibrated PSM. Prints one table and writes
+``benchmarks/results/budget_calibration.csv`` (``--output``).
 
     python benchmarks/budget_calibration.py                       # both data sets
     python benchmarks/budget_calibration.py --datasets digits --ratios 20 --finetune-epochs 1
+    python benchmarks/budget_calibration.py --ratios 20 40 --variants "psm allocated + calibration"
 """
 
 import argparse
 import csv
 import os
 import time
+
+import dataclasses
 
 import numpy as np
 
@@ -39,8 +46,12 @@ VARIANTS = [
     ("hard-pruning allocated", "hard-pruning", False),
     ("hard-pruning allocated + calibration", "hard-pruning", True),
 ]
+UNIFORM = "psm uniform"
+#: The variant the longer-fine-tuning row fine-tunes.
+LONG_VARIANT = "psm allocated + calibration"
 FIELDS = ("dataset", "target_ratio", "variant", "ratio", "params", "accuracy_before",
-          "accuracy_after", "compress_seconds", "layer_knobs")
+          "accuracy_after", "accuracy_distilled", "finetune_epochs", "compress_seconds",
+          "layer_knobs")
 
 
 def load(name, fashion_path):
@@ -59,23 +70,32 @@ def load(name, fashion_path):
             (images(data["x_test"]), data["y_test"].astype("int64")))
 
 
-def finetune_and_score(model, report, data, settings):
-    (x, y), (x_test, y_test) = data
+def finetune_and_score(model, report, base, data, settings):
+    """Test accuracy before fine-tuning, after it, and after it distilled from ``base``.
+
+    Both fine-tunings start from the compressed weights (``demo.finetune``).
+    """
+    _, (x_test, y_test) = data
     before = demo.accuracy(model, x_test, y_test)
-    if settings.finetune_epochs:
-        demo.keras.utils.set_random_seed(settings.seed)
-        demo.compile_for_training(model, settings)
-        model.fit(x, y, epochs=settings.finetune_epochs, batch_size=settings.batch_size,
-                  callbacks=list(report.callbacks), verbose=0)
-    return before, demo.accuracy(model, x_test, y_test)
+    if not settings.finetune_epochs:
+        return before, before, before
+    start = model.get_weights()
+    scores = [before]
+    for distill in (False, True):
+        model.set_weights(start)
+        demo.finetune(model, base, data, dataclasses.replace(settings, distill=distill),
+                      report.callbacks)
+        scores.append(demo.accuracy(model, x_test, y_test))
+    return tuple(scores)
 
 
-def row(dataset, target, variant, report, scores, seconds):
+def row(dataset, target, variant, report, scores, seconds, epochs):
     before = sum(r.params_before for r in report.compressed)
     after = sum(r.params_after for r in report.compressed)
     return dict(dataset=dataset, target_ratio=target, variant=variant,
                 ratio=round(before / after, 2), params=after,
                 accuracy_before=round(scores[0], 4), accuracy_after=round(scores[1], 4),
+                accuracy_distilled=round(scores[2], 4), finetune_epochs=epochs,
                 compress_seconds=round(seconds, 1),
                 layer_knobs="; ".join(f"{r.name}: {r.note}" for r in report.compressed))
 
@@ -97,7 +117,8 @@ def uniform_psm(base, ratios, max_iter):
 
 def run(dataset, args):
     settings = demo.Settings(train_epochs=args.train_epochs, finetune_epochs=args.finetune_epochs,
-                             max_iter=args.max_iter)
+                             max_iter=args.max_iter, temperature=args.temperature,
+                             alpha=args.alpha)
     data = load(dataset, args.fashion_path)
     (x, y), (x_test, y_test) = data
     base = demo.lenet5(x.shape[1:], 10, seed=settings.seed)
@@ -106,35 +127,51 @@ def run(dataset, args):
     calibration = x[:args.calibration_samples]
     rows = [dict(dataset=dataset, target_ratio=1, variant="dense", ratio=1.0,
                  params=base.count_params(), accuracy_before=round(dense, 4),
-                 accuracy_after=round(dense, 4), compress_seconds=0.0, layer_knobs="")]
-    start = time.perf_counter()
-    uniform = uniform_psm(base, args.ratios, args.max_iter)
-    uniform_seconds = time.perf_counter() - start
+                 accuracy_after=round(dense, 4), accuracy_distilled=round(dense, 4),
+                 finetune_epochs=0, compress_seconds=0.0, layer_knobs="")]
+    uniform = {}
+    if UNIFORM in args.variants:
+        start = time.perf_counter()
+        uniform = uniform_psm(base, args.ratios, args.max_iter)
+        uniform_seconds = time.perf_counter() - start
+    long_settings = dataclasses.replace(settings, finetune_epochs=args.long_epochs)
     for ratio in args.ratios:
         if ratio in uniform:
             k, (model, report) = uniform[ratio]
-            rows.append(row(dataset, ratio, f"psm uniform K={k}", report,
-                            finetune_and_score(model, report, data, settings), uniform_seconds))
+            rows.append(row(dataset, ratio, f"{UNIFORM} K={k}", report,
+                            finetune_and_score(model, report, base, data, settings),
+                            uniform_seconds, settings.finetune_epochs))
         for label, method, calibrated in VARIANTS:
+            if label not in args.variants:
+                continue
             options = dict(max_iter=args.max_iter) if method == "psm" else {}
             start = time.perf_counter()
             model, report = keras_psm.compress(
                 base, method, target_ratio=ratio, verbose=0,
                 calibration_data=calibration if calibrated else None, **options)
             seconds = time.perf_counter() - start
-            rows.append(row(dataset, ratio, label, report,
-                            finetune_and_score(model, report, data, settings), seconds))
-            print(f"  {dataset} x{ratio} {label}: acc {rows[-1]['accuracy_before']:.3f} -> "
-                  f"{rows[-1]['accuracy_after']:.3f} (x{rows[-1]['ratio']}, {seconds:.0f} s)",
-                  flush=True)
+            runs = [(label, settings)]
+            if label == LONG_VARIANT and ratio in args.long_ratios and args.long_epochs:
+                runs.append((f"{label}, {args.long_epochs} epochs", long_settings))
+            start_weights = model.get_weights()
+            for name, run_settings in runs:
+                model.set_weights(start_weights)
+                scores = finetune_and_score(model, report, base, data, run_settings)
+                rows.append(row(dataset, ratio, name, report, scores, seconds,
+                                run_settings.finetune_epochs))
+                print(f"  {dataset} x{ratio} {name}: acc {scores[0]:.3f} -> {scores[1]:.3f}, "
+                      f"distilled {scores[2]:.3f} (x{rows[-1]['ratio']}, {seconds:.0f} s)",
+                      flush=True)
     return rows
 
 
 def format_rows(rows):
-    header = ("data", "target", "variant", "ratio", "acc. before", "acc. after", "compress s")
+    header = ("data", "target", "variant", "ratio", "acc. before", "acc. after", "distilled",
+              "epochs", "compress s")
     lines = [header] + [
         (r["dataset"], f"x{r['target_ratio']}", r["variant"], f"x{r['ratio']}",
          f"{r['accuracy_before']:.4f}", f"{r['accuracy_after']:.4f}",
+         f"{r['accuracy_distilled']:.4f}", str(r["finetune_epochs"]),
          f"{r['compress_seconds']:.0f}") for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -148,7 +185,15 @@ def main():
                         choices=["digits", "fashion"])
     parser.add_argument("--ratios", nargs="+", type=int, default=[10, 20, 40])
     parser.add_argument("--train-epochs", type=int, default=10)
-    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", default=[UNIFORM] + [v[0] for v in VARIANTS],
+                        choices=[UNIFORM] + [v[0] for v in VARIANTS])
+    parser.add_argument("--long-epochs", type=int, default=20,
+                        help=f"epochs of the longer fine-tuning of {LONG_VARIANT!r} (0: none)")
+    parser.add_argument("--long-ratios", nargs="+", type=int, default=[40],
+                        help="the ratios that get the longer-fine-tuning row")
+    parser.add_argument("--temperature", type=float, default=demo.FULL.temperature)
+    parser.add_argument("--alpha", type=float, default=demo.FULL.alpha)
     parser.add_argument("--max-iter", type=int, default=100,
                         help="palm4MSA iterations per fit (the paper: 300)")
     parser.add_argument("--calibration-samples", type=int, default=256)

@@ -28,14 +28,32 @@ pyfaust is optional (``pip install keras-psm[bench]``); without it only our
 times are printed. Writes ``results/palm4msa_speed.csv`` and
 ``results/palm4msa_speed.png`` next to this script.
 
+Large layers, before against after (``--before COMMIT``): the palm4msa.py of
+``COMMIT`` against the current one, each case in a fresh subprocess, one at a
+time, reporting seconds per iteration, peak resident memory (``VmHWM``) and
+the error: VGG16's ``fc6`` kernel shape (25,088 x 4,096, Q=3, K=14) and
+kernel shapes of ResNet50 at 224x224 (Q=3, K=14), on Gaussian matrices of
+those shapes (the pretrained weights need a download).
+
+``--fc6-only --device auto`` runs only fc6 with ``palm4msa_on_device`` on
+the current Keras backend and its device (no TensorFlow or pyfaust needed
+with ``KERAS_BACKEND=jax``); ``--device cpu`` runs the NumPy ``palm4msa``.
+
     python benchmarks/palm4msa_speed.py            # all cases, 300 iterations
     python benchmarks/palm4msa_speed.py --quick    # 256x256 and Hadamard 64, seconds
+    python benchmarks/palm4msa_speed.py --before c58aca2 --iterations 3
+    KERAS_BACKEND=jax python benchmarks/palm4msa_speed.py --fc6-only --device auto
 """
 
 import argparse
 import csv
 import importlib
+import importlib.util
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -48,6 +66,11 @@ from keras_psm.factorize.palm4msa import factor_shapes, hierarchical_palm4msa, p
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HADAMARD_ITERATIONS = 30  # what pyfaust's 'hadamard' preset runs per inner palm4MSA
+REPOSITORY = Path(__file__).resolve().parent.parent
+FC6 = (25088, 4096)
+# (kh * kw * cin, cout) kernel matrices of ResNet50 at 224x224: a 3x3 conv of the
+# last stage, 1x1 expansions and reductions, the first stage's 3x3 conv, the classifier.
+RESNET50_SHAPES = [(4608, 512), (1024, 2048), (2048, 512), (576, 64), (2048, 1000)]
 
 
 @dataclass
@@ -240,6 +263,89 @@ def plot(rows, with_faust, path):
     plt.close(figure)
 
 
+def peak_memory_bytes():
+    """This process's peak resident memory (``VmHWM``)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+
+
+def large_matrix(shape, seed=0):
+    """A float32 Gaussian matrix, as a Keras kernel of that shape would be."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def measure_in_this_process(module_path, shape, iterations, tol):
+    """Fit Q=3, K=14 with the ``palm4msa`` of ``module_path``: seconds per iteration, peak
+    memory (GB, all and during the fit) and the error, as one JSON line."""
+    spec = importlib.util.spec_from_file_location("palm4msa_under_test", module_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    matrix = large_matrix(shape)
+    before = peak_memory_bytes()
+    start = time.perf_counter()
+    result = module.palm4msa(matrix, 3, 14, max_iter=iterations, tol=tol, random_state=0)
+    seconds = time.perf_counter() - start
+    peak = peak_memory_bytes()
+    print(json.dumps({"seconds_per_iteration": seconds / len(result.errors),
+                      "iterations": len(result.errors), "peak_gb": peak / 1e9,
+                      "fit_peak_gb": (peak - before) / 1e9, "error": float(result.errors[-1])}))
+
+
+def measure_in_subprocess(module_path, shape, iterations, tol):
+    command = [sys.executable, __file__, "--measure", str(module_path), f"{shape[0]}x{shape[1]}",
+               "--iterations", str(iterations), "--tol", str(tol)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=True,
+                               env={**os.environ, "PYTHONPATH": str(REPOSITORY)})
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def before_after(commit, iterations, tol):
+    """fc6 and the ResNet50 shapes with the palm4msa.py of ``commit`` and the current one."""
+    current = REPOSITORY / "keras_psm" / "factorize" / "palm4msa.py"
+    with tempfile.TemporaryDirectory() as folder:
+        old = Path(folder) / "palm4msa_before.py"
+        old.write_text(subprocess.run(
+            ["git", "-C", str(REPOSITORY), "show", f"{commit}:keras_psm/factorize/palm4msa.py"],
+            capture_output=True, text=True, check=True).stdout)
+        print(f"{'shape (Q=3, K=14)':<18} {'s/it before':>11} {'s/it after':>10} {'ratio':>6}"
+              f" {'peak GB before':>14} {'after':>6} {'fit GB before':>13} {'after':>6}"
+              f" {'error before':>12} {'after':>8}")
+        for shape in [FC6] + RESNET50_SHAPES:
+            before = measure_in_subprocess(old, shape, iterations, tol)
+            after = measure_in_subprocess(current, shape, iterations, tol)
+            print(f"{shape[0]}x{shape[1]:<12} {before['seconds_per_iteration']:>11.2f}"
+                  f" {after['seconds_per_iteration']:>10.2f}"
+                  f" {before['seconds_per_iteration'] / after['seconds_per_iteration']:>6.2f}"
+                  f" {before['peak_gb']:>14.2f} {after['peak_gb']:>6.2f}"
+                  f" {before['fit_peak_gb']:>13.2f} {after['fit_peak_gb']:>6.2f}"
+                  f" {before['error']:>12.5f} {after['error']:>8.5f}", flush=True)
+
+
+def fc6_alone(device, iterations):
+    """fc6 on the current Keras backend's device (``auto``) or with NumPy (``cpu``)."""
+    if device == "auto":
+        import keras
+
+        from keras_psm.palm4msa_accelerated import palm4msa_on_device as fit
+
+        where = f"Keras {keras.__version__}, backend {keras.backend.backend()}"
+    else:
+        from keras_psm.factorize.palm4msa import palm4msa as fit
+
+        where = f"NumPy/SciPy, {os.cpu_count()} CPUs"
+    matrix = large_matrix(FC6)
+    start = time.perf_counter()
+    fit(matrix, 3, 14, max_iter=1, tol=0)  # the backend compiles its kernels for these shapes
+    warm_up = time.perf_counter() - start
+    start = time.perf_counter()
+    result = fit(matrix, 3, 14, max_iter=iterations, tol=0, random_state=0)
+    seconds = time.perf_counter() - start
+    print(f"fc6 {FC6[0]}x{FC6[1]} Q=3 K=14, {where}: {iterations} iterations in"
+          f" {seconds:.1f} s, {seconds / iterations:.3f} s per iteration, after a"
+          f" 1-iteration warm-up of {warm_up:.1f} s; relative error {result.relative_error:.5f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -249,9 +355,23 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-faust", action="store_true", help="time keras_psm only")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--before", metavar="COMMIT",
+                        help="fc6 and ResNet50 shapes: palm4msa.py of COMMIT against the current")
+    parser.add_argument("--tol", type=float, default=0.0, help="tol of the --before fits")
+    parser.add_argument("--fc6-only", action="store_true", help="only fc6, on --device")
+    parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
+                        help="auto: palm4msa_on_device on the Keras backend; cpu: NumPy")
+    parser.add_argument("--measure", nargs=2, metavar=("MODULE", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.iterations < 1:
         parser.error("--iterations must be >= 1")
+    if args.measure:
+        shape = tuple(int(size) for size in args.measure[1].split("x"))
+        return measure_in_this_process(args.measure[0], shape, args.iterations, args.tol)
+    if args.before:
+        return before_after(args.before, args.iterations, args.tol)
+    if args.fc6_only:
+        return fc6_alone(args.device, args.iterations)
 
     with_faust = not args.no_faust and faust_available()
     if not with_faust and not args.no_faust:

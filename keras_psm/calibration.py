@@ -15,16 +15,18 @@ corrected afterwards (``correct_biases``; the bias correction of Nagel et al.,
 uncentred covariance is dominated by the mean input of a ReLU network, and
 a fit to it spends the budget on the mean output, which the bias carries
 anyway. A Dense layer's rows are its input vectors (every leading axis
-flattened); a Conv2D's rows are its im2col patches (``tf.image.extract_patches``
-with the layer's window, strides, dilation and padding), ordered
-``(kh, kw, cin)`` like the rows of its kernel matrix. The matrices are
+flattened); a Conv2D's rows are its im2col patches (``patches``: the layer's
+window, strides, dilation and padding, in NumPy), ordered ``(kh, kw, cin)``
+like the rows of its kernel matrix. The matrices are
 damped as GPTQ does (``damped_covariance``) so that they are invertible.
 """
 
-import numpy as np
-import tensorflow as tf
+import sys
 
-from keras_psm.backend import keras
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from keras_psm.backend import LEGACY_KERAS, keras
 from keras_psm.factorize.calibrated import DAMPING, damped_covariance
 from keras_psm.model_layers import is_graph_model, leaf_layers
 
@@ -42,7 +44,7 @@ def calibration_batches(model, data, batch_size=BATCH_SIZE):
     """
     names = input_names(model)
     shapes = [tuple(tensor.shape)[1:] for tensor in model.inputs]
-    if isinstance(data, tf.data.Dataset):
+    if _is_tf_dataset(data):
         batches = [_as_inputs(element, names) for element in data]
         if batches and all(
             len(array.shape) == len(shape) for array, shape in zip(batches[0], shapes)
@@ -145,13 +147,31 @@ def _rows(layer, value):
     if isinstance(layer, keras.layers.Conv2D):
         if layer.data_format == "channels_first":
             value = np.transpose(value, (0, 2, 3, 1))
-        (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.strides, layer.dilation_rate
-        value = tf.image.extract_patches(
-            value, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
-            padding=layer.padding.upper(),
-        ).numpy()
+        value = patches(np.asarray(value), layer.kernel_size, layer.strides,
+                        layer.dilation_rate, layer.padding)
     value = np.asarray(value, dtype=np.float64)
     return value.reshape(-1, value.shape[-1])
+
+
+def patches(images, kernel_size, strides, dilation_rate, padding):
+    """The im2col patches of NHWC ``images`` a Conv2D multiplies by its kernel matrix:
+    (n, h_out, w_out, kh * kw * cin), ordered (kh, kw, cin).
+
+    ``"same"`` padding pads as TensorFlow does: the total ``(out - 1) * stride +
+    (k - 1) * dilation + 1 - size``, its smaller half before.
+    """
+    if padding == "same":
+        pads = []
+        for size, k, stride, dilation in zip(images.shape[1:3], kernel_size, strides,
+                                             dilation_rate):
+            total = max((-(-size // stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        images = np.pad(images, [(0, 0), *pads, (0, 0)])
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation_rate
+    windows = sliding_window_view(images, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
+    windows = windows[:, ::sh, ::sw, :, ::dh, ::dw]  # (n, h_out, w_out, cin, kh, kw)
+    n, h_out, w_out, channels = windows.shape[:4]
+    return windows.transpose(0, 1, 2, 4, 5, 3).reshape(n, h_out, w_out, kh * kw * channels)
 
 
 def _layer_input(layer):
@@ -167,7 +187,7 @@ def _layer_input(layer):
 def _call_inputs(model):
     """The tensors a nested model is called on in the enclosing graph."""
     own = {id(tensor) for tensor in model.inputs}
-    calls = [tf.nest.flatten(node.input_tensors) for node in model._inbound_nodes]
+    calls = [_flatten(node.input_tensors) for node in model._inbound_nodes]
     calls = [call for call in calls if not {id(tensor) for tensor in call} <= own]
     if len(calls) != 1:
         raise ValueError(
@@ -175,6 +195,21 @@ def _call_inputs(model):
             "so the inputs of its layers are ambiguous; leave its layers out of `layers`."
         )
     return calls[0]
+
+
+def _flatten(structure):
+    """The tensors of a nested structure, in order (``keras.tree`` has no tf_keras twin)."""
+    if LEGACY_KERAS:
+        from keras_psm.backend import tf  # tf_keras runs on TensorFlow
+
+        return tf.nest.flatten(structure)
+    return keras.tree.flatten(structure)
+
+
+def _is_tf_dataset(data):
+    """Whether ``data`` is a ``tf.data.Dataset`` (only possible once TensorFlow is loaded)."""
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(data, tf.data.Dataset)
 
 
 def input_names(model):
@@ -205,7 +240,7 @@ def _as_inputs(data, names):
                 f"`calibration_data` holds {len(data)} arrays, but the model has "
                 f"{len(names)} input(s) {names}: give one array per input."
             )
-    elif isinstance(data, (np.ndarray, tf.Tensor)):
+    elif hasattr(data, "shape") and hasattr(data, "dtype"):  # an array or a tensor
         if len(names) != 1:
             raise ValueError(
                 f"`calibration_data` is one array, but the model has {len(names)} inputs "

@@ -2,6 +2,7 @@
 
     keras-psm compress model.keras small.keras --method psm --factors 3 --sparsity 14
     keras-psm export small.keras small.tflite --quantization float16
+    keras-psm finetune small.keras tuned.keras --teacher model.keras --data train.npz
     keras-psm methods
     keras-psm demo --quick
 
@@ -41,8 +42,10 @@ from keras_psm.backend import KERAS_NAME, LEGACY_KERAS, keras
 from keras_psm.calibration import input_names
 from keras_psm.compress import compress
 from keras_psm.datasets import DATASETS
+from keras_psm.distill import Distiller
 from keras_psm.export import size_report, to_tflite
 from keras_psm.files import write_atomically
+from keras_psm.learning_rate import PAPER_STEPS, pick_learning_rate
 from keras_psm.methods import available_methods, get_method
 from keras_psm_cli import quiet_worker
 
@@ -320,6 +323,56 @@ def run_export(args):
     return 0
 
 
+def load_training_data(path):
+    """``(x, y)`` from an .npz holding arrays ``x`` and ``y`` (or ``x_train`` and ``y_train``)."""
+    existing_file(path, "training data")
+    with np.load(path) as archive:
+        for x_name, y_name in (("x", "y"), ("x_train", "y_train")):
+            if {x_name, y_name} <= set(archive.files):
+                x, y = archive[x_name], archive[y_name]
+                break
+        else:
+            raise CommandError(f"--data {path}: holds arrays {sorted(archive.files)}; give "
+                               "the inputs as 'x' and the labels as 'y' (np.savez(path, x=..., "
+                               "y=...)).")
+    if len(x) != len(y):
+        raise CommandError(f"--data {path}: {len(x)} inputs but {len(y)} labels.")
+    return x, y
+
+
+def run_finetune(args):
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise CommandError(f"{flag} must be an integer >= 1, got {value}.")
+    # Never one of the two inputs, --overwrite or not; then an existing output needs it.
+    writable_path(args.output, ".keras", "output model", args.teacher, overwrite=True)
+    writable_path(args.output, ".keras", "output model", args.input, args.overwrite)
+    x, y = load_training_data(args.data)
+    student, teacher = load_model(args.input), load_model(args.teacher)
+    trainee = student if args.alpha == 0 else Distiller(
+        student, teacher, temperature=args.temperature, alpha=args.alpha)
+    rate = args.learning_rate
+    if rate is None:
+        pick = pick_learning_rate(trainee, x, y, args.loss, batch_size=args.batch_size)
+        rate = pick.learning_rate
+        print("learning rate: " + ", ".join(
+            f"{candidate:g} {'error' if len(score) == 2 else 'loss'} {score[0]:.4f}"
+            for candidate, score in pick.scores.items())
+            + f" after {PAPER_STEPS} steps on the last 10% of the data; picked {rate:g}")
+    trainee.compile(optimizer=keras.optimizers.Adam(rate), loss=args.loss,
+                    metrics=["accuracy"])
+    history = trainee.fit(x, y, epochs=args.epochs, batch_size=args.batch_size,
+                          verbose=int(not args.quiet and terminal()))
+    with write_atomically(args.output) as temporary:
+        student.save(temporary)
+    losses = history.history["loss"]
+    print(f"wrote {args.output}: fine-tuned {args.epochs} epoch(s) at learning rate {rate:g}"
+          + (f", distilled from {args.teacher} (T={args.temperature:g}, alpha={args.alpha:g})"
+             if trainee is not student else "")
+          + f"; training loss {losses[0]:.4f} -> {losses[-1]:.4f}.")
+    return 0
+
+
 LAYER_NAMES = {"dense": "Dense", "conv2d": "Conv2D"}
 
 
@@ -355,7 +408,7 @@ def run_methods(args):
 
 def run_demo_command(args):
     settings = dataclasses.replace(demo.QUICK if args.quick else demo.FULL,
-                                   dataset=args.dataset)
+                                   dataset=args.dataset, distill=not args.no_distill)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise CommandError(f"--output {args.output!r} exists and is not a folder.")
     for name in args.methods or ():
@@ -479,6 +532,45 @@ def build_parser():
     add("--overwrite", action="store_true", help="replace OUT.tflite if it exists")
     export_parser.set_defaults(run=run_export)
 
+    finetune_parser = commands.add_parser(
+        "finetune", help="fine-tune a compressed model against its original on your data",
+        description=(
+            "Load a compressed model (IN.keras, from 'keras-psm compress') and the model it "
+            "was compressed from (--teacher), fine-tune the compressed one on the labelled "
+            "data of --data with the original's softened outputs as extra targets "
+            "(knowledge distillation: task loss + alpha * T^2 * KL), and save it as "
+            "OUT.keras. Without --learning-rate, the PSM paper's protocol picks it: "
+            f"1e-3, 1e-4 and 1e-5 each train {PAPER_STEPS} steps, the lowest error on the "
+            "last 10% of the data wins."),
+        epilog=(
+            "example:\n"
+            f"  {PROG} finetune lenet_psm.keras lenet_psm_tuned.keras --teacher lenet.keras "
+            "--data train.npz --epochs 5\n\n"
+            "train.npz holds the inputs as 'x' and the labels as 'y' "
+            "(numpy.savez('train.npz', x=x_train, y=y_train))."),
+        formatter_class=HelpFormatter,
+    )
+    add = finetune_parser.add_argument
+    add("input", metavar="IN.keras", help="compressed model to fine-tune")
+    add("output", metavar="OUT.keras", help="where to save the fine-tuned model")
+    add("--teacher", required=True, metavar="ORIGINAL.keras",
+        help="the uncompressed model it came from")
+    add("--data", required=True, metavar="FILE.npz",
+        help="training data: arrays x (inputs) and y (labels)")
+    add("--epochs", type=int, default=5, metavar="N", help="epochs of fine-tuning (default: 5)")
+    add("--batch-size", type=int, default=32, metavar="N", help="(default: 32)")
+    add("--learning-rate", type=float, metavar="LR",
+        help="Adam's learning rate (default: picked from 1e-3, 1e-4, 1e-5)")
+    add("--temperature", type=float, default=4.0, metavar="T",
+        help="softens both models' outputs (default: 4)")
+    add("--alpha", type=float, default=1.0,
+        help="weight of the distillation term; 0 fine-tunes on the labels alone (default: 1)")
+    add("--loss", default="sparse_categorical_crossentropy",
+        help="the task loss, a Keras loss name (default: sparse_categorical_crossentropy)")
+    add("--quiet", action="store_true", help="no progress bar")
+    add("--overwrite", action="store_true", help="replace OUT.keras if it exists")
+    finetune_parser.set_defaults(run=run_finetune)
+
     methods_parser = commands.add_parser(
         "methods", help="list the compression methods, their options and papers",
         description="List every registered method with its layers, paper, options and "
@@ -495,10 +587,12 @@ def build_parser():
             "network needed; --dataset fashion_mnist_5k for the bundled Fashion-MNIST "
             "images), compress it with every method at a small and a large "
             "parameter budget, fine-tune each with model.fit (Adam, the same epochs "
-            "for all), print a table (parameters in Conv2D and Dense layers, "
-            "compression ratio, accuracy before and after fine-tuning, seconds), and "
-            "write results.csv and tradeoff.png (accuracy against parameters, log "
-            "scale) to the output folder. The best model is exported to best.tflite: "
+            "for all, distilled from the uncompressed model unless --no-distill, at the "
+            "learning rate the PSM paper's protocol picks), print a table (parameters in "
+            "Conv2D and Dense layers, compression ratio, accuracy before and after "
+            "fine-tuning, seconds), and write results.csv and tradeoff.png (accuracy "
+            "against parameters, log scale) to the output folder. The best model is "
+            "exported to best.tflite: "
             "the most accurate one with at least --min-ratio times fewer parameters, "
             "or the most compressed one if none gets there. A full run trains on "
             f"{full.train_samples} samples and fine-tunes {full.finetune_epochs} epochs "
@@ -520,6 +614,8 @@ def build_parser():
     add("--min-ratio", type=float, default=demo.MIN_RATIO, metavar="R",
         help=f"compression ratio the exported model must reach (default: {demo.MIN_RATIO:g})")
     add("--no-export", action="store_true", help="skip the TFLite export")
+    add("--no-distill", action="store_true",
+        help="fine-tune on the labels alone, not distilled from the uncompressed model")
     add("--no-progress", action="store_true",
         help="no progress bars (they are drawn only when standard error is a terminal)")
     add("--target-ratio", type=float, metavar="R",
@@ -527,7 +623,8 @@ def build_parser():
              "fewer parameters")
     demo_parser.set_defaults(run=run_demo_command)
 
-    for command_parser in (compress_parser, export_parser, methods_parser, demo_parser):
+    for command_parser in (compress_parser, export_parser, finetune_parser, methods_parser,
+                           demo_parser):
         command_parser.add_argument(
             "--verbose", action="store_true",
             help="also show TensorFlow's, Keras's and absl's log lines and warnings")

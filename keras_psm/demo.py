@@ -4,7 +4,9 @@
 bundled MNIST digits (or another of ``keras_psm.datasets.DATASETS``), then
 compressed by every registered method at each of its presets (a "small"
 and a "large" parameter budget), each compressed model is fine-tuned with
-``model.fit`` (same optimizer and epochs for all), and the results are
+``model.fit`` (same optimizer and epochs for all; by default distilled from
+the uncompressed model, ``keras_psm.Distiller``, at the learning rate the PSM
+paper's protocol picks, ``pick_learning_rate``), and the results are
 compared in a table, a CSV file and a plot of accuracy against parameters on
 a log scale (as in Figure 1 of the PSM paper). The most accurate model
 among those compressed at least ``MIN_RATIO`` times is exported to TFLite.
@@ -30,9 +32,11 @@ from tqdm.auto import tqdm
 from keras_psm.backend import keras
 from keras_psm.compress import compress
 from keras_psm.datasets import DATASETS, load_dataset
+from keras_psm.distill import Distiller
 from keras_psm.files import write_atomically
+from keras_psm.learning_rate import pick_learning_rate
 from keras_psm.methods import available_methods, get_method
-from keras_psm.validation import check_choice, check_float, check_int
+from keras_psm.validation import check_bool, check_choice, check_float, check_int
 
 #: The demo exports the most accurate model among those with at least this
 #: many times fewer parameters in their Conv2D and Dense layers.
@@ -58,7 +62,13 @@ class Settings:
         finetune_epochs: epochs of ``model.fit`` after compression, the same
             for every method.
         batch_size, learning_rate: of the Adam optimizer used for both
-            (``compile_for_training``).
+            (``compile_for_training``); fine-tuning uses ``learning_rate``
+            only if ``pick_rate`` is False.
+        distill: fine-tune each compressed model as the student of the
+            uncompressed one (``keras_psm.Distiller`` with ``temperature``
+            and ``alpha``) instead of on the labels alone.
+        pick_rate: fine-tune each compressed model at the learning rate
+            ``pick_learning_rate`` picks (the PSM paper's protocol).
         max_iter: caps the ``max_iter`` option (palm4MSA iterations) of the
             methods that have one; None keeps each method's own.
         seed: seeds the data split, the initial weights and every fit.
@@ -73,6 +83,10 @@ class Settings:
     learning_rate: float = 1e-3
     max_iter: Optional[int] = None
     seed: int = 0
+    distill: bool = True
+    temperature: float = 4.0
+    alpha: float = 1.0
+    pick_rate: bool = True
 
     def __post_init__(self):
         where = type(self).__name__
@@ -86,6 +100,11 @@ class Settings:
                     exclusive_minimum=True, where=where)
         check_int(self.max_iter, "max_iter", minimum=1, where=where, allow_none=True)
         check_int(self.seed, "seed", minimum=0, where=where)
+        check_bool(self.distill, "distill", where=where)
+        check_float(self.temperature, "temperature", minimum=0.0, exclusive_minimum=True,
+                    where=where)
+        check_float(self.alpha, "alpha", minimum=0.0, where=where)
+        check_bool(self.pick_rate, "pick_rate", where=where)
 
 
 #: ``keras-psm demo``: all 4,000 training digits of the bundled set.
@@ -119,8 +138,8 @@ class Result:
     ``params`` counts the parameters of the Conv2D and Dense layers (the
     nonzero ones of their compressed replacements) after fine-tuning,
     ``compression_ratio`` the uncompressed count over it. Accuracies are on the test split, right
-    after compression and after fine-tuning. ``model`` is the fine-tuned
-    Keras model (not written to CSV).
+    after compression and after fine-tuning, ``learning_rate`` the fine-tuning's. ``model``
+    is the fine-tuned Keras model (not written to CSV).
     """
 
     model_name: str
@@ -133,6 +152,7 @@ class Result:
     accuracy_after: Optional[float] = None
     compress_seconds: Optional[float] = None
     fit_seconds: Optional[float] = None
+    learning_rate: Optional[float] = None
     error: str = ""
     model: Any = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -210,10 +230,41 @@ def load_data(settings):
             (x_test[:settings.test_samples], y_test[:settings.test_samples]))
 
 
-def compile_for_training(model, settings):
-    """Compile with the one optimizer every model here is trained with (Adam)."""
-    model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+LOSS = "sparse_categorical_crossentropy"
+
+
+def compile_for_training(model, settings, learning_rate=None):
+    """Compile with the one optimizer every model here is trained with (Adam).
+
+    At ``learning_rate``, by default ``settings.learning_rate``.
+    """
+    rate = settings.learning_rate if learning_rate is None else learning_rate
+    model.compile(optimizer=keras.optimizers.Adam(rate), loss=LOSS, metrics=["accuracy"])
+
+
+def finetune(model, teacher, data, settings, callbacks=()):
+    """Fine-tune a compressed ``model`` as ``settings`` say; returns the learning rate used.
+
+    With ``settings.distill`` the model trains as the student of ``teacher``
+    (``Distiller``); with ``settings.pick_rate`` at the rate
+    ``pick_learning_rate`` picks on the last 10% of the training data, else at
+    ``settings.learning_rate``. ``model`` comes back compiled (Adam, the loss,
+    accuracy), ready to ``evaluate``.
+    """
+    (x, y), _ = data
+    trainee = (Distiller(model, teacher, settings.temperature, settings.alpha)
+               if settings.distill else model)
+    rate = settings.learning_rate
+    if settings.pick_rate:
+        rate = pick_learning_rate(trainee, x, y, LOSS, batch_size=settings.batch_size,
+                                  callbacks=callbacks, seed=settings.seed).learning_rate
+    keras.utils.set_random_seed(settings.seed)
+    compile_for_training(model, settings, rate)
+    if trainee is not model:
+        compile_for_training(trainee, settings, rate)
+    trainee.fit(x, y, epochs=settings.finetune_epochs, batch_size=settings.batch_size,
+                callbacks=list(callbacks), verbose=0)
+    return rate
 
 
 def train(model, data, settings):
@@ -334,8 +385,9 @@ def run_trial(base_model, trial, data, settings, base_params=None, keep_model=Tr
 
     Any exception from the method or the fine-tuning is caught and kept as
     the result's one-line ``error``, so one failing method does not stop a
-    comparison. ``report.callbacks`` is always passed to ``fit``. The
-    fine-tuned model is kept in ``result.model`` if ``keep_model``.
+    comparison. Fine-tuning is ``finetune`` (``report.callbacks`` always
+    passed to ``fit``). The fine-tuned model is kept in ``result.model`` if
+    ``keep_model``.
     """
     (x, y), (x_test, y_test) = data
     names = conv_dense_names(base_model)
@@ -352,9 +404,8 @@ def run_trial(base_model, trial, data, settings, base_params=None, keep_model=Tr
         result.accuracy_before = accuracy(model, x_test, y_test)
         start = time.perf_counter()
         if settings.finetune_epochs:
-            compile_for_training(model, settings)
-            model.fit(x, y, epochs=settings.finetune_epochs, batch_size=settings.batch_size,
-                      callbacks=list(report.callbacks), verbose=0)
+            result.learning_rate = finetune(model, base_model, data, settings,
+                                            report.callbacks)
         result.fit_seconds = time.perf_counter() - start
         result.accuracy_after = accuracy(model, x_test, y_test)
         result.params = param_count(model, names)
@@ -389,18 +440,19 @@ def format_options(options):
 def format_table(results):
     """The results as a text table (one row per result, failures with their reason)."""
     header = ("method", "budget", "params", "ratio", "acc. before", "acc. after",
-              "compress s", "fit s", "options")
+              "compress s", "fit s", "lr", "options")
     lines = [header]
     for result in results:
         if result.failed:
-            lines.append((result.method, result.budget, "", "", "", "", "", "",
+            lines.append((result.method, result.budget, "", "", "", "", "", "", "",
                           f"FAILED {result.error}"))
             continue
         lines.append((
             result.method, result.budget, _number(result.params, ","),
             f"x{result.compression_ratio:.1f}", _number(result.accuracy_before, ".4f"),
             _number(result.accuracy_after, ".4f"), _number(result.compress_seconds, ".1f"),
-            _number(result.fit_seconds, ".1f"), format_options(result.options),
+            _number(result.fit_seconds, ".1f"), _number(result.learning_rate, "g"),
+            format_options(result.options),
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
@@ -410,7 +462,8 @@ def format_table(results):
 
 
 CSV_FIELDS = ("model_name", "method", "budget", "options", "params", "compression_ratio",
-              "accuracy_before", "accuracy_after", "compress_seconds", "fit_seconds", "error")
+              "accuracy_before", "accuracy_after", "compress_seconds", "fit_seconds",
+              "learning_rate", "error")
 
 
 def write_csv(results, path):
@@ -492,6 +545,17 @@ def best_result(results, min_ratio=MIN_RATIO):
     return max(compressed, key=lambda r: r.compression_ratio)
 
 
+def finetune_description(settings):
+    """How ``finetune`` trains, as the end of a sentence."""
+    parts = []
+    if settings.distill:
+        parts.append(f"distilled from the uncompressed model (T={settings.temperature:g}, "
+                     f"alpha={settings.alpha:g})")
+    parts.append("at the learning rate picked from 1e-3, 1e-4, 1e-5 after 10 steps"
+                 if settings.pick_rate else f"at learning rate {settings.learning_rate:g}")
+    return ", " + ", ".join(parts)
+
+
 def run_demo(settings=FULL, output_dir="keras_psm_demo", methods=None, export=True,
              min_ratio=MIN_RATIO, quantization=None, progress=True, stream=None,
              target_ratio=None):
@@ -523,8 +587,8 @@ def run_demo(settings=FULL, output_dir="keras_psm_demo", methods=None, export=Tr
 
     table = format_table(results)
     title = f"{base.name} on {settings.dataset} ({len(x)} training samples)"
-    print(f"\n{title}, fine-tuned {settings.finetune_epochs} epoch(s) with Adam:",
-          file=stream)
+    print(f"\n{title}, fine-tuned {settings.finetune_epochs} epoch(s) with Adam"
+          f"{finetune_description(settings)}:", file=stream)
     print(table, file=stream)
     outcome = DemoOutcome(
         results=results, table=table,

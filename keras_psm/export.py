@@ -70,7 +70,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from keras_psm.backend import tf
+import tensorflow as tf
+from keras_psm.backend import require_tensorflow_backend
 from tensorflow.lite.tools import flatbuffer_utils
 from keras_psm.files import write_atomically
 from keras_psm.model_layers import check_graph_model, clone_replacing, is_graph_model, leaf_layers
@@ -619,6 +620,8 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
             gives each candidate's reason).
     """
     where = "to_tflite"
+    require_tensorflow_backend(where, "save the model (model.save('m.keras')) and export it "
+                               "with KERAS_BACKEND=tensorflow keras-psm export m.keras m.tflite.")
     check_graph_model(model, "export")
     check_choice(quantization, "quantization", tuple(DEFAULT_TOLERANCES), where=where)
     check_choice(sparse, "sparse", SPARSE_CHOICES, where=where)

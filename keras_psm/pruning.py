@@ -196,6 +196,10 @@ class IterativePruning(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         self.step += 1
         if is_pruning_step(self.step, self.begin_step, self.end_step, self.frequency):
+            # Reaching the variables through ``self.model`` brings them up to date on
+            # JAX, whose ``fit`` holds their values apart within an epoch, and makes
+            # it take the new masks for the next step.
+            self.model  # noqa: B018
             prune_by_magnitude(self._factors, self.sparsity_at(self.step))
 
 

@@ -28,13 +28,18 @@ full support (``compress(..., method="hard-pruning", target_sparsity=0)``);
 ``SparseFactorDense``/``SparseFactorConv2D`` layers already in the model have
 every factor scored. The returned layers store the kept entries only
 (values and indices), so the removed ones stay removed during ``fit``.
+
+The gradient scores (snip, grasp, synflow) take their gradients with
+TensorFlow's ``GradientTape`` and need the TensorFlow backend; random and
+magnitude scores run on every backend.
 """
 
 import contextlib
 
 import numpy as np
 
-from keras_psm.backend import keras, tf
+from keras_psm import ops
+from keras_psm.backend import keras, require_tensorflow_backend
 from keras_psm.compress import compress
 from keras_psm.model_layers import clone_replacing
 from keras_psm.pruning import (
@@ -49,6 +54,7 @@ from keras_psm.validation import check_choice, check_float, check_int
 
 #: The scores ``prune_at_init`` accepts.
 SCORES = ("random", "magnitude", "snip", "grasp", "synflow")
+GRADIENT_SCORES = ("snip", "grasp", "synflow")
 SCOPES = ("global", "layer")
 
 
@@ -95,6 +101,9 @@ def prune_at_init(model, target_sparsity, score="snip", data=None, *,
     if not factors:
         raise ValueError(f"{where}: model {model.name!r} has no Dense, Conv2D or "
                          "SparseFactor layer to prune among the selected layers.")
+    if score in GRADIENT_SCORES:
+        require_tensorflow_backend(f"prune_at_init(score={score!r})",
+                                   "the 'random' and 'magnitude' scores run on every backend.")
     keeps = [np.ones(int(f.values.shape[0]), dtype=bool) if f.keep is None
              else f.keep.numpy() > 0 for f in factors]
     _remove(factors, keeps)
@@ -139,6 +148,8 @@ def grasp_scores(model, factors, batches, loss, temperature=200.0):
     ``g`` is the gradient summed over ``batches`` (held constant); ``H g`` is
     the gradient of ``g . dL/dtheta``, again summed over ``batches``.
     """
+    from keras_psm.backend import tf  # gradients through TensorFlow's tape
+
     with _output_activation(model, lambda activation: lambda z: activation(z / temperature)):
         held = [tf.constant(g, dtype=tf.float32) for g in
                 _summed(_gradients(model, factors, x, y, loss) for x, y in batches)]
@@ -149,11 +160,13 @@ def grasp_scores(model, factors, batches, loss, temperature=200.0):
 
 def synflow_scores(model, factors):
     """SynFlow: S = theta * dR/dtheta, R = sum f(1; |theta|) without the output activation."""
+    from keras_psm.backend import tf  # gradients through TensorFlow's tape
+
     inputs = _ones_input(model)
     weights = [factor.values for factor in factors]
     with _absolute_weights(model), _output_activation(model, lambda activation: _identity):
         with tf.GradientTape() as tape:
-            flow = tf.reduce_sum(tf.cast(model(inputs, training=False), tf.float32))
+            flow = ops.sum(ops.cast(model(inputs, training=False), "float32"))
         gradients = tape.gradient(flow, weights)
         return [_numpy(g) * _theta(f) for g, f in zip(gradients, factors)]
 
@@ -187,6 +200,8 @@ def _keeping_only(model, factors, keeps):
 
 def _gradients(model, factors, x, y, loss):
     """dL/dtheta on the stored entries, for one batch."""
+    from keras_psm.backend import tf  # gradients through TensorFlow's tape
+
     weights = [factor.values for factor in factors]
     with tf.GradientTape() as tape:
         value = _loss(model, x, y, loss)
@@ -195,19 +210,20 @@ def _gradients(model, factors, x, y, loss):
 
 def _hessian_gradient(model, factors, x, y, loss, held):
     """H g for one batch: the gradient of ``sum(held * dL/dtheta)``."""
+    from keras_psm.backend import tf  # gradients through TensorFlow's tape
+
     weights = [factor.values for factor in factors]
     with tf.GradientTape() as outer:
         with tf.GradientTape() as inner:
             value = _loss(model, x, y, loss)
         gradients = inner.gradient(value, weights)
-        product = tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32) * h)
-                            for g, h in zip(gradients, held)])
+        product = sum(ops.sum(ops.cast(g, "float32") * h) for g, h in zip(gradients, held))
     return [_numpy(g) for g in outer.gradient(product, weights)]
 
 
 def _loss(model, x, y, loss):
-    outputs = model(tf.convert_to_tensor(x), training=False)
-    return tf.reduce_mean(tf.cast(loss(tf.convert_to_tensor(y), outputs), tf.float32))
+    outputs = model(ops.convert_to_tensor(x), training=False)
+    return ops.mean(ops.cast(loss(ops.convert_to_tensor(y), outputs), "float32"))
 
 
 def _theta(factor):
@@ -235,7 +251,7 @@ def _identity(outputs):
 def _absolute_weights(model):
     """Every float weight of ``model`` replaced by its absolute value, restored on exit."""
     saved = [(variable, variable.numpy()) for variable in model.weights
-             if tf.as_dtype(variable.dtype).is_floating]
+             if "float" in str(variable.dtype)]
     try:
         for variable, value in saved:
             variable.assign(np.abs(value))
@@ -273,7 +289,7 @@ def _ones_input(model):
     if any(dim is None for dim in shape):
         raise ValueError(f"prune_at_init: synflow needs a fully known input shape, "
                          f"model {model.name!r} takes {(None,) + shape}.")
-    return tf.ones((1,) + shape)
+    return ops.ones((1,) + shape)
 
 
 def _batches(data, score):

@@ -1,11 +1,61 @@
-"""Shared fixtures: small models and the bundled MNIST digits."""
+"""Shared fixtures: small models, the bundled MNIST digits, gradients on any backend,
+and the ``tensorflow`` marker."""
 
 import numpy as np
 import pytest
 
 from keras_psm import demo
-from keras_psm.backend import keras
+from keras_psm.backend import BACKEND, keras
 from keras_psm.datasets import load_mnist_5k
+
+#: Test files whose every test needs TensorFlow itself (TFLite export and LiteRT,
+#: the command line and demo that export, pruning-at-init scores through
+#: TensorFlow's gradient tape): skipped, like tests marked ``tensorflow``, on other
+#: Keras backends.
+TENSORFLOW_FILES = {"test_export.py", "test_litert_faults.py", "test_cli.py", "test_demo.py",
+                    "test_zoo.py", "test_pruning_at_init.py"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "tensorflow: needs TensorFlow itself (tf.function, GradientTape, TFLite, "
+        "tf.distribute); skipped when Keras runs on another backend")
+
+
+def pytest_collection_modifyitems(config, items):
+    if BACKEND == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason=f"needs TensorFlow itself; Keras runs on {BACKEND}")
+    for item in items:
+        if item.get_closest_marker("tensorflow") or item.path.name in TENSORFLOW_FILES:
+            item.add_marker(skip)
+
+
+def gradients(loss, variables):
+    """``d loss() / d variables`` on the current backend, as NumPy arrays.
+
+    ``loss`` is a function of no argument that reads ``variables`` (Keras
+    variables, e.g. a layer's weights) and returns a scalar.
+    """
+    if BACKEND == "jax":
+        import jax
+
+        def pure(values):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values)),
+                                      collect_losses=True):
+                return loss()
+
+        return [np.asarray(g) for g in jax.grad(pure)([v.value for v in variables])]
+    if BACKEND == "torch":
+        for variable in variables:
+            variable.value.grad = None
+        loss().backward()
+        return [variable.value.grad.cpu().numpy() for variable in variables]
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        value = loss()
+    return [np.asarray(g) for g in tape.gradient(value, variables)]
 
 
 @pytest.fixture(scope="session")

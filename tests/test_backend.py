@@ -43,9 +43,3 @@ def test_current_process_matches_environment():
     assert backend.LEGACY_KERAS == legacy
     assert keras_psm.keras.__name__ == ("tf_keras" if legacy else "keras")
     assert issubclass(keras_psm.SparseFactorDense, keras_psm.keras.layers.Layer)
-
-
-def test_keras3_on_another_backend_is_refused():
-    with pytest.raises(ImportError, match="KERAS_BACKEND=tensorflow"):
-        backend.check_keras_backend("jax")
-    backend.check_keras_backend("tensorflow")

@@ -369,3 +369,71 @@ def test_progress_bars_only_on_a_terminal(on_terminal, saved_lenet, tmp_path, ca
     assert ("1/1 [" in captured.err) is on_terminal  # tqdm's "1/1 [00:00<00:00, ...]"
     # The per-layer report is printed either way.
     assert re.search(r"^fc1 +Dense +compressed", captured.out, re.MULTILINE)
+
+
+# ----------------------------------------------------------------------------
+# finetune: distillation from the original, written like compress writes.
+
+@pytest.fixture
+def finetune_files(saved_lenet, mnist_small, tmp_path):
+    """A compressed LeNet (fc1 as PSM), its teacher and 128 training digits, as files."""
+    path, teacher = saved_lenet
+    small, _ = keras_psm.compress(teacher, "psm", n_factors=2, sparsity=4, max_iter=5,
+                                  layers=["fc1"], verbose=0)
+    student = tmp_path / "small.keras"
+    small.save(student)
+    (x, y), _ = mnist_small
+    data = tmp_path / "train.npz"
+    np.savez(data, x=x[:128], y=y[:128])
+    return student, path, data
+
+
+def test_finetune_writes_the_student(finetune_files, mnist_small, tmp_path, capsys):
+    student, teacher, data = finetune_files
+    output = tmp_path / "tuned.keras"
+    before = student.read_bytes()
+    assert cli.main(["finetune", str(student), str(output), "--teacher", str(teacher),
+                     "--data", str(data), "--epochs", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "picked " in printed and f"wrote {output}: fine-tuned 1 epoch(s)" in printed
+    assert "distilled from" in printed
+    tuned = keras.models.load_model(output)
+    assert isinstance(tuned.get_layer("fc1"), SparseFactorDense)
+    assert student.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == sorted(["small.keras", "train.npz", "tuned.keras"])
+
+
+@pytest.mark.parametrize("which", ["input", "teacher"])
+def test_finetune_never_writes_over_its_inputs(which, finetune_files, capsys):
+    student, teacher, data = finetune_files
+    source = student if which == "input" else teacher
+    contents = source.read_bytes()
+    for extra in ([], ["--overwrite"]):  # --overwrite does not allow it either
+        assert cli.main(["finetune", str(student), str(source), "--teacher", str(teacher),
+                         "--data", str(data), *extra]) == 1
+        assert f"is the input file '{source}'" in only_error_line(capsys)
+        assert source.read_bytes() == contents
+
+
+def test_an_interrupted_finetune_keeps_the_previous_model(finetune_files, tmp_path, capsys,
+                                                          monkeypatch):
+    student, teacher, data = finetune_files
+    output = tmp_path / "tuned.keras"
+    output.write_bytes(b"previous result")
+    monkeypatch.setattr(keras.Model, "save",
+                        lambda model, path, *args, **kwargs: write_half_then_fail(path))
+    assert cli.main(["finetune", str(student), str(output), "--teacher", str(teacher),
+                     "--data", str(data), "--epochs", "1", "--learning-rate", "1e-3",
+                     "--overwrite"]) == 1
+    assert "No space left on device" in only_error_line(capsys)
+    assert output.read_bytes() == b"previous result"
+    assert sorted(os.listdir(tmp_path)) == sorted(["small.keras", "train.npz", "tuned.keras"])
+
+
+def test_finetune_data_errors(finetune_files, tmp_path, capsys):
+    student, teacher, _ = finetune_files
+    data = tmp_path / "unnamed.npz"
+    np.savez(data, np.zeros((4, 28, 28, 1)))
+    assert cli.main(["finetune", str(student), str(tmp_path / "out.keras"), "--teacher",
+                     str(teacher), "--data", str(data)]) == 1
+    assert "give the inputs as 'x' and the labels as 'y'" in only_error_line(capsys)

@@ -29,7 +29,7 @@ def sparse_layers(model):
 def test_variables_hold_nonzeros_indices_and_keep_masks_only(prunable):
     for layer in sparse_layers(psm_model(prunable)):
         nnz = sum(layer.nonzeros)
-        assert nnz == sum(int(np.count_nonzero(m.numpy())) for m in layer.masks)
+        assert nnz == sum(int(np.count_nonzero(np.asarray(m))) for m in layer.masks)
         bias = int(layer.bias.shape[0])
         assert sum(int(np.prod(v.shape)) for v in layer.trainable_weights) == nnz + bias
         stored = sum(int(np.prod(v.shape)) for v in layer.weights)
@@ -44,12 +44,12 @@ def test_outputs_match_plain_layers_holding_the_kernel():
     plain_dense = keras.layers.Dense(10)
     x = np.random.default_rng(0).standard_normal((4, 12, 12, 3)).astype("float32")
     plain_conv.build(x.shape)
-    plain_conv.set_weights([conv.kernel.numpy(), conv.bias.numpy()])
+    plain_conv.set_weights([np.asarray(conv.kernel), np.asarray(conv.bias)])
     hidden = keras.layers.Flatten()(plain_conv(x))
     plain_dense.build(hidden.shape)
-    plain_dense.set_weights([dense.kernel.numpy(), dense.bias.numpy()])
+    plain_dense.set_weights([np.asarray(dense.kernel), np.asarray(dense.bias)])
     # float32 sums of a few hundred terms in another association order.
-    np.testing.assert_allclose(model(x).numpy(), plain_dense(hidden).numpy(), rtol=1e-4,
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(plain_dense(hidden)), rtol=1e-4,
                                atol=1e-4)
 
 
@@ -69,9 +69,10 @@ def test_keras_file_stores_values_and_indices_only(tmp_path):
     reloaded = keras.models.load_model(path)
     x = np.random.default_rng(0).standard_normal((3, 1024)).astype("float32")
     # Same weights; oneDNN may pick other kernels per graph: float32 rounding, below 1e-5.
-    np.testing.assert_allclose(model(x).numpy(), reloaded(x).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(reloaded(x)), rtol=1e-5,
+                               atol=1e-6)
     for a, b in zip(model.weights, reloaded.weights):  # stored values: bit for bit
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.slow
@@ -87,12 +88,12 @@ def test_iterative_pruning_and_pruning_at_init_keep_entries_removed_during_fit(t
     for layer, count in zip(sparse_layers(model), before):
         assert layer.count_nonzero_params() < count
         for factor, mask in zip(layer.factors, layer.masks):
-            assert np.all(factor.numpy()[mask.numpy() == 0] == 0)
+            assert np.all(np.asarray(factor)[np.asarray(mask) == 0] == 0)
     path = str(tmp_path / "pruned.keras")
     model.save(path)
     reloaded = keras.models.load_model(path)
     # Same weights; oneDNN may pick other kernels per graph: float32 rounding, below 1e-5.
-    np.testing.assert_allclose(model(x[:2]).numpy(), reloaded(x[:2]).numpy(), rtol=1e-5,
+    np.testing.assert_allclose(np.asarray(model(x[:2])), np.asarray(reloaded(x[:2])), rtol=1e-5,
                                atol=1e-6)
 
     pruned = keras_psm.prune_at_init(psm_model(), 0.5, "magnitude")
@@ -101,7 +102,7 @@ def test_iterative_pruning_and_pruning_at_init_keep_entries_removed_during_fit(t
     pruned.fit(x, y, batch_size=32, epochs=2, verbose=0)
     for layer, count in zip(sparse_layers(pruned), counts):
         assert sum(layer.nonzeros) == count == sum(int(v.shape[0]) for v in layer.values)
-        assert int(np.count_nonzero(np.concatenate([m.numpy().ravel() for m in layer.masks]))) \
+        assert int(np.count_nonzero(np.concatenate([np.asarray(m).ravel() for m in layer.masks]))) \
             == count
 
 
@@ -119,7 +120,7 @@ def test_tfmot_prune_low_magnitude_trains_sparse_factor_layers():
     assert np.isfinite(history.history["loss"][-1])
     for layer in sparse_layers(strip(pruned)):
         for values, count in zip(layer.values, layer.nonzeros):
-            assert np.count_nonzero(values.numpy()) <= count - count // 2
+            assert np.count_nonzero(np.asarray(values)) <= count - count // 2
 
 
 def test_sparse_product_trains_under_mixed_float16():
@@ -132,7 +133,7 @@ def test_sparse_product_trains_under_mixed_float16():
         outputs = layer(x)
         assert layer._is_sparse(0) and outputs.dtype == "float16"
         # float16 keeps 11 significant bits: outputs of size ~3 round to ~2e-3.
-        np.testing.assert_allclose(outputs.numpy().astype("float32"), x @ factor, atol=2e-2)
+        np.testing.assert_allclose(np.asarray(outputs).astype("float32"), x @ factor, atol=2e-2)
         model = keras.Sequential([keras.Input((400,)), layer])
         model.compile("sgd", "mse")
         history = model.fit(x, np.zeros((3, 300), "float32"), epochs=2, verbose=0)

@@ -173,7 +173,31 @@ def test_settings_are_validated():
         demo.Settings(dataset="imagenet")
     with pytest.raises(TypeError, match="`max_iter` must be an integer"):
         demo.Settings(max_iter=2.5)
+    with pytest.raises(ValueError, match="`temperature` must be > 0.0"):
+        demo.Settings(temperature=0.0)
+    with pytest.raises(TypeError, match="`distill` must be True or False"):
+        demo.Settings(distill=1)
     assert demo.QUICK.train_samples < demo.FULL.train_samples
+
+
+@pytest.mark.parametrize("distill, pick_rate", [(True, True), (False, False)])
+def test_finetune_distills_at_the_picked_rate(distill, pick_rate, trained_lenet, mnist_small):
+    (x, y), (x_test, y_test) = mnist_small
+    data = ((x[:320], y[:320]), (x_test, y_test))
+    teacher_weights = trained_lenet.get_weights()
+    small, report = keras_psm.compress(trained_lenet, "psm", n_factors=2, sparsity=2,
+                                       max_iter=10, verbose=0)
+    start = small.get_weights()
+    settings = demo.Settings(finetune_epochs=1, distill=distill, pick_rate=pick_rate,
+                             learning_rate=3e-4)
+    rate = demo.finetune(small, trained_lenet, data, settings, report.callbacks)
+    assert rate in (1e-3, 1e-4, 1e-5) if pick_rate else rate == 3e-4
+    assert float(small.optimizer.learning_rate.numpy()) == pytest.approx(rate)
+    assert any(not np.array_equal(a, b) for a, b in zip(start, small.get_weights()))
+    for before, after in zip(teacher_weights, trained_lenet.get_weights()):
+        np.testing.assert_array_equal(before, after)
+    assert "distilled from the uncompressed model" in demo.finetune_description(settings) \
+        if distill else "at learning rate 0.0003" in demo.finetune_description(settings)
 
 
 @pytest.mark.slow

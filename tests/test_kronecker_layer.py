@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 import keras_psm
-from keras_psm.backend import keras, tf
+from conftest import gradients
+from keras_psm import ops
+from keras_psm.backend import keras
 from keras_psm.datasets import load_mnist_5k
 from keras_psm.factorize.kronecker import kronecker_sum, nearest_kronecker_sum
 from keras_psm.layers import (
@@ -21,8 +23,8 @@ SHAPES = [(12, 10, (4, 5)), (64, 64, (2, 16)), (784, 10, (16, 2)), (13, 7, (4, 2
 
 def reference_kernel(layer):
     """The kernel from the layer's weights with np.kron, cropped to (in, units)."""
-    s = layer.s.numpy() * layer.s_mask.numpy()
-    kernel = sum(np.kron(s * a, b) for a, b in zip(layer.a.numpy(), layer.b.numpy()))
+    s = np.asarray(layer.s) * np.asarray(layer.s_mask)
+    kernel = sum(np.kron(s * a, b) for a, b in zip(np.asarray(layer.a), np.asarray(layer.b)))
     return kernel[:layer.geometry.n_in, :layer.units]
 
 
@@ -33,15 +35,15 @@ def test_forward_equals_inputs_times_materialized_kernel(n_in, units, block):
     layer.build((None, n_in))
     layer.bias.assign(np.linspace(-1, 1, units).astype("float32"))
     kernel = reference_kernel(layer)
-    expected = np.tanh(x @ kernel + layer.bias.numpy())
-    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(layer.kernel.numpy(), kernel, rtol=1e-5, atol=1e-6)
+    expected = np.tanh(x @ kernel + np.asarray(layer.bias))
+    np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(layer.kernel), kernel, rtol=1e-5, atol=1e-6)
     materialized = KroneckerDense.from_config({**layer.get_config(), "compute": "materialized"})
     materialized.build((None, n_in))
     materialized.set_weights(layer.get_weights())
-    np.testing.assert_allclose(materialized(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(materialized(x)), expected, rtol=1e-5, atol=1e-5)
     x3 = x.reshape(2, 3, n_in)
-    np.testing.assert_allclose(layer(x3).numpy(), expected.reshape(2, 3, units),
+    np.testing.assert_allclose(np.asarray(layer(x3)), expected.reshape(2, 3, units),
                                rtol=1e-5, atol=1e-5)
     assert layer.compute_output_shape((2, 3, n_in)) == (2, 3, units)
 
@@ -58,22 +60,26 @@ def test_both_contraction_orders_are_exercised():
 @pytest.mark.parametrize("n_in, units, block", SHAPES[:3])
 def test_gradients_match_the_materialized_computation(n_in, units, block):
     layer = KroneckerDense(units, block, rank=2, seed=3, l1=0.1)
-    x = tf.constant(np.random.default_rng(0).standard_normal((5, n_in)), tf.float32)
-    y = tf.constant(np.random.default_rng(1).standard_normal((5, units)), tf.float32)
+    x = np.random.default_rng(0).standard_normal((5, n_in)).astype("float32")
+    y = np.random.default_rng(1).standard_normal((5, units)).astype("float32")
     layer(x)
-    with tf.GradientTape() as tape:
-        factored = tf.reduce_sum((layer(x) - y) ** 2) + tf.add_n(layer.losses)
-    with tf.GradientTape() as tape_dense:
-        dense = tf.reduce_sum((tf.matmul(x, layer.kernel) + layer.bias - y) ** 2) \
-            + 0.1 * tf.reduce_sum(tf.abs(layer.s))
+
+    def factored():
+        return ops.sum((layer(x) - y) ** 2) + sum(layer.losses)
+
+    def dense():
+        return (ops.sum((ops.matmul(x, layer.kernel) + layer.bias - y) ** 2)
+                + 0.1 * ops.sum(ops.abs(layer.s)))
+
     variables = [layer.s, layer.a, layer.b, layer.bias]
-    np.testing.assert_allclose(factored.numpy(), dense.numpy(), rtol=1e-5)
-    for got, want in zip(tape.gradient(factored, variables),
-                         tape_dense.gradient(dense, variables)):
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
-    assert len(layer.losses) == 1
+    np.testing.assert_allclose(np.asarray(factored()), np.asarray(dense()), rtol=1e-5)
+    for got, want in zip(gradients(factored, variables), gradients(dense, variables)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    layer(x)
+    assert len(layer.losses) == 1   # one penalty per call
     # A float32 sum of 16 terms against float64: within 16 float32 roundings (~1e-6).
-    assert layer.losses[0].numpy() == pytest.approx(0.1 * np.abs(layer.s.numpy()).sum(), rel=1e-5)
+    assert np.asarray(layer.losses[0]) == pytest.approx(0.1 * np.abs(np.asarray(layer.s)).sum(),
+                                                        rel=1e-5)
 
 
 def test_sparsify_zeroes_blocks_for_good_and_counts():
@@ -83,17 +89,17 @@ def test_sparsify_zeroes_blocks_for_good_and_counts():
     layer.s.assign(s)
     sparsity = layer.sparsify(0.3)
     assert sparsity == layer.block_sparsity == np.mean(s <= 0.3)
-    kernel = layer.kernel.numpy()
+    kernel = np.asarray(layer.kernel)
     for p, q in zip(*np.nonzero(s <= 0.3)):
         assert not kernel[4 * p:4 * p + 4, 2 * q:2 * q + 2].any()
-    expected_count = np.count_nonzero(layer.s.numpy()[None] * layer.a.numpy()) \
-        + np.count_nonzero(layer.b.numpy()) + 8
+    expected_count = np.count_nonzero(np.asarray(layer.s)[None] * np.asarray(layer.a)) \
+        + np.count_nonzero(np.asarray(layer.b)) + 8
     assert layer.count_nonzero_params() == expected_count
     rng = np.random.default_rng(0)
     model.compile(keras.optimizers.Adam(0.05), "mse")
     model.fit(rng.standard_normal((64, 16)), rng.standard_normal((64, 8)), epochs=2, verbose=0)
     assert layer.block_sparsity == sparsity
-    assert not (layer.s.numpy() * layer.s_mask.numpy())[s <= 0.3].any()
+    assert not (np.asarray(layer.s) * np.asarray(layer.s_mask))[s <= 0.3].any()
 
 
 @pytest.mark.slow
@@ -108,7 +114,7 @@ def test_l1_penalty_shrinks_s_during_fit():
         model = keras.Sequential([keras.Input((16,)), layer])
         model.compile(keras.optimizers.Adam(0.02), "mse")
         model.fit(x, y, epochs=10, batch_size=32, verbose=0)
-        norms.append(np.abs(layer.s.numpy()).sum())
+        norms.append(np.abs(np.asarray(layer.s)).sum())
     assert norms[1] < 0.5 * norms[0]
 
 
@@ -127,11 +133,11 @@ def test_keras_round_trip_is_exact_without_custom_objects(tmp_path):
     x = np.random.default_rng(0).standard_normal((4, 13)).astype("float32")
     # Same weights, possibly different kernels (oneDNN and the CPU's instruction set choose
     # them per graph): float32 rounding of sums of a few hundred terms, far below 1e-5.
-    np.testing.assert_allclose(model(x).numpy(), reloaded(x).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(reloaded(x)), rtol=1e-5, atol=1e-6)
     for a, b in zip(model.weights, reloaded.weights):  # stored values: bit for bit
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert reloaded.layers[1].get_config() == model.layers[1].get_config()
-    assert reloaded.layers[1].l1_strength.numpy() == 0.25
+    assert np.asarray(reloaded.layers[1].l1_strength) == 0.25
     assert reloaded.layers[2].block_shapes == [(7, 3), (1, 2)]
     assert reloaded.layers[2].factor_decay == 0.5
 
@@ -163,18 +169,19 @@ def test_pattern_layer_is_the_sum_of_its_patterns():
     layer = KroneckerPatternDense(10, [(2, 2), (4, 5), (3, 2)], rank=2, seed=0, group=0.5,
                                   l1=0.25, factor_decay=0.125)
     x = np.random.default_rng(0).standard_normal((3, 12)).astype("float32")
-    out = layer(x).numpy()
+    out = np.asarray(layer(x))
     expected_kernel = 0
     for k, block in enumerate(layer.block_shapes):
-        s, a, b = layer.s[k].numpy(), layer.a[k].numpy(), layer.b[k].numpy()
+        s, a, b = np.asarray(layer.s[k]), np.asarray(layer.a[k]), np.asarray(layer.b[k])
         expected_kernel = expected_kernel + kronecker_sum(s[None] * a, b)[:12, :10]
     np.testing.assert_allclose(out, x @ expected_kernel, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(layer.kernel.numpy(), expected_kernel, rtol=1e-5, atol=1e-6)
-    penalty = sum(0.5 * np.linalg.norm(s.numpy()) + 0.25 * np.abs(s.numpy()).sum()
-                  + 0.125 * (np.sum(a.numpy() ** 2) + np.sum(b.numpy() ** 2))
+    np.testing.assert_allclose(np.asarray(layer.kernel), expected_kernel, rtol=1e-5, atol=1e-6)
+    penalty = sum(0.5 * np.linalg.norm(np.asarray(s)) + 0.25 * np.abs(np.asarray(s)).sum()
+                  + 0.125 * (np.sum(np.asarray(a) ** 2) + np.sum(np.asarray(b) ** 2))
                   for s, a, b in zip(layer.s, layer.a, layer.b))
-    assert layer.losses[0].numpy() == pytest.approx(penalty, rel=1e-5)
-    kernel_norms = [np.linalg.norm(kronecker_sum(s.numpy()[None] * a.numpy(), b.numpy()))
+    assert np.asarray(layer.losses[0]) == pytest.approx(penalty, rel=1e-5)
+    kernel_norms = [np.linalg.norm(kronecker_sum(np.asarray(s)[None] * np.asarray(a),
+                                                 np.asarray(b)))
                     for s, a, b in zip(layer.s, layer.a, layer.b)]
     np.testing.assert_allclose(layer.kernel_norms(), kernel_norms, rtol=1e-5)
     assert layer.selected_pattern == int(np.argmax(kernel_norms))
@@ -194,7 +201,7 @@ def test_penalty_schedule_raises_strengths_every_few_epochs():
         [0.01, 0.01, 0.012, 0.014])
     model.fit(np.ones((8, 8)), np.zeros((8, 4)), epochs=11, verbose=0, callbacks=[schedule])
     for strength in (pattern.group_strength, pattern.l1_strength, dense.l1_strength):
-        assert strength.numpy() == pytest.approx(0.014)
+        assert np.asarray(strength) == pytest.approx(0.014)
     assert len(schedule.history["pattern"]) == 11
     assert schedule.history["pattern"][-1].shape == (2,)
     assert schedule.stopped_epoch is None
@@ -209,7 +216,7 @@ def test_penalty_schedule_stops_when_one_pattern_remains():
     schedule = PenaltySchedule(stop_when_one_remains=True)
     model.fit(x, y, epochs=3, verbose=0, callbacks=[schedule])
     assert schedule.stopped_epoch is None and len(schedule.history[pattern.name]) == 3
-    pattern.s[1].assign(np.zeros_like(pattern.s[1].numpy()))  # pattern 1 is gone
+    pattern.s[1].assign(np.zeros_like(np.asarray(pattern.s[1])))  # pattern 1 is gone
     assert pattern.surviving_patterns(tolerance=0.01) == [0]
     schedule = PenaltySchedule(stop_when_one_remains=True)
     model.fit(x, model.predict(x, verbose=0), epochs=5, verbose=0, callbacks=[schedule])
@@ -238,7 +245,7 @@ def test_pattern_selection_keeps_the_true_block_pattern():
     assert isinstance(kept, KroneckerDense) and kept.block_shape == (4, 4)
     selected.compile(keras.optimizers.Adam(0.01), "mse")
     selected.fit(x, y, epochs=30, batch_size=64, verbose=0)
-    error = np.linalg.norm(kept.kernel.numpy() - target) / np.linalg.norm(target)
+    error = np.linalg.norm(np.asarray(kept.kernel) - target) / np.linalg.norm(target)
     assert error < 0.05
     assert model.layers[-1] is layer  # the original model is left alone
 

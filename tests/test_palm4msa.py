@@ -316,3 +316,66 @@ def test_bad_residual_sparsity_raises_value_error(gaussian):
         hierarchical_palm4msa(gaussian, 4, 3, residual_sparsity=[8])
     with pytest.raises(ValueError, match="`residual_sparsity` must be an integer >= 1"):
         hierarchical_palm4msa(gaussian, 4, 3, residual_sparsity=0)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("n_factors", [2, 3, 4])
+def test_gram_form_gives_the_residual_forms_factors_and_errors(monkeypatch, n_factors, order):
+    from keras_psm.factorize import palm4msa as module
+
+    matrix = np.random.default_rng(5).standard_normal((20, 28))
+    results = {}
+    for gram_form in (False, True):
+        monkeypatch.setattr(module, "_uses_gram_form", lambda *args, chosen=gram_form: chosen)
+        results[gram_form] = palm4msa(matrix, n_factors, 3, max_iter=20, tol=0,
+                                      random_state=0, update_order=order, dtype="float64")
+    residual_form, gram_form = results[False], results[True]
+    # Same float64 operations summed in another order: rounding-level differences only.
+    np.testing.assert_allclose(gram_form.errors, residual_form.errors, rtol=1e-10)
+    for factor, expected in zip(gram_form.factors, residual_form.factors):
+        np.testing.assert_array_equal(factor != 0, expected != 0)
+        np.testing.assert_allclose(factor, expected, atol=1e-10 * np.abs(expected).max())
+
+
+def test_tall_matrices_take_the_gram_form_and_small_square_ones_the_residual_form():
+    from keras_psm.factorize.palm4msa import _uses_gram_form
+
+    fc6 = factor_shapes((25088, 4096), 3)
+    assert all(_uses_gram_form((25088, 4096), shape, q, 3) for q, shape in enumerate(fc6))
+    for small in [(256, 256), (784, 256)]:  # the residual form is faster there
+        shapes = factor_shapes(small, 2)
+        assert not any(_uses_gram_form(small, shape, q, 2) for q, shape in enumerate(shapes))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_float32_error_stays_close_to_float64(order):
+    rng = np.random.default_rng(3)
+    left, _ = np.linalg.qr(rng.standard_normal((300, 200)))
+    right, _ = np.linalg.qr(rng.standard_normal((200, 200)))
+    matrix = (left * np.arange(1.0, 201) ** -0.7) @ right.T  # trained-layer-like spectrum
+    errors = {dtype: palm4msa(matrix, 3, 6, max_iter=40, tol=0, random_state=0,
+                              update_order=order, dtype=dtype).relative_error
+              for dtype in ("float32", "float64")}
+    # float32 rounding may flip near-tied support entries; the bound is 0.005.
+    assert abs(errors["float32"] - errors["float64"]) < 0.005
+
+
+def test_float32_result_is_float64_and_reports_its_own_error(gaussian):
+    result = palm4msa(gaussian, 3, 6, max_iter=20, random_state=0, dtype="float32")
+    assert all(factor.dtype == np.float64 for factor in result.factors)
+    # The trace formula in float32 products: agrees with the product's error to ~1e-5.
+    assert result.relative_error == pytest.approx(relative_error(gaussian, result.product),
+                                                  abs=1e-4)
+
+
+def test_bad_dtype_raises_value_error(gaussian):
+    with pytest.raises(ValueError, match="`dtype` must be None, 'float32' or 'float64'"):
+        palm4msa(gaussian, 2, 4, dtype="float16")
+
+
+def test_verbose_shows_iterations_and_error(gaussian, capsys):
+    palm4msa(gaussian, 2, 4, max_iter=12, tol=0, random_state=0, verbose=True)
+    shown = capsys.readouterr().err
+    assert "palm4MSA (48, 64)" in shown and "/14 " in shown  # 2 probes of 2 + 10 iterations
+    assert palm4msa(gaussian, 2, 4, max_iter=12, tol=0, random_state=0).errors.size == 12
+    assert capsys.readouterr().err == ""

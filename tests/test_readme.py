@@ -31,6 +31,7 @@ def section(text, title):
 
 
 @pytest.mark.slow
+@pytest.mark.tensorflow  # the quickstart ends with to_tflite
 def test_quickstart_runs_on_bundled_data(tmp_path, monkeypatch, capsys):
     code = code_block(read("README.md"), "<!-- quickstart")
     monkeypatch.chdir(tmp_path)

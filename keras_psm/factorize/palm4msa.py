@@ -17,7 +17,9 @@ Speed: factors are kept as ``scipy.sparse`` CSR matrices (and their
 transposes), products of factors are applied one sparse factor at a time to
 a dense block, spectral norms come from warm-started power iterations on
 those sparse chains, and the full product needed for the residual of the
-next update is formed once per factor update.
+next update is formed once per factor update. Large matrices skip that
+``in x out`` product and residual: their updates use Gram matrices
+(``palm4msa_gram``), and ``W`` is kept once, in float32 above 2^22 entries.
 """
 
 import numbers
@@ -26,10 +28,20 @@ from functools import reduce
 
 import numpy as np
 import scipy.sparse as sps
+from tqdm.auto import tqdm
 
-from keras_psm.factorize.projections import splincol_blocks_support, transposed_copy
+from keras_psm.factorize.palm4msa_gram import (
+    StoredMatrix,
+    chain_times,
+    gradient_step,
+    gram,
+    gram_entries,
+    sandwich,
+    trace_terms,
+)
+from keras_psm.factorize.projections import splincol_blocks_support, top_k_mask, transposed_copy
 
-__all__ = ["Factorization", "factor_shapes", "hierarchical_palm4msa", "palm4msa"]
+__all__ = ["Factorization", "factor_shapes", "hierarchical_palm4msa", "palm4msa", "run_best"]
 
 # The step 1/c uses c = LIPSCHITZ_MARGIN * lambda^2 ||L||_2^2 ||R||_2^2, just above
 # the Lipschitz constant of the gradient (the value FAuST uses).
@@ -58,6 +70,17 @@ DENSE_SPEEDUP = 3.0
 # and either order ended up to 0.08 ahead, so no fixed order is safe.
 UPDATE_ORDERS = ("auto", "right_to_left", "left_to_right")
 PROBE_FRACTION = 1 / 6
+
+# Below this many entries the residual form is faster: the Gram form's fixed costs per
+# update (Gram blocks, sparse-sparse products) dominate. Measured per iteration on 2
+# busy cores: 784x256 Q=2 K=14 3.5x slower in the Gram form, 4608x512 Q=3 K=14 1.2x
+# faster, VGG16's fc6 (25,088 x 4,096) 1.2x faster with 2.5x less memory.
+GRAM_MIN_ENTRIES = 2 ** 20
+
+# W is kept in float32 above this many entries (32 MB in float64). On fc6's
+# shape (25,088 x 4,096, Gaussian) the error after 3 iterations was 0.97864 in
+# float64 and in float32 (benchmarks/palm4msa_speed.py --before c58aca2).
+FLOAT32_ENTRIES = 2 ** 22
 
 
 @dataclass
@@ -119,7 +142,7 @@ def factor_shapes(matrix_shape, n_factors, rank=None):
 
 def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
              supports=None, random_state=None, block=1, left=None, update_order="auto",
-             init=None):
+             init=None, dtype=None, verbose=False):
     """Approximate ``matrix`` by ``n_factors`` sparse factors with palm4MSA.
 
     Minimizes ``||W - lambda S_1 ... S_Q||_F^2`` over unit-norm factors
@@ -178,12 +201,18 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
             lower error continues (``update_order`` right to left unless
             given). palm4MSA steps never raise the error, so the result is
             no worse than ``init``.
+        dtype: ``"float32"`` or ``"float64"``, the precision ``W``, the
+            factors and the products are kept in; None: float32 for matrices
+            of more than 2^22 entries (half the memory and time), float64
+            otherwise. The returned factors are float64.
+        verbose: show a tqdm progress bar of the iterations (error, time left).
 
     Returns:
         A ``Factorization``.
     """
-    matrix = _check_matrix(matrix)
-    fixed = [] if left is None else [sps.csr_matrix(_check_left(left, matrix.shape[0]))]
+    matrix = _check_matrix(matrix, _check_dtype(dtype, np.shape(matrix)))
+    fixed = [] if left is None else [sps.csr_matrix(_check_left(left, matrix.shape[0]),
+                                                    dtype=matrix.dtype)]
     update_order = _check_update_order(update_order)
     if fixed:
         if update_order == "left_to_right":
@@ -208,20 +237,32 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
         return _zero_factorization(shapes, projectors)
     if n_factors == 1 and not fixed:
         return _single_factor(matrix, projectors[0])
-    if fixed:
-        matrix = fixed[0] @ matrix
+    target = StoredMatrix(fixed[0] @ matrix if fixed else matrix)
     orders = UPDATE_ORDERS[1:] if update_order == "auto" else (update_order,)
-    runs = [_OrderedRun(matrix, shapes, projectors, order, fixed) for order in orders]
+    runs = [_OrderedRun(target, shapes, projectors, order, fixed) for order in orders]
     if init is not None:
-        runs.append(_OrderedRun(matrix, shapes, projectors, orders[0], fixed, init))
-    if len(runs) > 1:
-        probe = int(np.ceil(max_iter * PROBE_FRACTION))
-        for run in runs:
-            run.iterate(probe, tol, rng)
-        runs = [min(runs, key=lambda run: run.state.errors[-1])]
-    best = runs[0]
-    best.iterate(max_iter - len(best.state.errors), tol, rng)
-    return best.result()
+        runs.append(_OrderedRun(target, shapes, projectors, orders[0], fixed, init))
+    return run_best(runs, max_iter, tol, rng, verbose).result()
+
+
+def run_best(runs, max_iter, tol, rng, verbose=False):
+    """Run each of ``runs`` for ``ceil(max_iter / 6)`` iterations (when there are several),
+    continue the one with the lowest error up to ``max_iter`` and return it.
+
+    A run has ``iterate(n_iterations, tol, rng, progress)`` and ``errors``;
+    ``verbose`` shows a tqdm bar of the iterations with the error.
+    """
+    probe = int(np.ceil(max_iter * PROBE_FRACTION)) if len(runs) > 1 else 0
+    shape = runs[0].shape
+    with tqdm(total=probe * len(runs) + max_iter - probe, desc=f"palm4MSA {shape}",
+              unit="it", disable=not verbose, leave=False) as progress:
+        if len(runs) > 1:
+            for run in runs:
+                run.iterate(probe, tol, rng, progress)
+            runs = [min(runs, key=lambda run: run.errors[-1])]
+        best = runs[0]
+        best.iterate(max_iter - len(best.errors), tol, rng, progress)
+    return best
 
 
 def hierarchical_palm4msa(matrix, n_factors, sparsity, *, residual_sparsity=None, rank=None,
@@ -269,17 +310,18 @@ def hierarchical_palm4msa(matrix, n_factors, sparsity, *, residual_sparsity=None
     if n_factors == 1:
         return _single_factor(matrix, final_projectors[0])
 
+    target = StoredMatrix(matrix)
     peeled = []
     residual = matrix
     scale = 1.0
     for level in range(1, n_factors):
         residual_projector = _SplincolProjector(residual_ks[level - 1], block)
         split_shapes = [shapes[level - 1], shapes[-1]]
-        split = _palm(residual, _initial_factors(split_shapes), 1.0,
+        split = _palm(StoredMatrix(residual), _initial_factors(split_shapes), 1.0,
                       [final_projectors[level - 1], residual_projector], max_iter, tol, rng)
         start = peeled + split.factors
         projectors = final_projectors[:level] + [residual_projector]
-        state = _palm(matrix, start, scale * split.scale, projectors, max_iter, tol, rng)
+        state = _palm(target, start, scale * split.scale, projectors, max_iter, tol, rng)
         peeled = state.factors[:-1]
         residual = state.factors[-1].matrix.toarray()
         scale = state.scale
@@ -318,7 +360,13 @@ class _SplincolProjector:
         return _SplincolProjector(self.k, self.block, not self.blocks_along_columns)
 
     def __call__(self, candidate):
-        if self.blocks_along_columns:
+        if self.block == 1:
+            # splincol_support without its float64 copy of a float32 candidate
+            magnitude = np.abs(candidate)
+            support = top_k_mask(magnitude, self.k, axis=1)
+            support |= top_k_mask(magnitude, self.k, axis=0)
+            del magnitude
+        elif self.blocks_along_columns:
             support = np.ascontiguousarray(
                 splincol_blocks_support(candidate.T, self.k, self.block).T)
         else:
@@ -366,7 +414,8 @@ class _PalmState:
         ``transposed``: the run factorized ``W^T = S_Q^T ... S_1^T``; the
         factors are transposed back and reversed.
         """
-        dense = [factor.matrix.toarray() for factor in self.factors]
+        dense = [factor.matrix.toarray().astype(np.float64, copy=False)
+                 for factor in self.factors]
         supports = [factor.support for factor in self.factors]
         if transposed:
             dense = [np.ascontiguousarray(factor.T) for factor in reversed(dense)]
@@ -385,49 +434,69 @@ class _OrderedRun:
     ``init`` (checked start factors) replaces FAuST's start.
     """
 
-    def __init__(self, matrix, shapes, projectors, order, fixed=(), init=None):
+    def __init__(self, target, shapes, projectors, order, fixed=(), init=None):
         self.transposed = order == "left_to_right"
         if self.transposed:
-            matrix = np.ascontiguousarray(matrix.T)
+            target = target.transpose()
             shapes = [(columns, rows) for rows, columns in reversed(shapes)]
             projectors = [projector.transposed() for projector in reversed(projectors)]
             init = None if init is None else [factor.T for factor in reversed(init)]
-        self.matrix = matrix
+        self.target = target
         self.projectors = projectors
         self.fixed = fixed
         if init is None:
-            self.state = _PalmState(_initial_factors(shapes), 1.0, [])
+            self.state = _PalmState(_initial_factors(shapes, target.matrix.dtype), 1.0, [])
         else:
             norms = [np.linalg.norm(factor) for factor in init]
-            self.state = _PalmState([_SparseFactor(sps.csr_matrix(factor / norm))
+            self.state = _PalmState([_SparseFactor(sps.csr_matrix(factor / norm,
+                                                                  dtype=target.matrix.dtype))
                                      for factor, norm in zip(init, norms)], float(np.prod(norms)),
                                     [])
 
-    def iterate(self, n_iterations, tol, rng):
+    def iterate(self, n_iterations, tol, rng, progress=None):
         """Up to ``n_iterations`` more iterations (fewer once converged)."""
         if n_iterations > 0:
-            self.state = _palm(self.matrix, self.state.factors, self.state.scale,
+            self.state = _palm(self.target, self.state.factors, self.state.scale,
                                self.projectors, n_iterations, tol, rng,
-                               self.state.errors, self.state.start_vectors, self.fixed)
+                               self.state.errors, self.state.start_vectors, self.fixed, progress)
+
+    @property
+    def errors(self):
+        return self.state.errors
+
+    @property
+    def shape(self):
+        """Shape of the matrix as given to palm4msa."""
+        return self.target.matrix.shape
 
     def result(self):
         return self.state.result(self.transposed)
 
 
-def _palm(matrix, factors, scale, projectors, max_iter, tol, rng, errors=(),
-          start_vectors=None, fixed=()):
+def _palm(target, factors, scale, projectors, max_iter, tol, rng, errors=(),
+          start_vectors=None, fixed=(), progress=None):
     """palm4MSA iterations (supplement A.4, Algorithm 1) from the given factors and scale.
 
-    ``errors`` and ``start_vectors`` continue an earlier run (its error
-    history, for the stopping test, and its power-iteration vectors); a run
-    that had converged is returned unchanged.
+    ``target`` is the ``StoredMatrix`` to factorize. ``errors`` and
+    ``start_vectors`` continue an earlier run (its error history, for the
+    stopping test, and its power-iteration vectors); a run that had converged
+    is returned unchanged. ``progress`` (a tqdm bar or None) advances once per
+    iteration.
 
     Each factor update q (from Q down to 1) needs L = S_1..S_{q-1} (not yet
-    updated in this iteration) and R = S_{q+1}..S_Q (already updated). R is
-    kept as a dense block, grown by one sparse product per update; L is
-    applied as a chain of sparse products. The product after each update
-    gives the residual of the next one, and the last one gives the error.
-    ``fixed`` (a list of sparse matrices) is prepended to every L, never updated.
+    updated in this iteration) and R = S_{q+1}..S_Q (already updated). It takes
+    one of two forms, fixed by the shapes (``_uses_gram_form``):
+
+    - residual form: R is kept as a dense block, grown by one sparse product
+      per update, L is applied as a chain of sparse products, and the dense
+      residual ``lambda L S_q R - W`` gives the gradient; the product after
+      the last update gives ``lambda`` and the error;
+    - Gram form (``palm4msa_gram``): ``L^T W`` and ``L^T L`` from the factors
+      at the start of the iteration, ``R R^T`` grown by one update at a time,
+      and the error from traces.
+
+    ``fixed`` (a list of sparse matrices) is prepended to every L, never
+    updated; it keeps the residual form.
     """
     fixed = list(fixed)
     fixed_transposed = [f.T.tocsr() for f in fixed]
@@ -437,47 +506,108 @@ def _palm(matrix, factors, scale, projectors, max_iter, tol, rng, errors=(),
     start_vectors = {} if start_vectors is None else start_vectors
     if errors and tol > 0 and _converged(errors, tol):
         return _PalmState(factors, scale, errors, start_vectors)
-    matrix_norm = np.sqrt(_inner(matrix, matrix))
+    matrix = target.view
+    uses_gram = [not fixed and _uses_gram_form(target.shape, factor.matrix.shape, q, n_factors)
+                 for q, factor in enumerate(factors)]
 
-    product = _chain_times(fixed + [f.matrix for f in factors[:-1]], factors[-1].matrix.toarray())
-    residual = _residual(scale, product, matrix)
+    residual = None  # lambda L S_q R - W for the next update, when the last one formed it
     for _ in range(max_iter):
-        right_product = None
+        right_product = right_gram = None
+        left_projections, left_grams = _left_blocks(target, factors, uses_gram)
         for q in reversed(range(n_factors)):  # 0-based: factors[q] is S_{q+1}
             left = fixed + [f.matrix for f in factors[:q]]
             left_transposed = fixed_transposed + [f.transposed for f in factors[:q]]
             right = [f.matrix for f in factors[q + 1:]]
             right_transposed = [f.transposed for f in factors[q + 1:]]
 
-            # gradient = L^T (lambda L S_q R - W) R^T, with residual = lambda L S_q R - W
-            gradient = _chain_times(left_transposed[::-1], residual)
-            if right_product is not None:
-                gradient = _times_transpose(gradient, right, right_product)
             # c = 1.001 lambda^2 ||L||_2^2 ||R||_2^2;  S_q <- P(S_q - (lambda / c) gradient)
             lipschitz = (scale ** 2
                          * _squared_norm(left, left_transposed, ("left", q), start_vectors, rng)
                          * _squared_norm(right, right_transposed, ("right", q), start_vectors,
                                          rng))
             step = scale / (LIPSCHITZ_MARGIN * lipschitz) if lipschitz > 0 else 0.0
-            candidate = gradient  # in place: nothing else uses this array
-            candidate *= -step
-            candidate.ravel()[factors[q].flat_positions] += factors[q].matrix.data
+            if uses_gram[q]:
+                data_term = (target.right_product(right) if q == 0
+                             else _times_chain_transposed(left_projections.pop(q), right))
+                candidate = gradient_step(factors[q], left_grams.pop(q, None), right_gram,
+                                          data_term, scale, step)
+            else:
+                if residual is None:
+                    start = (factors[q].matrix.toarray() if right_product is None
+                             else factors[q].matrix @ right_product)
+                    residual = _residual(scale, chain_times(left, start), matrix)
+                # gradient = L^T (lambda L S_q R - W) R^T
+                candidate = chain_times(left_transposed[::-1], residual)
+                if right_product is not None:
+                    candidate = _times_transpose(candidate, right, right_product)
+                candidate *= -step  # in place: nothing else uses this array
+                candidate.ravel()[factors[q].flat_positions] += factors[q].matrix.data
+            residual = None
             factors[q] = projectors[q](candidate)
+            del candidate
 
-            # R for the next update (q - 1) is S_q R; the product is L S_q R.
-            new_factor = factors[q].matrix
-            right_product = (new_factor.toarray() if right_product is None
-                             else new_factor @ right_product)
-            product = _chain_times(left, right_product)
-            if q > 0:
-                residual = _residual(scale, product, matrix)
+            # Blocks of R for the next updates: R <- S_q R.
+            new_factor = factors[q]
+            if not all(uses_gram[:max(q, 1)]):
+                right_product = (new_factor.matrix.toarray() if right_product is None
+                                 else new_factor.matrix @ right_product)
+            if any(uses_gram[:q]):
+                right_gram = (gram(new_factor.matrix, new_factor.transposed) if right_gram is None
+                              else sandwich(new_factor.matrix, right_gram))
+            if q > 0 and not uses_gram[q - 1]:
+                residual = _residual(scale, chain_times(left, right_product), matrix)
 
-        scale = _optimal_scale(matrix, product, scale)
-        residual = _residual(scale, product, matrix)
-        errors.append(np.sqrt(_inner(residual, residual)) / matrix_norm)
+        if uses_gram[0]:
+            inner, energy = trace_terms(factors[0], data_term, right_gram)
+            scale = inner / energy if energy > 0 else scale
+            squared_error = target.squared_norm - 2 * scale * inner + scale ** 2 * energy
+            errors.append(np.sqrt(max(squared_error, 0.0) / target.squared_norm))
+            del data_term
+        else:
+            product = chain_times(fixed, right_product)
+            scale = _optimal_scale(matrix, product, scale)
+            residual = _residual(scale, product, matrix)
+            errors.append(np.sqrt(_inner(residual, residual)) / np.sqrt(target.squared_norm))
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(error=f"{errors[-1]:.4f}", refresh=False)
         if tol > 0 and _converged(errors, tol):
             break
     return _PalmState(factors, scale, errors, start_vectors)
+
+
+def _uses_gram_form(matrix_shape, factor_shape, q, n_factors):
+    """Cost rule: update ``q`` of a matrix of at least ``GRAM_MIN_ENTRIES`` entries takes
+    the Gram form when the dense blocks it writes (``palm4msa_gram.gram_entries``) are
+    fewer than the residual form's ``in x out`` product and residual."""
+    size = matrix_shape[0] * matrix_shape[1]
+    entries = gram_entries(matrix_shape, factor_shape, q > 0, q < n_factors - 1)
+    return size >= GRAM_MIN_ENTRIES and entries < 2 * size
+
+
+def _left_blocks(target, factors, uses_gram):
+    """``L^T W`` and ``L^T L`` for every Gram-form update ``q >= 1`` (``L = S_1 .. S_q``,
+    0-based ``q``), from the factors at the start of the iteration."""
+    projections, grams = {}, {}
+    last = max((q for q, gram_form in enumerate(uses_gram) if gram_form and q > 0), default=0)
+    for q in range(1, last + 1):
+        previous = factors[q - 1]
+        if q == 1:
+            projection = target.left_product(previous.transposed)
+            left_gram = gram(previous.transposed, previous.matrix)
+        else:
+            projection = previous.transposed @ projection
+            left_gram = sandwich(previous.transposed, left_gram)
+        if uses_gram[q]:
+            projections[q], grams[q] = projection, left_gram
+    return projections, grams
+
+
+def _times_chain_transposed(block, chain):
+    """``block @ R^T`` for ``R = chain[0] @ ... @ chain[-1]`` (sparse), as ``(R block^T)^T``."""
+    if not chain:
+        return block
+    return transposed_copy(chain_times(chain, transposed_copy(block)))
 
 
 def _converged(errors, tol):
@@ -485,13 +615,6 @@ def _converged(errors, tol):
     if errors[-1] <= ERROR_FLOOR:
         return True
     return len(errors) > 1 and abs(errors[-2] - errors[-1]) <= tol * errors[-2]
-
-
-def _chain_times(chain, block):
-    """``chain[0] @ chain[1] @ ... @ chain[-1] @ block``, one sparse product at a time."""
-    for factor in reversed(chain):
-        block = factor @ block
-    return block
 
 
 def _times_transpose(block, right, right_product):
@@ -503,7 +626,7 @@ def _times_transpose(block, right, right_product):
     sparse_cost = sum(factor.nnz for factor in right) * block.shape[0]
     dense_cost = right_product.size * block.shape[0]
     if DENSE_SPEEDUP * sparse_cost < dense_cost:
-        return transposed_copy(_chain_times(right, transposed_copy(block)))
+        return transposed_copy(chain_times(right, transposed_copy(block)))
     return block @ right_product.T
 
 
@@ -523,7 +646,7 @@ def _squared_norm(chain, chain_transposed, key, start_vectors, rng):
         vector /= _norm(vector)
     estimate = 0.0
     for _ in range(NORM_MAX_STEPS):
-        image = _chain_times(chain_transposed[::-1], _chain_times(chain, vector))
+        image = chain_times(chain_transposed[::-1], chain_times(chain, vector))
         previous, estimate = estimate, _norm(image)
         if estimate == 0.0:
             return 0.0
@@ -567,10 +690,10 @@ def _norm(vector):
     return float(np.sqrt(np.einsum("i,i->", vector, vector)))
 
 
-def _initial_factors(shapes):
+def _initial_factors(shapes, dtype=np.float64):
     """FAuST's start: the last factor (updated first) zero, the others rectangular identities."""
-    factors = [sps.eye(rows, columns, format="csr", dtype=np.float64) for rows, columns in shapes]
-    factors[-1] = sps.csr_matrix(shapes[-1], dtype=np.float64)
+    factors = [sps.eye(rows, columns, format="csr", dtype=dtype) for rows, columns in shapes]
+    factors[-1] = sps.csr_matrix(shapes[-1], dtype=dtype)
     return [_SparseFactor(factor) for factor in factors]
 
 
@@ -588,8 +711,8 @@ def _zero_factorization(shapes, projectors):
     return _PalmState(factors, 0.0, [0.0]).result()
 
 
-def _check_matrix(matrix):
-    matrix = np.asarray(matrix, dtype=np.float64)
+def _check_matrix(matrix, dtype=np.float64):
+    matrix = np.asarray(matrix, dtype=dtype)
     if matrix.ndim != 2 or 0 in matrix.shape:
         raise ValueError(
             f"`matrix` must be a non-empty 2-D array (in, out), got shape {matrix.shape}."
@@ -599,6 +722,15 @@ def _check_matrix(matrix):
             "`matrix` holds NaN or Inf values; only finite matrices can be factorized."
         )
     return matrix
+
+
+def _check_dtype(dtype, shape):
+    """The dtype palm4msa keeps ``W`` in: float32 above ``FLOAT32_ENTRIES`` entries by default."""
+    if dtype is None:
+        return np.float32 if np.prod(shape) > FLOAT32_ENTRIES else np.float64
+    if dtype not in ("float32", "float64", np.float32, np.float64):
+        raise ValueError(f"`dtype` must be None, 'float32' or 'float64', got {dtype!r}.")
+    return np.dtype(dtype).type
 
 
 def _is_int(value):

@@ -31,7 +31,8 @@ import math
 
 import numpy as np
 
-from keras_psm.backend import keras, register_serializable, tf
+from keras_psm import ops
+from keras_psm.backend import keras, register_serializable
 from keras_psm.layers.base import CompressedLayer
 
 
@@ -92,7 +93,7 @@ class _Wrapper(CompressedLayer):
 
     def count_nonzero_params(self):
         return self.layer.count_nonzero_params() + sum(
-            int(np.count_nonzero(w.numpy())) for w in self._own_weights())
+            int(np.count_nonzero(ops.convert_to_numpy(w))) for w in self._own_weights())
 
     def _own_weights(self):
         """Weights of this wrapper outside ``layer`` (none by default)."""
@@ -141,9 +142,9 @@ class CompressedEinsumDense(_Wrapper):
         self.built = True
 
     def _apply(self, inputs, forward):
-        leading = tf.shape(inputs)[:inputs.shape.rank - len(self.input_dims)]
-        outputs = forward(tf.reshape(inputs, (-1, math.prod(self.input_dims))))
-        return tf.reshape(outputs, tf.concat([leading, self.output_dims], axis=0))
+        leading = ops.shape(inputs)[:len(inputs.shape) - len(self.input_dims)]
+        outputs = forward(ops.reshape(inputs, (-1, math.prod(self.input_dims))))
+        return ops.reshape(outputs, tuple(leading) + tuple(self.output_dims))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:len(input_shape) - len(self.input_dims)]) + self.output_dims
@@ -151,14 +152,14 @@ class CompressedEinsumDense(_Wrapper):
     @property
     def kernel(self):
         """The EinsumDense kernel, shape ``input_dims + output_dims``."""
-        return tf.reshape(self.layer.kernel, self.input_dims + self.output_dims)
+        return ops.reshape(self.layer.kernel, self.input_dims + self.output_dims)
 
     @property
     def bias(self):
         """The bias over ``output_dims``, or None."""
         if not self.layer.use_bias:
             return None
-        return tf.reshape(self.layer.bias, self.output_dims)
+        return ops.reshape(self.layer.bias, self.output_dims)
 
     def get_config(self):
         config = super().get_config()
@@ -199,9 +200,10 @@ class CompressedEinsumDense(_Wrapper):
             use_bias=layer.bias is not None, **_replacement_options(layer),
         )
         dense.build((None, math.prod(input_dims)))
-        weights = [layer.kernel.numpy().reshape(dense.kernel.shape)]
+        weights = [ops.convert_to_numpy(layer.kernel).reshape(dense.kernel.shape)]
         if layer.bias is not None:
-            weights.append(np.broadcast_to(layer.bias.numpy(), output_dims).reshape(-1))
+            bias = ops.convert_to_numpy(layer.bias)
+            weights.append(np.broadcast_to(bias, output_dims).reshape(-1))
         dense.set_weights(weights)
         return dense
 
@@ -249,12 +251,12 @@ class CompressedConv1D(_Wrapper):
         return tuple(shape)
 
     def _apply(self, inputs, forward):
-        outputs = tf.expand_dims(inputs, self._height_axis)
+        outputs = ops.expand_dims(inputs, self._height_axis)
         if self._left_padding:
             paddings = [[0, 0]] * 4
             paddings[self._height_axis + 1] = [self._left_padding, 0]
-            outputs = tf.pad(outputs, paddings)
-        return tf.squeeze(forward(outputs), self._height_axis)
+            outputs = ops.pad(outputs, paddings)
+        return ops.squeeze(forward(outputs), self._height_axis)
 
     def compute_output_shape(self, input_shape):
         return keras.layers.Conv1D(
@@ -284,11 +286,11 @@ class CompressedConv1D(_Wrapper):
             dilation_rate=(1, layer.dilation_rate[0]), data_format=layer.data_format,
             activation=layer.activation, use_bias=layer.use_bias, **_replacement_options(layer),
         )
-        kernel = layer.kernel.numpy()
+        kernel = ops.convert_to_numpy(layer.kernel)
         channels = kernel.shape[1]
         conv.build((None, channels, 1, None) if layer.data_format == "channels_first"
                    else (None, 1, None, channels))
-        conv.set_weights([kernel[None]] + [w.numpy() for w in layer.weights[1:]])
+        conv.set_weights([kernel[None]] + [ops.convert_to_numpy(w) for w in layer.weights[1:]])
         return conv
 
     @classmethod
@@ -340,7 +342,7 @@ class CompressedSeparableConv(_Wrapper):
     def kernel(self):
         """The pointwise kernel (1, [1,] cin * depth_multiplier, filters)."""
         ones = (1,) * len(self.depthwise.kernel_size)
-        return tf.reshape(self.layer.kernel, ones + tuple(self.layer.kernel.shape))
+        return ops.reshape(self.layer.kernel, ones + tuple(self.layer.kernel.shape))
 
     def get_config(self):
         config = super().get_config()
@@ -357,21 +359,21 @@ class CompressedSeparableConv(_Wrapper):
     def stand_in(cls, layer):
         """A built ``Dense`` holding ``layer``'s pointwise kernel as the matrix
         (cin * depth_multiplier, filters), its bias and activation."""
-        pointwise = layer.pointwise_kernel.numpy()
+        pointwise = ops.convert_to_numpy(layer.pointwise_kernel)
         dense = keras.layers.Dense(
             layer.filters, activation=layer.activation, use_bias=layer.use_bias,
             **_replacement_options(layer),
         )
         dense.build((None, pointwise.shape[-2]))
         dense.set_weights([pointwise.reshape(dense.kernel.shape)]
-                          + ([layer.bias.numpy()] if layer.use_bias else []))
+                          + ([ops.convert_to_numpy(layer.bias)] if layer.use_bias else []))
         return dense
 
     @classmethod
     def wrapping(cls, layer, replacement):
         """The wrapper standing in for separable ``layer``: a copy of its
         depthwise kernel, then ``replacement``."""
-        kernel = layer.depthwise_kernel.numpy()
+        kernel = ops.convert_to_numpy(layer.depthwise_kernel)
         depthwise = cls._depthwise_class(layer)(
             layer.kernel_size, strides=layer.strides, padding=layer.padding,
             depth_multiplier=layer.depth_multiplier, data_format=layer.data_format,

@@ -14,7 +14,7 @@ import functools
 
 import numpy as np
 
-from keras_psm.backend import LEGACY_KERAS, keras, register_serializable, tf
+from keras_psm.backend import LEGACY_KERAS, keras, register_serializable
 from keras_psm.layers.adapters import as_layer
 
 #: Projection role -> the MultiHeadAttention attribute holding its EinsumDense.
@@ -70,6 +70,8 @@ class CompressedMultiHeadAttention(keras.layers.MultiHeadAttention):
 
     if LEGACY_KERAS:
         def _build_from_signature(self, query, value, key=None):
+            from keras_psm.backend import tf  # tf_keras runs on TensorFlow
+
             super()._build_from_signature(query, value, key)
             with tf.init_scope():  # variables outside the traced graph, as tf_keras does
                 self._use_replacements()

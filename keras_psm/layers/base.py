@@ -21,7 +21,8 @@ already does that needs nothing.
 
 import numpy as np
 
-from keras_psm.backend import keras, tf
+from keras_psm import ops
+from keras_psm.backend import keras
 from keras_psm.validation import check_choice, check_int
 
 DATA_FORMATS = ("channels_last", "channels_first")
@@ -59,9 +60,9 @@ class CompressedLayer(keras.layers.Layer):
     def _finish(self, outputs, channel_axis=-1):
         """Add the bias along ``channel_axis`` and apply the activation."""
         if self.use_bias:
-            bias = tf.cast(self.bias, outputs.dtype)
+            bias = ops.cast(self.bias, outputs.dtype)
             if channel_axis == 1:
-                bias = tf.reshape(bias, (1, -1) + (1,) * (len(outputs.shape) - 2))
+                bias = ops.reshape(bias, (1, -1) + (1,) * (len(outputs.shape) - 2))
             outputs = outputs + bias
         return self.activation(outputs) if self.activation is not None else outputs
 
@@ -128,14 +129,14 @@ class ConvOptions:
 
     def _to_channels_last(self, inputs):
         """Inputs in the compute dtype, transposed to NHWC if channels_first."""
-        inputs = tf.cast(inputs, self.compute_dtype)
+        inputs = ops.cast(inputs, self.compute_dtype)
         if self.data_format == "channels_first":
-            inputs = tf.transpose(inputs, (0, 2, 3, 1))
+            inputs = ops.transpose(inputs, (0, 2, 3, 1))
         return inputs
 
     def _from_channels_last(self, outputs):
         if self.data_format == "channels_first":
-            outputs = tf.transpose(outputs, (0, 3, 1, 2))
+            outputs = ops.transpose(outputs, (0, 3, 1, 2))
         return outputs
 
     def _conv(self, inputs, kernel, strides=(1, 1), dilation_rate=(1, 1), padding=None):
@@ -173,7 +174,7 @@ class _ConstantArray:
         self.value = value
 
     def __call__(self, shape, dtype=None, **kwargs):
-        return tf.constant(self.value, dtype=dtype or "float32")
+        return ops.convert_to_tensor(self.value, dtype=dtype or "float32")
 
 
 def matmul_last_axis(inputs, compute):
@@ -182,36 +183,28 @@ def matmul_last_axis(inputs, compute):
     Like ``Dense``, inputs of any rank >= 2 are accepted: (batch, tokens,
     features) is flattened to (batch * tokens, features) and back.
     """
-    if inputs.shape.rank == 2:
+    if len(inputs.shape) == 2:
         return compute(inputs)
-    leading = tf.shape(inputs)[:-1]
-    flat = tf.reshape(inputs, (-1, inputs.shape[-1]))
+    flat = ops.reshape(inputs, (-1, inputs.shape[-1]))
     outputs = compute(flat)
-    result = tf.reshape(outputs, tf.concat([leading, tf.shape(outputs)[-1:]], axis=0))
-    # The dynamic reshape loses the static shape, which the next layer may need
-    # to build (tf_keras builds functional models from it).
-    result.set_shape(inputs.shape[:-1].concatenate(outputs.shape[-1:]))
-    return result
+    # Static sizes where known (tf_keras builds functional models from them),
+    # tensors for the others.
+    return ops.reshape(outputs, ops.shape(inputs)[:-1] + (outputs.shape[-1],))
 
 
 def convolve(inputs, kernel, strides, padding, dilation_rate, data_format):
-    """``tf.nn.convolution`` with Keras arguments; channels_first via transposes.
+    """``ops.conv`` with Keras arguments; channels_first via transposes.
 
     TensorFlow's CPU kernels only run NHWC, so channels_first inputs are
     transposed to NHWC and the result back.
     """
     if data_format == "channels_first":
-        inputs = tf.transpose(inputs, (0, 2, 3, 1))
-    outputs = tf.nn.convolution(
-        inputs,
-        tf.cast(kernel, inputs.dtype),
-        strides=strides,
-        padding=padding.upper(),
-        dilations=dilation_rate,
-        data_format="NHWC",
-    )
+        inputs = ops.transpose(inputs, (0, 2, 3, 1))
+    outputs = ops.conv(inputs, ops.cast(kernel, inputs.dtype), strides=strides,
+                       padding=padding, data_format="channels_last",
+                       dilation_rate=dilation_rate)
     if data_format == "channels_first":
-        outputs = tf.transpose(outputs, (0, 3, 1, 2))
+        outputs = ops.transpose(outputs, (0, 3, 1, 2))
     return outputs
 
 

@@ -27,7 +27,8 @@ block-sparse kernel instead (inference).
 
 import numpy as np
 
-from keras_psm.backend import keras, register_serializable, tf
+from keras_psm import ops
+from keras_psm.backend import keras, register_serializable
 from keras_psm.factorize.kronecker import padded_shape
 from keras_psm.layers.base import CompressedLayer, matmul_last_axis, normalize_tuple
 from keras_psm.validation import check_choice, check_float, check_int
@@ -68,36 +69,36 @@ class KroneckerGeometry:
         rank = int(blocks.shape[0])
         (g_in, g_out), (b_in, b_out) = self.grid_shape, self.block_shape
         if self.padded_in > self.n_in:
-            inputs = tf.pad(inputs, [[0, 0], [0, self.padded_in - self.n_in]])
+            inputs = ops.pad(inputs, [[0, 0], [0, self.padded_in - self.n_in]])
         if self.blocks_first:
             # t[n, p, i, c] = sum_a x[n, p, a] B_i[a, c]
-            stacked_blocks = tf.reshape(tf.transpose(blocks, (1, 0, 2)), (b_in, rank * b_out))
-            t = tf.matmul(tf.reshape(inputs, (-1, b_in)), stacked_blocks)
-            t = tf.transpose(tf.reshape(t, (-1, g_in, rank, b_out)), (0, 3, 2, 1))
+            stacked_blocks = ops.reshape(ops.transpose(blocks, (1, 0, 2)), (b_in, rank * b_out))
+            t = ops.matmul(ops.reshape(inputs, (-1, b_in)), stacked_blocks)
+            t = ops.transpose(ops.reshape(t, (-1, g_in, rank, b_out)), (0, 3, 2, 1))
             # y[n, c, q] = sum_{i, p} t[n, p, i, c] C_i[p, q]
-            outputs = tf.matmul(tf.reshape(t, (-1, rank * g_in)),
-                                tf.reshape(grid_factors, (rank * g_in, g_out)))
-            outputs = tf.transpose(tf.reshape(outputs, (-1, b_out, g_out)), (0, 2, 1))
+            outputs = ops.matmul(ops.reshape(t, (-1, rank * g_in)),
+                                ops.reshape(grid_factors, (rank * g_in, g_out)))
+            outputs = ops.transpose(ops.reshape(outputs, (-1, b_out, g_out)), (0, 2, 1))
         else:
             # t[n, a, i, q] = sum_p x[n, p, a] C_i[p, q]
-            t = tf.transpose(tf.reshape(inputs, (-1, g_in, b_in)), (0, 2, 1))
-            stacked_grid = tf.reshape(tf.transpose(grid_factors, (1, 0, 2)), (g_in, rank * g_out))
-            t = tf.matmul(tf.reshape(t, (-1, g_in)), stacked_grid)
-            t = tf.transpose(tf.reshape(t, (-1, b_in, rank, g_out)), (0, 3, 2, 1))
+            t = ops.transpose(ops.reshape(inputs, (-1, g_in, b_in)), (0, 2, 1))
+            stacked_grid = ops.reshape(ops.transpose(grid_factors, (1, 0, 2)), (g_in, rank * g_out))
+            t = ops.matmul(ops.reshape(t, (-1, g_in)), stacked_grid)
+            t = ops.transpose(ops.reshape(t, (-1, b_in, rank, g_out)), (0, 3, 2, 1))
             # y[n, q, c] = sum_{i, a} t[n, a, i, q] B_i[a, c]
-            outputs = tf.matmul(tf.reshape(t, (-1, rank * b_in)),
-                                tf.reshape(blocks, (rank * b_in, b_out)))
-        outputs = tf.reshape(outputs, (-1, self.padded_out))
+            outputs = ops.matmul(ops.reshape(t, (-1, rank * b_in)),
+                                ops.reshape(blocks, (rank * b_in, b_out)))
+        outputs = ops.reshape(outputs, (-1, self.padded_out))
         return outputs[:, :self.n_out] if self.padded_out > self.n_out else outputs
 
     def kernel(self, grid_factors, blocks):
         """The (n_in, n_out) kernel ``sum_i C_i (x) B_i``, cropped from the padded grid."""
-        tiled = tf.einsum("ipq,iac->paqc", grid_factors, blocks)
-        return tf.reshape(tiled, (self.padded_in, self.padded_out))[:self.n_in, :self.n_out]
+        tiled = ops.einsum("ipq,iac->paqc", grid_factors, blocks)
+        return ops.reshape(tiled, (self.padded_in, self.padded_out))[:self.n_in, :self.n_out]
 
 
 def l1_norm(tensor):
-    return tf.reduce_sum(tf.abs(tf.cast(tensor, "float32")))
+    return ops.sum(ops.abs(ops.cast(tensor, "float32")))
 
 
 def layer_input_size(layer, input_shape):
@@ -162,20 +163,20 @@ class KroneckerDense(CompressedLayer):
         self.built = True
 
     def _effective_s(self, dtype):
-        return tf.cast(self.s, dtype) * tf.cast(self.s_mask, dtype)
+        return ops.cast(self.s, dtype) * ops.cast(self.s_mask, dtype)
 
     def _grid_factors(self, dtype):
         """The stack of S * A_i, (r, g_in, g_out)."""
-        return self._effective_s(dtype)[None] * tf.cast(self.a, dtype)
+        return self._effective_s(dtype)[None] * ops.cast(self.a, dtype)
 
     def call(self, inputs):
-        inputs = tf.cast(inputs, self.compute_dtype)
+        inputs = ops.cast(inputs, self.compute_dtype)
         dtype = self.compute_dtype
         if self.compute == "materialized":
-            kernel = self.geometry.kernel(self._grid_factors(dtype), tf.cast(self.b, dtype))
-            outputs = matmul_last_axis(inputs, lambda x: tf.matmul(x, kernel))
+            kernel = self.geometry.kernel(self._grid_factors(dtype), ops.cast(self.b, dtype))
+            outputs = matmul_last_axis(inputs, lambda x: ops.matmul(x, kernel))
         else:
-            grid_factors, blocks = self._grid_factors(dtype), tf.cast(self.b, dtype)
+            grid_factors, blocks = self._grid_factors(dtype), ops.cast(self.b, dtype)
             outputs = matmul_last_axis(
                 inputs, lambda x: self.geometry.apply(x, grid_factors, blocks))
         self.add_loss(self.l1_strength * l1_norm(self._effective_s("float32")))
@@ -185,9 +186,9 @@ class KroneckerDense(CompressedLayer):
         """The forward TFLite export traces (``keras_psm.export``): always the
         factored form (``compute="materialized"`` would reach the file as one
         dense kernel), with no penalty."""
-        inputs = tf.cast(inputs, self.compute_dtype)
+        inputs = ops.cast(inputs, self.compute_dtype)
         grid_factors = self._grid_factors(self.compute_dtype)
-        blocks = tf.cast(self.b, self.compute_dtype)
+        blocks = ops.cast(self.b, self.compute_dtype)
         outputs = matmul_last_axis(inputs, lambda x: self.geometry.apply(x, grid_factors, blocks))
         return self._finish(outputs)
 
@@ -197,12 +198,12 @@ class KroneckerDense(CompressedLayer):
     @property
     def kernel(self):
         """The (in, units) block-sparse kernel ``sum_i (S * A_i) (x) B_i``."""
-        return self.geometry.kernel(self._grid_factors("float32"), tf.cast(self.b, "float32"))
+        return self.geometry.kernel(self._grid_factors("float32"), ops.cast(self.b, "float32"))
 
     @property
     def block_sparsity(self):
         """Fraction of the blocks (entries of S * s_mask) that are exactly zero."""
-        return float(np.mean(self._effective_s("float32").numpy() == 0))
+        return float(np.mean(ops.convert_to_numpy(self._effective_s("float32")) == 0))
 
     def sparsify(self, threshold):
         """Zero for good the blocks whose ``|S|`` is at most ``threshold``.
@@ -212,7 +213,7 @@ class KroneckerDense(CompressedLayer):
         """
         threshold = check_float(threshold, "threshold", minimum=0.0,
                                 where=f"KroneckerDense {self.name!r}.sparsify")
-        s, mask = self.s.numpy(), self.s_mask.numpy()
+        s, mask = ops.convert_to_numpy(self.s), ops.convert_to_numpy(self.s_mask)
         keep = (np.abs(s) > threshold) & (mask != 0)
         self.s_mask.assign(keep.astype(mask.dtype))
         self.s.assign(np.where(keep, s, 0.0).astype(s.dtype))
@@ -225,8 +226,8 @@ class KroneckerDense(CompressedLayer):
 
     def count_nonzero_params(self):
         """Nonzeros of the r products S * A_i and of the B_i, plus the bias."""
-        count = int(np.count_nonzero(self._grid_factors("float32").numpy()))
-        count += int(np.count_nonzero(self.b.numpy()))
+        count = int(np.count_nonzero(ops.convert_to_numpy(self._grid_factors("float32"))))
+        count += int(np.count_nonzero(ops.convert_to_numpy(self.b)))
         return count + (self.units if self.use_bias else 0)
 
     def get_config(self):

@@ -27,7 +27,8 @@ everywhere. The Dense layer does the same with one einsum.
 
 import numpy as np
 
-from keras_psm.backend import register_serializable, tf
+from keras_psm import ops
+from keras_psm.backend import register_serializable
 from keras_psm.factorize.lowrank import SCHEMES, factor_kernel, split_kernel_size
 from keras_psm.layers.base import (
     CompressedLayer,
@@ -57,7 +58,7 @@ class DenseReplacement(DenseFactorsLayer):
     (n, units); inputs of any rank >= 2 are accepted, like ``Dense``."""
 
     def call(self, inputs):
-        inputs = tf.cast(inputs, self.compute_dtype)
+        inputs = ops.cast(inputs, self.compute_dtype)
         return self._finish(matmul_last_axis(inputs, self._apply))
 
     def compute_output_shape(self, input_shape):
@@ -112,27 +113,27 @@ class LowRankDense(DenseReplacement):
         self.built = True
 
     def _apply(self, inputs):
-        encoder = tf.cast(self.encoder_kernel, inputs.dtype)
-        decoder = tf.cast(self.decoder_kernel, inputs.dtype)
+        encoder = ops.cast(self.encoder_kernel, inputs.dtype)
+        decoder = ops.cast(self.decoder_kernel, inputs.dtype)
         if self.groups == 1:
-            return tf.matmul(tf.matmul(inputs, encoder), decoder)
+            return ops.matmul(ops.matmul(inputs, encoder), decoder)
         chunk = encoder.shape[0]
-        hidden = tf.einsum(
+        hidden = ops.einsum(
             "ngc,cgr->ngr",
-            tf.reshape(inputs, (-1, self.groups, chunk)),
-            tf.reshape(encoder, (chunk, self.groups, self.rank)),
+            ops.reshape(inputs, (-1, self.groups, chunk)),
+            ops.reshape(encoder, (chunk, self.groups, self.rank)),
         )
-        return tf.matmul(tf.reshape(hidden, (-1, self.groups * self.rank)), decoder)
+        return ops.matmul(ops.reshape(hidden, (-1, self.groups * self.rank)), decoder)
 
     @property
     def kernel(self):
         """The (in, units) kernel: block g of rows is ``E_g @ D_g``."""
         chunk = self.encoder_kernel.shape[0]
-        encoder = tf.reshape(tf.cast(self.encoder_kernel, "float32"),
+        encoder = ops.reshape(ops.cast(self.encoder_kernel, "float32"),
                              (chunk, self.groups, self.rank))
-        decoder = tf.reshape(tf.cast(self.decoder_kernel, "float32"),
+        decoder = ops.reshape(ops.cast(self.decoder_kernel, "float32"),
                              (self.groups, self.rank, self.units))
-        return tf.reshape(tf.einsum("cgr,gro->gco", encoder, decoder),
+        return ops.reshape(ops.einsum("cgr,gro->gco", encoder, decoder),
                           (self.groups * chunk, self.units))
 
     def get_config(self):
@@ -211,9 +212,9 @@ class LowRankConv(ConvFactorsLayer):
         """The grouped encoder convolution, one ordinary convolution per chunk."""
         if self.groups == 1:
             return self._conv(inputs, self.encoder_kernel, **self._encoder_options)
-        chunks = tf.split(inputs, self.groups, axis=-1)
-        kernels = tf.split(self.encoder_kernel, self.groups, axis=-1)
-        return tf.concat([
+        chunks = ops.split(inputs, self.groups, axis=-1)
+        kernels = ops.split(self.encoder_kernel, self.groups, axis=-1)
+        return ops.concatenate([
             self._conv(chunk, kernel, **self._encoder_options)
             for chunk, kernel in zip(chunks, kernels)
         ], axis=-1)
@@ -228,12 +229,12 @@ class LowRankConv(ConvFactorsLayer):
         """The (kh, kw, cin, filters) kernel the two convolutions compose to."""
         (kh_e, kw_e), (kh_d, kw_d) = self.encoder_size, self.decoder_size
         chunk = self.in_channels // self.groups
-        encoder = tf.reshape(tf.cast(self.encoder_kernel, "float32"),
+        encoder = ops.reshape(ops.cast(self.encoder_kernel, "float32"),
                              (kh_e, kw_e, chunk, self.groups, self.rank))
-        decoder = tf.reshape(tf.cast(self.decoder_kernel, "float32"),
+        decoder = ops.reshape(ops.cast(self.decoder_kernel, "float32"),
                              (kh_d, kw_d, self.groups, self.rank, self.filters))
-        kernel = tf.einsum("xycgr,uvgro->xuyvgco", encoder, decoder)
-        return tf.reshape(kernel, self.kernel_size + (self.in_channels, self.filters))
+        kernel = ops.einsum("xycgr,uvgro->xuyvgco", encoder, decoder)
+        return ops.reshape(kernel, self.kernel_size + (self.in_channels, self.filters))
 
     def get_config(self):
         config = super().get_config()

@@ -33,7 +33,8 @@ each layer's penalty groups its own S_k, which is the same for one layer.
 
 import numpy as np
 
-from keras_psm.backend import keras, register_serializable, tf
+from keras_psm import ops
+from keras_psm.backend import keras, register_serializable
 from keras_psm.layers.base import (
     CompressedLayer,
     common_options,
@@ -119,25 +120,25 @@ class KroneckerPatternDense(CompressedLayer):
     def _patterns(self, dtype):
         """(geometry, stack of S_k * A_ki, stack of B_ki) for each pattern k."""
         return [
-            (geometry, tf.cast(s, dtype)[None] * tf.cast(a, dtype), tf.cast(b, dtype))
+            (geometry, ops.cast(s, dtype)[None] * ops.cast(a, dtype), ops.cast(b, dtype))
             for geometry, s, a, b in zip(self.geometries, self.s, self.a, self.b)
         ]
 
     def call(self, inputs):
-        inputs = tf.cast(inputs, self.compute_dtype)
+        inputs = ops.cast(inputs, self.compute_dtype)
 
         def apply_all(x):
-            return tf.add_n([geometry.apply(x, grid_factors, blocks)
-                             for geometry, grid_factors, blocks in self._patterns(x.dtype)])
+            return sum([geometry.apply(x, grid_factors, blocks)
+                        for geometry, grid_factors, blocks in self._patterns(x.dtype)])
 
         outputs = matmul_last_axis(inputs, apply_all)
-        group_norms = [tf.sqrt(tf.reduce_sum(tf.square(tf.cast(s, "float32")))
-                               + _GROUP_NORM_EPSILON) for s in self.s]
-        penalty = (self.group_strength * tf.add_n(group_norms)
-                   + self.l1_strength * tf.add_n([l1_norm(s) for s in self.s]))
+        group_norms = [ops.sqrt(ops.sum(ops.square(ops.cast(s, "float32")))
+                                + _GROUP_NORM_EPSILON) for s in self.s]
+        penalty = (self.group_strength * sum(group_norms)
+                   + self.l1_strength * sum([l1_norm(s) for s in self.s]))
         if self.factor_decay:
-            penalty += self.factor_decay * tf.add_n(
-                [tf.reduce_sum(tf.square(tf.cast(w, "float32"))) for w in self.a + self.b])
+            penalty += self.factor_decay * sum(
+                [ops.sum(ops.square(ops.cast(w, "float32"))) for w in self.a + self.b])
         self.add_loss(penalty)
         return self._finish(outputs)
 
@@ -147,16 +148,16 @@ class KroneckerPatternDense(CompressedLayer):
     @property
     def kernel(self):
         """The (in, units) kernel, the sum of the K patterns' kernels."""
-        return tf.add_n([geometry.kernel(grid_factors, blocks)
-                         for geometry, grid_factors, blocks in self._patterns("float32")])
+        return sum([geometry.kernel(grid_factors, blocks)
+                    for geometry, grid_factors, blocks in self._patterns("float32")])
 
     def s_l1_norms(self):
         """``||S_k||_1`` for each pattern k, as a NumPy array (the paper's Figure 3)."""
-        return np.array([np.abs(s.numpy()).sum() for s in self.s])
+        return np.array([np.abs(ops.convert_to_numpy(s)).sum() for s in self.s])
 
     def kernel_norms(self):
         """``||W_k||_F``, the norm of each pattern's kernel, as a NumPy array."""
-        return np.array([np.linalg.norm(geometry.kernel(grid_factors, blocks).numpy())
+        return np.array([np.linalg.norm(ops.convert_to_numpy(geometry.kernel(grid_factors, blocks)))
                          for geometry, grid_factors, blocks in self._patterns("float32")])
 
     def surviving_patterns(self, tolerance=0.05):
@@ -179,8 +180,10 @@ class KroneckerPatternDense(CompressedLayer):
 
     def count_nonzero_params(self):
         """Nonzeros of every pattern's S_k * A_ki and B_ki, plus the bias."""
-        count = sum(int(np.count_nonzero(grid_factors.numpy())) + int(np.count_nonzero(b.numpy()))
+        count = sum(np.count_nonzero(ops.convert_to_numpy(grid_factors))
+                    + np.count_nonzero(ops.convert_to_numpy(b))
                     for _, grid_factors, b in self._patterns("float32"))
+        count = int(count)
         return count + (self.units if self.use_bias else 0)
 
     def get_config(self):
@@ -202,9 +205,10 @@ def select_pattern(layer, l1=0.0):
                         f"{type(layer).__name__}.")
     k = layer.selected_pattern
     return KroneckerDense.from_factors(
-        layer.units, layer.a[k].numpy(), layer.b[k].numpy(), s=layer.s[k].numpy(),
+        layer.units, ops.convert_to_numpy(layer.a[k]), ops.convert_to_numpy(layer.b[k]),
+        s=ops.convert_to_numpy(layer.s[k]),
         s_mask=np.ones(layer.geometries[k].grid_shape, np.float32),
-        bias=layer.bias.numpy() if layer.use_bias else None,
+        bias=ops.convert_to_numpy(layer.bias) if layer.use_bias else None,
         l1=l1, seed=layer.seed, **common_options(layer),
     )
 

@@ -20,7 +20,8 @@ import typing
 import numpy as np
 import scipy.sparse as sps
 
-from keras_psm.backend import register_serializable, tf
+from keras_psm import ops
+from keras_psm.backend import register_serializable
 from keras_psm.factorize.palm4msa import factor_shapes, palm4msa
 from keras_psm.initializers import random_supports, sparse_factor_init
 from keras_psm.litert_cost import blocks_take_more_bytes, cost_per_row, drops_inputs
@@ -32,10 +33,11 @@ from keras_psm.layers.base import (
     fitted_values,
     matmul_last_axis,
 )
+from keras_psm.layers.sparse_matrix import SparseMatrix
 from keras_psm.validation import check_bool, check_int
 
-#: A multiply-add of ``tf.sparse.sparse_dense_matmul`` costs about this many
-#: multiply-adds of ``tf.matmul`` on CPU, forward and backward together: the
+#: A multiply-add of a sparse product (``SparseMatrix``) costs about this many
+#: multiply-adds of a dense ``matmul`` on CPU, forward and backward together: the
 #: two break even between 0.3% and 1% density (``python benchmarks/footprint.py
 #: --break-even``: factors from 512 x 512 to 4608 x 512 at 256 to 4096 rows,
 #: TensorFlow 2.21, AVX-512). A factor whose density is below
@@ -65,14 +67,10 @@ def compact_factor(factor, support):
 
 
 def multiply(inputs, factor):
-    """``inputs @ factor`` for a dense ``factor`` or a ``tf.SparseTensor``."""
-    if isinstance(factor, tf.SparseTensor):
-        outputs = tf.sparse.sparse_dense_matmul(inputs, factor)
-        # The sparse product does not infer its static shape; a functional
-        # model built on it (tf_keras) needs the number of columns.
-        outputs.set_shape(inputs.shape[:1].concatenate(factor.shape[1:]))
-        return outputs
-    return tf.matmul(inputs, factor)
+    """``inputs @ factor`` for a dense ``factor`` or a ``SparseMatrix``."""
+    if isinstance(factor, SparseMatrix):
+        return factor.applied_to(inputs)
+    return ops.matmul(inputs, factor)
 
 
 def apply_in_sequence(inputs, factors):
@@ -95,6 +93,8 @@ def export_sequence(inputs, factors, fewest_bytes=True):
     factors of random support below about 3% density); the others as fully
     connected ops.
     """
+    from keras_psm.backend import tf  # export traces in TensorFlow
+
     outputs = inputs
     for factor in factors:
         matrix = tf.get_static_value(factor)
@@ -112,8 +112,8 @@ def export_sequence(inputs, factors, fewest_bytes=True):
 def multiplied(factors):
     """``F1 @ ... @ FQ`` as one dense matrix, multiplied from the narrower end.
 
-    Each factor is dense or a ``tf.SparseTensor``: right to left, a sparse
-    factor multiplies the block on its right (``sparse_dense_matmul``); left
+    Each factor is dense or a ``SparseMatrix``: right to left, a sparse
+    factor multiplies the block on its right (``SparseMatrix.times``); left
     to right, the block multiplies it (``multiply``). A single dense or
     sparse factor is returned as it is.
     """
@@ -122,23 +122,15 @@ def multiplied(factors):
     if factors[-1].shape[1] <= factors[0].shape[0]:    # (F1 (F2 (... FQ)))
         matrix = _as_dense(factors[-1])
         for factor in reversed(factors[:-1]):
-            if isinstance(factor, tf.SparseTensor):
-                matrix = tf.sparse.sparse_dense_matmul(factor, matrix)
-                matrix.set_shape((factor.shape[0], factors[-1].shape[1]))
-            else:
-                matrix = tf.matmul(factor, matrix)
+            matrix = (factor.times(matrix) if isinstance(factor, SparseMatrix)
+                      else ops.matmul(factor, matrix))
         return matrix
     return apply_in_sequence(_as_dense(factors[0]), factors[1:])
 
 
 def _as_dense(factor):
-    """A dense or ``tf.SparseTensor`` factor as a dense matrix of known static shape
-    (a functional model built on it, tf_keras, needs the shape)."""
-    if not isinstance(factor, tf.SparseTensor):
-        return factor
-    dense = tf.sparse.to_dense(factor)
-    dense.set_shape(factor.shape)
-    return dense
+    """A dense or ``SparseMatrix`` factor as a dense matrix."""
+    return factor.to_dense() if isinstance(factor, SparseMatrix) else factor
 
 
 def product_cost(shapes, row_costs):
@@ -199,20 +191,22 @@ def application_plans(shapes, row_costs):
 
 def cheapest(plans, n_rows, apply):
     """``apply(plan)`` for the plan of least cost for ``n_rows`` rows: chosen now for
-    an int, or when the graph runs (``tf.switch_case``) for a tensor."""
+    an int (JAX and PyTorch always know the batch size), or when the graph runs
+    (``ops.switch``) for a tensor (a TensorFlow graph of unknown batch size)."""
     if len(plans) == 1:
         return apply(plans[0])
     if isinstance(n_rows, int):
         return apply(min(plans, key=lambda plan: plan.cost(n_rows)))
-    costs = (tf.constant([plan.fixed_cost for plan in plans], tf.float64)
-             + tf.cast(n_rows, tf.float64) * [plan.row_cost for plan in plans])
-    return tf.switch_case(tf.cast(tf.argmin(costs), tf.int32),
-                          [functools.partial(apply, plan) for plan in plans])
+    costs = (ops.convert_to_tensor([plan.fixed_cost for plan in plans], "float64")
+             + ops.cast(n_rows, "float64")
+             * ops.convert_to_tensor([plan.row_cost for plan in plans], "float64"))
+    return ops.switch(ops.cast(ops.argmin(costs), "int32"),
+                      [functools.partial(apply, plan) for plan in plans])
 
 
 def _first_positions(shape, dtype=None, **kwargs):
     """Indices of a layer rebuilt before its saved weights load: 0 .. nnz-1."""
-    return tf.range(shape[0], dtype=dtype or "int32")
+    return ops.arange(shape[0], dtype=dtype or "int32")
 
 
 class _SparseFactors(CompressedLayer):
@@ -284,22 +278,21 @@ class _SparseFactors(CompressedLayer):
                 self.keeps.append(self._add_weight(f"keep_{index}", (count,), "ones",
                                                    trainable=False))
 
-    def _positions(self, index):
-        """The (nnz, 2) int64 (row, col) positions of factor ``index``."""
-        flat = tf.cast(self.indices[index], tf.int64)
+    def _sparse_matrix(self, index, values):
+        """Factor ``index`` with ``values`` on its support, as a ``SparseMatrix``."""
+        flat = ops.cast(self.indices[index], "int32")
         n_cols = self.factor_shapes[index][1]
-        return tf.stack([flat // n_cols, flat % n_cols], axis=1)
+        return SparseMatrix(flat // n_cols, flat % n_cols, values, self.factor_shapes[index])
 
     def _kept_values(self, index, dtype):
-        values = tf.cast(self.values[index], dtype)
+        values = ops.cast(self.values[index], dtype)
         if self.prunable:
-            values = values * tf.cast(self.keeps[index], dtype)
+            values = values * ops.cast(self.keeps[index], dtype)
         return values
 
     def _dense_factor(self, index, dtype):
         """Factor ``index`` as a dense matrix: its values scattered on its support."""
-        return tf.scatter_nd(self._positions(index), self._kept_values(index, dtype),
-                             self.factor_shapes[index])
+        return self._sparse_matrix(index, self._kept_values(index, dtype)).to_dense()
 
     def _is_sparse(self, index):
         """Whether ``call`` applies factor ``index`` as a sparse product (cost rule)."""
@@ -313,9 +306,8 @@ class _SparseFactors(CompressedLayer):
                 for index in range(self.n_factors)]
 
     def _operands(self, dtype, conv_first=False):
-        """Each factor in the form ``call`` applies it: dense, or a ``tf.SparseTensor``."""
-        return [tf.SparseTensor(self._positions(index), self._kept_values(index, dtype),
-                                self.factor_shapes[index]) if sparse
+        """Each factor in the form ``call`` applies it: dense, or a ``SparseMatrix``."""
+        return [self._sparse_matrix(index, self._kept_values(index, dtype)) if sparse
                 else self._dense_factor(index, dtype)
                 for index, sparse in enumerate(self._applied_sparse(conv_first))]
 
@@ -338,6 +330,8 @@ class _SparseFactors(CompressedLayer):
         so that the converter never sees the scatter of values onto indices.
         ``keras_psm.export`` replaces this method to store quantized factors
         compactly."""
+        from keras_psm.backend import tf  # export traces in TensorFlow
+
         with tf.init_scope():
             arrays = [factor.numpy() for factor in self._factors(dtype)]
         return [tf.constant(array) for array in arrays]
@@ -352,9 +346,9 @@ class _SparseFactors(CompressedLayer):
         """The dense 0/1 supports (float32), pruned entries removed."""
         masks = []
         for index in range(self.n_factors):
-            kept = (tf.cast(self.keeps[index], "float32") if self.prunable
-                    else tf.ones(tf.shape(self.indices[index]), "float32"))
-            masks.append(tf.scatter_nd(self._positions(index), kept, self.factor_shapes[index]))
+            kept = (ops.cast(self.keeps[index], "float32") if self.prunable
+                    else ops.ones(self.indices[index].shape, "float32"))
+            masks.append(self._sparse_matrix(index, kept).to_dense())
         return masks
 
     def cheaper_export_form(self):
@@ -493,11 +487,11 @@ class SparseFactorDense(_SparseFactors):
         self.built = True
 
     def call(self, inputs):
-        inputs = tf.cast(inputs, self.compute_dtype)
+        inputs = ops.cast(inputs, self.compute_dtype)
         operands, plans = self._operands(self.compute_dtype), self._plans()
 
         def compute(x):
-            n_rows = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+            n_rows = ops.shape(x)[0]
             return cheapest(plans, n_rows,
                             lambda plan: apply_in_sequence(x, plan.groups(operands)))
 
@@ -509,11 +503,11 @@ class SparseFactorDense(_SparseFactors):
         applied to the input one at a time, so that the converter keeps them
         as separate sparse constants instead of folding their product; in the
         ``"product"`` form the input meets the product kernel."""
-        inputs = tf.cast(inputs, self.compute_dtype)
+        inputs = ops.cast(inputs, self.compute_dtype)
         factors = self.export_factors(self.compute_dtype)
         if self.export_form == "product":
             kernel = multiplied(factors)
-            outputs = matmul_last_axis(inputs, lambda x: tf.matmul(x, kernel))
+            outputs = matmul_last_axis(inputs, lambda x: ops.matmul(x, kernel))
         else:
             apply = functools.partial(export_sequence,
                                       fewest_bytes=self.export_form == "sequence")
@@ -567,7 +561,7 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
 
     def _as_conv_kernel(self, matrix):
         """A (kh * kw * cin, r) matrix as a (kh, kw, cin, r) convolution kernel."""
-        return tf.reshape(matrix, self.kernel_size + (self.in_channels, -1))
+        return ops.reshape(matrix, self.kernel_size + (self.in_channels, -1))
 
     def _conv_kernel(self, dtype):
         return self._as_conv_kernel(self._product(dtype))
@@ -598,8 +592,7 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
 
     def _output_pixels(self, inputs):
         """batch * H_out * W_out of the NHWC ``inputs``: an int, or a tensor."""
-        static = inputs.shape[:3]
-        sizes = [static[i] if static[i] is not None else tf.shape(inputs)[i] for i in range(3)]
+        sizes = ops.shape(inputs)[:3]
         count = sizes[0]
         for axis in (1, 2):
             size, stride = sizes[axis], self.strides[axis - 1]

@@ -24,7 +24,8 @@ import math
 
 import numpy as np
 
-from keras_psm.backend import keras, register_serializable, tf
+from keras_psm import ops
+from keras_psm.backend import keras, register_serializable
 from keras_psm.layers.base import fitted_values
 from keras_psm.layers.lowrank import ConvFactorsLayer, DenseReplacement
 from keras_psm.validation import check_int
@@ -74,11 +75,11 @@ class TuckerConv(ConvFactorsLayer):
     @property
     def kernel(self):
         """The (kh, kw, cin, filters) kernel of the Tucker-2 decomposition."""
-        return tf.einsum(
+        return ops.einsum(
             "abst,cs,to->abco",
-            tf.cast(self.core_kernel, "float32"),
-            tf.cast(self.input_kernel[0, 0], "float32"),
-            tf.cast(self.output_kernel[0, 0], "float32"),
+            ops.cast(self.core_kernel, "float32"),
+            ops.cast(self.input_kernel[0, 0], "float32"),
+            ops.cast(self.output_kernel[0, 0], "float32"),
         )
 
     def get_config(self):
@@ -133,13 +134,13 @@ def _tt_initializer(n_in, n_out, ranks):
 def tt_matrix_product(cores):
     """The full (prod i_k, prod j_k) matrix of TT cores (r_{k-1}, i_k, j_k, r_k)."""
     _, rows, cols, rank = cores[0].shape
-    matrix = tf.reshape(cores[0], (rows, cols, rank))
+    matrix = ops.reshape(cores[0], (rows, cols, rank))
     for core in cores[1:]:
         _, i, j, rank = core.shape
-        matrix = tf.einsum("pqr,rijs->piqjs", matrix, core)
+        matrix = ops.einsum("pqr,rijs->piqjs", matrix, core)
         rows, cols = rows * i, cols * j
-        matrix = tf.reshape(matrix, (rows, cols, rank))
-    return tf.reshape(matrix, (rows, cols))
+        matrix = ops.reshape(matrix, (rows, cols, rank))
+    return ops.reshape(matrix, (rows, cols))
 
 
 def _add_tt_cores(layer, input_factors, output_factors, n_in, n_out):
@@ -196,24 +197,24 @@ class TTDense(DenseReplacement):
     def _apply(self, inputs):
         padding = math.prod(self.input_factors) - self.in_dim
         if padding:
-            inputs = tf.pad(inputs, [[0, 0], [0, padding]])
+            inputs = ops.pad(inputs, [[0, 0], [0, padding]])
         rest, done = math.prod(self.input_factors), 1
         # state: (batch, i_k, i_{k+1} .. i_M, j_1 .. j_{k-1}, r_{k-1})
-        state = tf.reshape(inputs, (-1, self.input_factors[0], rest // self.input_factors[0],
+        state = ops.reshape(inputs, (-1, self.input_factors[0], rest // self.input_factors[0],
                                     1, 1))
         for k, core in enumerate(self.cores):
             rest //= self.input_factors[k]
             done *= self.output_factors[k]
-            state = tf.einsum("niaor,rijs->naojs", state, tf.cast(core, inputs.dtype))
+            state = ops.einsum("niaor,rijs->naojs", state, ops.cast(core, inputs.dtype))
             following = self.input_factors[k + 1] if k + 1 < len(self.cores) else 1
-            state = tf.reshape(state, (-1, following, rest // following, done,
+            state = ops.reshape(state, (-1, following, rest // following, done,
                                        self.ranks[k + 1]))
-        return tf.reshape(state, (-1, done))[:, : self.units]
+        return ops.reshape(state, (-1, done))[:, : self.units]
 
     @property
     def kernel(self):
         """The (in, units) kernel (formed here for inspection only; ``call`` never does)."""
-        matrix = tt_matrix_product([tf.cast(core, "float32") for core in self.cores])
+        matrix = tt_matrix_product([ops.cast(core, "float32") for core in self.cores])
         return matrix[: self.in_dim, : self.units]
 
     def get_config(self):
@@ -282,10 +283,10 @@ class TTConv2D(ConvFactorsLayer):
         self.built = True
 
     def _kernel(self, dtype):
-        matrix = tt_matrix_product([tf.cast(core, dtype) for core in self.cores])
+        matrix = tt_matrix_product([ops.cast(core, dtype) for core in self.cores])
         window = self.kernel_size[0] * self.kernel_size[1]
-        padded = tf.reshape(matrix, (window, math.prod(self.channel_factors), -1))
-        return tf.reshape(padded[:, : self.in_channels, : self.filters],
+        padded = ops.reshape(matrix, (window, math.prod(self.channel_factors), -1))
+        return ops.reshape(padded[:, : self.in_channels, : self.filters],
                           self.kernel_size + (self.in_channels, self.filters))
 
     def call(self, inputs):
@@ -304,23 +305,23 @@ class TTConv2D(ConvFactorsLayer):
         each output mode.
         """
         x = self._to_channels_last(inputs)
-        batch, height, width = tf.shape(x)[0], x.shape[1], x.shape[2]
+        batch, height, width = ops.shape(x)[0], x.shape[1], x.shape[2]
         padded_channels = math.prod(self.channel_factors)
         if padded_channels > self.in_channels:
-            x = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, padded_channels - self.in_channels]])
-        state = tf.reshape(x, (-1, 1, 1))  # (pixels * c_1 ... c_M, f-modes so far, r_{M+1})
+            x = ops.pad(x, [[0, 0], [0, 0], [0, 0], [0, padded_channels - self.in_channels]])
+        state = ops.reshape(x, (-1, 1, 1))  # (pixels * c_1 ... c_M, f-modes so far, r_{M+1})
         for core, channels in zip(self.cores[:0:-1], self.channel_factors[::-1]):
-            core = tf.cast(core, x.dtype)
-            state = tf.reshape(state, (-1, channels) + tuple(state.shape[1:]))
-            state = tf.einsum("pcfs,rcgs->pgfr", state, core)
-            state = tf.reshape(state, (-1, state.shape[1] * state.shape[2], state.shape[3]))
+            core = ops.cast(core, x.dtype)
+            state = ops.reshape(state, (-1, channels) + tuple(state.shape[1:]))
+            state = ops.einsum("pcfs,rcgs->pgfr", state, core)
+            state = ops.reshape(state, (-1, state.shape[1] * state.shape[2], state.shape[3]))
         n_outputs, rank = state.shape[1], state.shape[2]
-        state = tf.reshape(state, (batch, height, width, n_outputs, rank))
-        state = tf.reshape(tf.transpose(state, (0, 3, 1, 2, 4)), (-1, height, width, rank))
-        window_kernel = tf.reshape(tf.cast(self.cores[0], x.dtype), self.kernel_size + (rank, 1))
+        state = ops.reshape(state, (batch, height, width, n_outputs, rank))
+        state = ops.reshape(ops.transpose(state, (0, 3, 1, 2, 4)), (-1, height, width, rank))
+        window_kernel = ops.reshape(ops.cast(self.cores[0], x.dtype), self.kernel_size + (rank, 1))
         outputs = self._conv(state, window_kernel, self.strides, self.dilation_rate)
-        outputs = tf.reshape(outputs, (batch, n_outputs) + tuple(outputs.shape[1:3]))
-        outputs = tf.transpose(outputs, (0, 2, 3, 1))[..., :self.filters]
+        outputs = ops.reshape(outputs, (batch, n_outputs) + tuple(outputs.shape[1:3]))
+        outputs = ops.transpose(outputs, (0, 2, 3, 1))[..., :self.filters]
         return self._from_channels_last(self._finish(outputs))
 
     @property

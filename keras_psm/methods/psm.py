@@ -18,7 +18,7 @@ from keras_psm.factorize.calibrated import whitening_factor
 from keras_psm.factorize.palm4msa import hierarchical_palm4msa, palm4msa
 from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
 from keras_psm.methods.registry import Method, register_method
-from keras_psm.validation import check_bool, check_float, check_int
+from keras_psm.validation import check_bool, check_choice, check_float, check_int
 
 PSM_PAPER = "Sparse matrix products for neural network compression (PSM)"
 
@@ -46,6 +46,10 @@ class PSMConfig:
         block: rows per block of the supports: 4 fits supports of whole 1x4
             blocks along the input axis, which LiteRT's sparse fully connected
             kernel runs on (``palm4msa``'s ``block``); 1 is plain splincol.
+        device: ``"cpu"`` fits with the NumPy/SciPy ``palm4msa``; ``"auto"`` with
+            ``palm4msa_on_device`` on the Keras backend's device (a GPU when the
+            backend sees one; Keras 3, plain palm4MSA with ``block=1``).
+        verbose: show each layer's palm4MSA iterations in a progress bar.
     """
 
     n_factors: int = 3
@@ -56,6 +60,8 @@ class PSMConfig:
     tol: float = 1e-6
     seed: Optional[int] = 0
     block: int = 1
+    device: str = "cpu"
+    verbose: bool = False
 
     def __post_init__(self):
         where = type(self).__name__
@@ -67,6 +73,11 @@ class PSMConfig:
         check_int(self.seed, "seed", minimum=0, where=where, allow_none=True)
         check_bool(self.hierarchical, "hierarchical", where=where)
         check_int(self.block, "block", minimum=1, where=where)
+        check_choice(self.device, "device", ("cpu", "auto"), where=where)
+        check_bool(self.verbose, "verbose", where=where)
+        if self.device == "auto" and (self.hierarchical or self.block != 1):
+            raise ValueError(f"{where}: `device='auto'` fits plain palm4MSA with block=1; "
+                             f"got hierarchical={self.hierarchical}, block={self.block}.")
 
 
 def kernel_matrix(kernel):
@@ -87,13 +98,23 @@ def fit_psm(kernel, config, covariance=None):
     if covariance is not None and config.hierarchical:
         raise ValueError("PSMConfig: `hierarchical=True` does not take calibration data; "
                          "use hierarchical=False with `calibration_data`.")
-    fit = hierarchical_palm4msa if config.hierarchical else palm4msa
     matrix = kernel_matrix(kernel)
     options = dict(rank=config.rank, max_iter=config.max_iter, tol=config.tol,
-                   random_state=config.seed, block=config.block)
-    plain = fit(matrix, config.n_factors, config.sparsity, **options)
+                   random_state=config.seed)
+    if config.device == "auto":
+        from keras_psm.palm4msa_accelerated import palm4msa_on_device
+
+        plain = palm4msa_on_device(matrix, config.n_factors, config.sparsity,
+                                   verbose=config.verbose, **options)
+    elif config.hierarchical:
+        plain = hierarchical_palm4msa(matrix, config.n_factors, config.sparsity,
+                                      block=config.block, **options)
+    else:
+        plain = palm4msa(matrix, config.n_factors, config.sparsity, block=config.block,
+                         verbose=config.verbose, **options)
     if covariance is None:
         return plain
+    options["block"] = config.block
     return palm4msa(matrix, config.n_factors, config.sparsity, left=whitening_factor(covariance),
                     init=plain.factors, **options)
 

@@ -1,0 +1,147 @@
+"""Fine-tuning that learns from the original model: knowledge distillation.
+
+A compressed model (the student) is fine-tuned against the outputs of the
+model it came from (the teacher), as in Hinton et al. (2015), "Distilling the
+Knowledge in a Neural Network". With ``z_s``, ``z_t`` the two models' logits
+and ``p^T = softmax(z / T)``, the loss is
+
+    loss = task_loss(y, student(x)) + alpha * T^2 * KL(p_t^T || p_s^T)
+    KL(p || q) = sum_c p_c (log p_c - log q_c), averaged over the batch.
+
+``T^2`` keeps the soft term's gradient on the scale of the task loss's as
+``T`` changes (Hinton et al., section 2). The teacher only runs forward
+(``training=False``); its weights are never trained nor changed.
+
+    distiller = keras_psm.Distiller(small, model, temperature=4.0, alpha=1.0)
+    distiller.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    distiller.fit(x_train, y_train, epochs=5, callbacks=report.callbacks)
+    small.save("small.keras")          # the student: the Distiller is a training wrapper
+
+The loss is written with :mod:`keras_psm.ops` in ``compute_loss``, so the
+Distiller trains on every Keras 3 backend and on tf_keras with ``fit``'s own
+training step (mixed precision loss scaling, callbacks, distribution).
+"""
+
+from keras_psm import ops
+from keras_psm.backend import LEGACY_KERAS, keras
+from keras_psm.validation import check_choice, check_float
+
+#: What a model's output can be: class probabilities (a softmax output layer,
+#: like the demo's LeNet-5) or logits.
+OUTPUT_KINDS = ("probabilities", "logits")
+
+#: Probabilities are floored here before their logarithm: float32 softmax
+#: outputs underflow to exactly 0 for very unlikely classes.
+PROBABILITY_FLOOR = 1e-7
+
+
+def output_kind(model):
+    """``"probabilities"`` if ``model`` ends in a softmax, else ``"logits"``.
+
+    A softmax is recognised as the ``activation`` of the output layer (Dense,
+    Conv2D and keras_psm's compressed layers) or as a ``Softmax`` layer or an
+    ``Activation("softmax")`` layer. Anything else is taken for logits; pass
+    ``outputs=`` to the Distiller to say otherwise.
+    """
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return "probabilities"
+    activation = getattr(last, "activation", None)
+    name = getattr(activation, "__name__", "")
+    return "probabilities" if name == "softmax" else "logits"
+
+
+def as_logits(outputs, kind):
+    """Outputs as float32 logits: ``log p`` for probabilities (softmax-equivalent logits)."""
+    outputs = ops.cast(outputs, "float32")
+    if kind == "probabilities":
+        return ops.log(ops.maximum(outputs, PROBABILITY_FLOOR))
+    return outputs
+
+
+def distillation_loss(teacher_logits, student_logits, temperature):
+    """``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))`` over the last axis, batch mean."""
+    log_p_teacher = ops.log_softmax(teacher_logits / temperature, axis=-1)
+    log_p_student = ops.log_softmax(student_logits / temperature, axis=-1)
+    kl = ops.sum(ops.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
+    return temperature ** 2 * ops.mean(kl)
+
+
+class Distiller(keras.Model):
+    """Trains ``student`` on its task loss plus a distillation term from ``teacher``.
+
+    ``Distiller(x)`` is ``student(x)``; ``compile`` and ``fit`` as usual (the
+    compiled loss and metrics apply to the student's outputs). Only the
+    student's weights are trained; the teacher is neither trained nor changed
+    (its weights count as the Distiller's non-trainable state). Save
+    ``distiller.student``.
+
+    Args:
+        student: the model to train (a compressed copy of ``teacher``), one output.
+        teacher: the trained model whose outputs the student learns; same
+            input and output shapes as ``student``.
+        temperature: T > 0, softens both distributions; 1 leaves them as they are.
+        alpha: weight >= 0 of the distillation term added to the task loss;
+            0 is plain fine-tuning.
+        outputs: ``"probabilities"`` or ``"logits"``, what both models output;
+            None (default) detects it for each model (``output_kind``).
+    """
+
+    def __init__(self, student, teacher, temperature=4.0, alpha=1.0, outputs=None, **kwargs):
+        super().__init__(name=kwargs.pop("name", f"{student.name}_distiller"), **kwargs)
+        where = "Distiller"
+        for role, model in (("student", student), ("teacher", teacher)):
+            if not isinstance(model, keras.Model):
+                raise TypeError(f"{where}: `{role}` must be a Keras model, "
+                                f"got {type(model).__name__}.")
+            if len(model.outputs or ()) != 1:
+                raise ValueError(f"{where}: `{role}` must have exactly one output, "
+                                 f"{model.name!r} has {len(model.outputs or ())}.")
+        if tuple(student.outputs[0].shape[1:]) != tuple(teacher.outputs[0].shape[1:]):
+            raise ValueError(
+                f"{where}: `student` and `teacher` must have the same output shape, got "
+                f"{tuple(student.outputs[0].shape)} and {tuple(teacher.outputs[0].shape)}.")
+        self.temperature = check_float(temperature, "temperature", minimum=0.0,
+                                       exclusive_minimum=True, where=where)
+        self.alpha = check_float(alpha, "alpha", minimum=0.0, where=where)
+        if outputs is not None:
+            check_choice(outputs, "outputs", OUTPUT_KINDS, where=where)
+        self.student_outputs = outputs or output_kind(student)
+        self.teacher_outputs = outputs or output_kind(teacher)
+        self.student = student
+        self.teacher = teacher
+
+    def call(self, inputs, training=None):
+        return self.student(inputs, training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The compiled (task) loss plus ``alpha * T^2 * KL`` against the teacher."""
+        if LEGACY_KERAS:  # tf_keras's compute_loss has no ``training``
+            task = super().compute_loss(x, y, y_pred, sample_weight)
+        else:
+            task = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        if self.alpha == 0.0:
+            return task
+        teacher = ops.stop_gradient(
+            as_logits(self.teacher(x, training=False), self.teacher_outputs))
+        student = as_logits(y_pred, self.student_outputs)
+        soft = distillation_loss(teacher, student, self.temperature)
+        return task + ops.cast(self.alpha * soft, task.dtype)
+
+    # Only the student trains: the teacher's variables are state the training
+    # step carries (JAX passes them in) but never differentiates nor updates.
+    @property
+    def trainable_weights(self):
+        return self.student.trainable_weights
+
+    @property
+    def non_trainable_weights(self):
+        return self.student.non_trainable_weights + self.teacher.weights
+
+    @property
+    def trainable_variables(self):
+        return self.student.trainable_variables
+
+    @property
+    def non_trainable_variables(self):
+        return self.student.non_trainable_variables + self.teacher.variables

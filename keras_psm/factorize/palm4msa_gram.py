@@ -1,0 +1,140 @@
+"""palm4MSA's factor update from Gram matrices, without the dense ``in x out`` residual.
+
+The gradient of ``||W - lambda L S R||_F^2 / 2`` in ``S`` is
+
+    lambda L^T (lambda L S R - W) R^T  =  lambda^2 (L^T L) S (R R^T) - lambda L^T W R^T
+
+so one update needs ``L^T W R^T`` (products of the sparse chains with ``W``),
+the Gram matrices ``L^T L`` and ``R R^T`` (``r x r``) and ``S`` itself, never
+the product ``L S R``. The error of the last update of an iteration
+(``S = S_1``, ``L = I``) follows from traces:
+
+    ||W - lambda X||^2 = ||W||^2 - 2 lambda <W, X> + lambda^2 ||X||^2,
+    <W, X> = <W R^T, S_1>,   ||X||^2 = <S_1^T S_1, R R^T>.
+
+``StoredMatrix`` keeps ``W`` once and serves both update orders: the
+left-to-right order works on ``W^T``, whose products it forms from ``W`` in
+row blocks instead of copying ``W^T``.
+"""
+
+import numpy as np
+
+from keras_psm.factorize.projections import transposed_copy
+
+# Rows of W per block when a product needs W^T: the block and its transposed
+# copy stay a few MB whatever the size of W.
+BLOCK_ENTRIES = 2 ** 20
+
+
+class StoredMatrix:
+    """``W`` held once, seen by a run as ``W`` or as ``W^T`` (``transposed``)."""
+
+    def __init__(self, matrix, transposed=False, squared_norm=None):
+        self.matrix = matrix
+        self.transposed = transposed
+        if squared_norm is None:
+            squared_norm = float(np.einsum("ij,ij->", matrix, matrix, dtype=np.float64))
+        self.squared_norm = squared_norm
+
+    @property
+    def view(self):
+        """The matrix the run factorizes (a view, never a copy)."""
+        return self.matrix.T if self.transposed else self.matrix
+
+    @property
+    def shape(self):
+        return self.view.shape
+
+    def transpose(self):
+        """The same stored matrix seen transposed."""
+        return StoredMatrix(self.matrix, not self.transposed, self.squared_norm)
+
+    def left_product(self, first_transposed):
+        """``S^T V`` for the sparse ``S`` given as the CSR matrix ``S^T``."""
+        if not self.transposed:
+            return first_transposed @ self.matrix
+        return _apply_to_transpose(self.matrix, lambda block: first_transposed @ block)
+
+    def right_product(self, chain):
+        """``V R^T`` for ``R = chain[0] @ ... @ chain[-1]`` (sparse), as ``(R V^T)^T``."""
+        if not self.transposed:
+            return _apply_to_transpose(self.matrix, lambda block: chain_times(chain, block),
+                                       transpose_result=True)
+        return transposed_copy(chain_times(chain, self.matrix))
+
+
+def _apply_to_transpose(matrix, apply, transpose_result=False):
+    """``apply(matrix^T)`` (or its transpose) for a column-wise ``apply``, in row blocks of
+    ``matrix``: no copy of ``matrix^T`` is made."""
+    rows = max(1, BLOCK_ENTRIES // matrix.shape[1])
+    result = None
+    for start in range(0, matrix.shape[0], rows):
+        block = apply(transposed_copy(matrix[start:start + rows]))
+        if result is None:
+            shape = ((matrix.shape[0], block.shape[0]) if transpose_result
+                     else (block.shape[0], matrix.shape[0]))
+            result = np.empty(shape, dtype=block.dtype)
+        if transpose_result:
+            result[start:start + rows] = block.T
+        else:
+            result[:, start:start + rows] = block
+    return result
+
+
+def chain_times(chain, block):
+    """``chain[0] @ chain[1] @ ... @ chain[-1] @ block``, one sparse product at a time."""
+    for factor in reversed(chain):
+        block = factor @ block
+    return block
+
+
+def sandwich(sparse, gram):
+    """``A G A^T`` for a sparse ``A`` and a symmetric dense ``G``: ``A (A G)^T``."""
+    return sparse @ transposed_copy(sparse @ gram)
+
+
+def gram(sparse, sparse_transposed):
+    """``A A^T`` as a dense array, from the CSR matrices ``A`` and ``A^T``."""
+    return (sparse @ sparse_transposed).toarray()
+
+
+def gram_entries(matrix_shape, factor_shape, has_left, has_right):
+    """Dense entries the Gram update writes besides the candidate: ``L^T W`` and ``L^T L``
+    (with a left chain), ``R R^T`` (with a right chain), and ``L^T W R^T``."""
+    n_columns = matrix_shape[1]
+    rows, columns = factor_shape
+    entries = rows * columns
+    if has_left:
+        entries += rows * rows + rows * n_columns
+    if has_right:
+        entries += columns * columns
+    return entries
+
+
+def gradient_step(factor, left_gram, right_gram, data_term, scale, step):
+    """``S - step (lambda G_L S G_R - L^T W R^T)`` with ``G_L = L^T L`` and ``G_R = R R^T``
+    (None for an empty chain; not both), a new array.
+
+    ``factor`` is a ``_SparseFactor`` (CSR matrix, its transpose, flat positions).
+    """
+    if left_gram is None:
+        candidate = factor.matrix @ right_gram
+    elif right_gram is None:
+        candidate = transposed_copy(factor.transposed @ left_gram)
+    else:
+        candidate = left_gram @ (factor.matrix @ right_gram)
+    candidate *= -scale  # in place: no temporary of the candidate's size
+    candidate += data_term
+    candidate *= step
+    candidate.ravel()[factor.flat_positions] += factor.matrix.data
+    return candidate
+
+
+def trace_terms(factor, data_term, right_gram):
+    """``<W, X>`` and ``||X||^2`` for ``X = S_1 R`` from ``<W R^T, S_1>`` and
+    ``<S_1^T S_1, R R^T>`` (float64 sums)."""
+    inner = np.dot(data_term.ravel()[factor.flat_positions].astype(np.float64),
+                   factor.matrix.data.astype(np.float64))
+    overlap = gram(factor.transposed, factor.matrix)
+    energy = np.einsum("ij,ij->", overlap, right_gram, dtype=np.float64)
+    return float(inner), float(energy)

@@ -1,0 +1,40 @@
+"""A sparse matrix held as its nonzeros, multiplied in ``keras_psm.ops`` only.
+
+A factor F (m x n) with nonzeros v_k at (r_k, c_k) is applied by a gather and
+a segment sum, on every Keras backend (PyTorch has no sparse tensor Keras
+supports, JAX's BCOO and TensorFlow's ``SparseTensor`` differ):
+
+    (X @ F)[:, c] = sum over k with c_k = c of v_k X[:, r_k]
+    (F @ B)[r, :] = sum over k with r_k = r of v_k B[c_k, :]
+
+Both cost O(nnz) per row of X (column of B), and their gradients reach the
+values v_k only, never the entries off the support.
+"""
+
+import typing
+
+from keras_psm import ops
+
+
+class SparseMatrix(typing.NamedTuple):
+    """Nonzeros ``values`` at ``rows``, ``cols`` (int tensors) of a ``shape`` matrix."""
+
+    rows: typing.Any
+    cols: typing.Any
+    values: typing.Any
+    shape: tuple
+
+    def to_dense(self):
+        """The dense (m, n) matrix: the values scattered on their positions."""
+        return ops.scatter(ops.stack([self.rows, self.cols], axis=1), self.values, self.shape)
+
+    def times(self, block):
+        """``F @ block`` for a dense (n, k) ``block``."""
+        gathered = ops.take(block, self.cols, axis=0) * ops.expand_dims(self.values, 1)
+        return ops.segment_sum(gathered, self.rows, num_segments=self.shape[0])
+
+    def applied_to(self, inputs):
+        """``inputs @ F`` for dense (batch, m) ``inputs``."""
+        gathered = (ops.take(ops.transpose(inputs), self.rows, axis=0)
+                    * ops.expand_dims(self.values, 1))
+        return ops.transpose(ops.segment_sum(gathered, self.cols, num_segments=self.shape[1]))

@@ -1,0 +1,105 @@
+"""The PSM paper's learning-rate pick: the best of a few rates after a few steps.
+
+PSM paper, section 3.1: "for each compression method and configuration, the
+best learning rate is chosen using the classification error on a validation
+sample after 10 iterations, with learning rate values in {1e-3, 1e-4, 1e-5}".
+``pick_learning_rate`` does exactly that for any compiled-and-fitted Keras
+model (a compressed model, a ``Distiller``): from the same starting weights,
+each rate trains ``steps`` batches, the held-out split is scored, the weights
+are put back, and the rate with the lowest error (ties: lowest loss) wins.
+
+    pick = keras_psm.pick_learning_rate(small, x_train, y_train,
+                                        "sparse_categorical_crossentropy")
+    small.compile(keras.optimizers.Adam(pick.learning_rate), ...)
+"""
+
+import dataclasses
+
+import numpy as np
+
+from keras_psm.backend import keras
+from keras_psm.validation import check_choice, check_float, check_int
+
+#: The rates the PSM paper tries.
+PAPER_LEARNING_RATES = (1e-3, 1e-4, 1e-5)
+
+#: The paper's number of training iterations before the rates are compared.
+PAPER_STEPS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class LearningRatePick:
+    """The chosen ``learning_rate`` and, for each rate tried, its validation ``scores``.
+
+    ``scores[rate]`` is ``(error, loss)`` with ``by="error"`` (error = 1 -
+    accuracy), ``(loss,)`` with ``by="loss"``; lower is better.
+    """
+
+    learning_rate: float
+    scores: dict
+
+
+def pick_learning_rate(model, x, y, loss, *, optimizer=keras.optimizers.Adam,
+                       candidates=PAPER_LEARNING_RATES, steps=PAPER_STEPS, batch_size=32,
+                       validation_fraction=0.1, validation_data=None, by="error",
+                       callbacks=(), seed=0):
+    """Try each rate of ``candidates`` for ``steps`` batches; keep the best on held-out data.
+
+    Args:
+        model: a built Keras model (a ``Distiller`` too). It is compiled and
+            trained here, and given back with its starting weights; compile it
+            again with the chosen rate to fine-tune.
+        x, y: training data (arrays). Without ``validation_data``, the last
+            ``validation_fraction`` of them is held out (as Keras's
+            ``validation_split``) and the steps train on the rest.
+        loss: the loss ``model.compile`` takes.
+        optimizer: called as ``optimizer(learning_rate=rate)`` for each rate.
+        candidates: the rates to try (default: the paper's 1e-3, 1e-4, 1e-5).
+        steps: training batches per rate (the paper: 10).
+        batch_size: samples per batch.
+        validation_data: ``(x_val, y_val)`` to score on instead of a split.
+        by: ``"error"`` (classification error, the paper's criterion; ties
+            broken by the loss) or ``"loss"``.
+        callbacks: passed to ``fit`` (``report.callbacks`` of iterative pruning).
+        seed: seeds each rate's run, so that all rates see the same batches.
+
+    Returns:
+        A ``LearningRatePick``.
+    """
+    where = "pick_learning_rate"
+    candidates = tuple(check_float(rate, "candidates", minimum=0.0, exclusive_minimum=True,
+                                   where=where) for rate in candidates)
+    if not candidates:
+        raise ValueError(f"{where}: `candidates` must hold at least one learning rate.")
+    check_int(steps, "steps", minimum=1, where=where)
+    check_int(batch_size, "batch_size", minimum=1, where=where)
+    check_choice(by, "by", ("error", "loss"), where=where)
+    if validation_data is None:
+        check_float(validation_fraction, "validation_fraction", minimum=0.0, maximum=1.0,
+                    exclusive_minimum=True, where=where)
+        held_out = int(round(len(x) * validation_fraction))
+        if not 1 <= held_out < len(x):
+            raise ValueError(f"{where}: `validation_fraction` {validation_fraction} of "
+                             f"{len(x)} samples leaves no training or no validation sample.")
+        x, x_val = x[:len(x) - held_out], x[len(x) - held_out:]
+        y, y_val = y[:len(y) - held_out], y[len(y) - held_out:]
+    else:
+        x_val, y_val = validation_data
+    x, y = x[:steps * batch_size], y[:steps * batch_size]
+
+    start = model.get_weights()
+    scores = {}
+    for rate in candidates:
+        keras.utils.set_random_seed(seed)
+        # Eagerly: tracing a training step costs more than running a few.
+        model.compile(optimizer=optimizer(learning_rate=rate), loss=loss,
+                      metrics=["accuracy"] if by == "error" else None, run_eagerly=True)
+        model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False,
+                  callbacks=list(callbacks), verbose=0)
+        evaluated = np.atleast_1d(model.evaluate(x_val, y_val, batch_size=batch_size,
+                                                 verbose=0))
+        scores[rate] = ((1.0 - float(evaluated[1]), float(evaluated[0])) if by == "error"
+                        else (float(evaluated[0]),))
+        model.set_weights(start)
+    best = min(candidates, key=lambda rate: np.nan_to_num(scores[rate], nan=np.inf).tolist())
+    return LearningRatePick(best, scores)
