@@ -43,28 +43,16 @@ from keras_psm import demo, export
 from keras_psm.backend import keras, tf
 from keras_psm.layers.sparse_factor import SPARSE_SLOWDOWN
 
-#: VGG19's convolution widths ("M": 2x2 max pooling), Simonyan & Zisserman (2015).
-VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-         512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+import step_time  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
+
 VARIANTS = (("dense", None), ("psm Q=3 K=14", dict(n_factors=3, sparsity=14)),
             ("psm Q=2 K=4", dict(n_factors=2, sparsity=4)))
 BATCH = 64
 
 
 def vgg19_cifar(width=1.0, n_classes=10, seed=0):
-    """VGG19 for 32 x 32 x 3 inputs, every convolution ``width`` times as wide."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((32, 32, 3))
-    x = inputs
-    for index, filters in enumerate(VGG19):
-        if filters == "M":
-            x = keras.layers.MaxPooling2D(name=f"pool{index}")(x)
-        else:
-            x = keras.layers.Conv2D(max(1, int(filters * width)), 3, padding="same",
-                                    activation="relu", name=f"conv{index}")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
-    outputs = keras.layers.Dense(n_classes, activation="softmax", name="fc")(x)
-    return keras.Model(inputs, outputs, name="vgg19")
+    """``step_time.vgg19_cifar`` with a softmax classifier."""
+    return step_time.vgg19_cifar(width, n_classes, seed, activation="softmax")
 
 
 def variable_bytes(model):

@@ -37,8 +37,9 @@ BATCH = 128
 PSM = dict(n_factors=3, sparsity=14)
 
 
-def vgg19_cifar(width=1.0, n_classes=10, seed=0):
-    """VGG19 for 32 x 32 x 3 inputs, every convolution ``width`` times as wide."""
+def vgg19_cifar(width=1.0, n_classes=10, seed=0, activation=None):
+    """VGG19 for 32 x 32 x 3 inputs, every convolution ``width`` times as wide;
+    ``activation`` of the classifier (None: logits)."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((32, 32, 3))
     x = inputs
@@ -49,7 +50,7 @@ def vgg19_cifar(width=1.0, n_classes=10, seed=0):
             x = keras.layers.Conv2D(max(1, int(filters * width)), 3, padding="same",
                                     activation="relu", name=f"conv{index}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
-    outputs = keras.layers.Dense(n_classes, name="fc")(x)
+    outputs = keras.layers.Dense(n_classes, activation=activation, name="fc")(x)
     return keras.Model(inputs, outputs, name="vgg19")
 
 

@@ -19,7 +19,10 @@ def command_environment():
     """The environment in which ``python -m keras_psm_cli`` imports the keras_psm under test."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(keras_psm.__file__)))
     path = os.environ.get("PYTHONPATH")
-    return dict(os.environ, PYTHONPATH=root if not path else os.pathsep.join([root, path]))
+    # A user's shell, not this process: JAX, once imported here, sets TF_CPP_MIN_LOG_LEVEL=1
+    # for it, and the command keeps a level the user set.
+    environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return dict(environment, PYTHONPATH=root if not path else os.pathsep.join([root, path]))
 
 
 def run_command(*arguments, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600):
