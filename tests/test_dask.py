@@ -16,6 +16,7 @@ def test_dask_cluster_executor_gives_the_serial_result(make_lenet):
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
+        client.wait_for_workers(2, timeout=120)  # a loaded machine starts them late
         model_on_cluster, report = keras_psm.compress(model, executor=client.get_executor(),
                                                       **options)
         workers = client.run(lambda: "keras_psm.compress" in __import__("sys").modules)
