@@ -72,6 +72,7 @@ import numpy as np
 
 import tensorflow as tf
 from keras_psm.backend import require_tensorflow_backend
+from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 from keras_psm.files import write_atomically
 from keras_psm.litert_cost import blocks_take_more_bytes, cost_per_row, drops_inputs
@@ -307,6 +308,9 @@ class ExportForm:
         if compact is not None:
             compact.add(self, self.arrays)
 
+    # tf_keras traces ``call`` with AutoGraph, which would convert the Python
+    # loops that build the graph here; they need no conversion.
+    @tf.autograph.experimental.do_not_convert
     def factors(self, dtype):
         """The factors as constants of the graph being traced, in ``dtype``: each
         one (unpacked by the graph when stored as ``CompactFactors``), or for
@@ -319,6 +323,7 @@ class ExportForm:
             factors = [functools.reduce(np.matmul, factors)]
         return [tf.constant(factor, dtype=dtype) for factor in factors]
 
+    @tf.autograph.experimental.do_not_convert
     def apply(self, inputs, factors):
         """``inputs @ F_1 @ ... @ F_Q``, one op per factor.
 
@@ -446,23 +451,64 @@ def convert(model, quantization=None, sparse_encoding=True, batch_size=1):
     if sparse_encoding:
         optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
     converter.optimizations = optimizations
-    return without_tensor_names(converter.convert())
+    return compacted(converter.convert())
 
 
-def without_tensor_names(content):
-    """The TFLite file ``content`` with the names of its inner tensors removed.
+def compacted(content):
+    """The TFLite file ``content`` without the bytes LiteRT does not use.
 
-    The converter names every tensor after the ops it came from; the names
-    only label the graph for debugging tools, and in a compressed file with
-    a few ops per layer they can take a fifth of the bytes. The inputs and
-    outputs keep theirs, and signatures refer to tensors by index.
+    - The converter names every tensor after the ops it came from; the names
+      only label the graph for debugging tools, and in a compressed file with
+      a few ops per layer they can take a fifth of the bytes. The inputs and
+      outputs keep theirs (signatures refer to tensors by index).
+    - A reshape to a constant shape keeps the shape in its options instead of
+      a constant tensor (``ReshapeOptions.new_shape``, which LiteRT reads when
+      the op has one input): the factors unpacked by ``CompactFactors`` are
+      reshaped one by one.
+    - Every tensor without data (activations) refers to the empty buffer 0
+      instead of an empty buffer of its own; unused tensors and buffers go,
+      and so does the converter's record of its options
+      (``CONVERSION_METADATA``).
     """
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    reshape = schema.BuiltinOperator.RESHAPE
+    reshapes = {index for index, code in enumerate(model.operatorCodes)
+                if max(code.builtinCode, code.deprecatedBuiltinCode) == reshape}
     for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            shape = model.buffers[subgraph.tensors[op.inputs[1]].buffer].data if (
+                op.opcodeIndex in reshapes and len(op.inputs) == 2) else None
+            if shape is not None and len(shape):
+                op.builtinOptionsType = schema.BuiltinOptions.ReshapeOptions
+                op.builtinOptions = schema.ReshapeOptionsT()
+                op.builtinOptions.newShape = np.frombuffer(bytes(shape), np.int32).tolist()
+                op.inputs = op.inputs[:1]
         named = set(subgraph.inputs) | set(subgraph.outputs)
-        for index, tensor in enumerate(subgraph.tensors):
-            if index not in named:
+        used = named | {i for op in subgraph.operators for i in [*op.inputs, *op.outputs]}
+        index = {old: new for new, old in enumerate(sorted(used - {-1}))}
+        subgraph.tensors = [subgraph.tensors[old] for old in sorted(index)]
+        for op in subgraph.operators:
+            op.inputs = [index.get(i, -1) for i in op.inputs]
+            op.outputs = [index[i] for i in op.outputs]
+        subgraph.inputs = [index[i] for i in subgraph.inputs]
+        subgraph.outputs = [index[i] for i in subgraph.outputs]
+        for position, tensor in enumerate(subgraph.tensors):
+            if position not in subgraph.inputs and position not in subgraph.outputs:
                 tensor.name = None
+            data = model.buffers[tensor.buffer].data
+            if data is None or not len(data):
+                tensor.buffer = 0
+    model.metadata = [entry for entry in model.metadata or []
+                      if entry.name != b"CONVERSION_METADATA"]
+    used = sorted({0} | {tensor.buffer for subgraph in model.subgraphs
+                         for tensor in subgraph.tensors}
+                  | {entry.buffer for entry in model.metadata})
+    index = {old: new for new, old in enumerate(used)}
+    model.buffers = [model.buffers[old] for old in used]
+    for tensor in (tensor for subgraph in model.subgraphs for tensor in subgraph.tensors):
+        tensor.buffer = index[tensor.buffer]
+    for entry in model.metadata:
+        entry.buffer = index[entry.buffer]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
