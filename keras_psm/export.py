@@ -796,10 +796,10 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
             "`tolerance` if only the tolerance is exceeded."
         )
     if kept_label.startswith("the product form"):
-        warnings.warn(f"{where}: {summary}: " + "; ".join(rejected)
-                      + f"; the file keeps {kept_label} (one kernel per layer, about the "
-                      "uncompressed size), since the sequence of factors could not be stored "
-                      "sparsely.", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{where}: {summary}: " + "; ".join(rejected + [
+            f"the file keeps {kept_label} (one kernel per layer, about the uncompressed "
+            "size), since the sequence of factors could not be stored sparsely in fewer "
+            "bytes."]), RuntimeWarning, stacklevel=2)
     elif rejected and kept_label != "the compact factors":
         warnings.warn(f"{where}: {summary}: " + "; ".join(rejected)
                       + f"; the file keeps {kept_label}.", RuntimeWarning, stacklevel=2)
