@@ -29,7 +29,6 @@ import keras_psm
 from keras_psm import demo, export
 from keras_psm.backend import keras
 from keras_psm.datasets import load_mnist_5k
-from keras_psm.layers import sparse_factor
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -75,7 +74,7 @@ def main():
                         help="export as before the route around the converter's truncation")
     args = parser.parse_args()
     if args.without_route:
-        sparse_factor.drops_inputs = lambda matrix: False
+        export.drops_inputs = lambda matrix: False
     (x_train, y_train), _ = load_mnist_5k(test_size=1000, seed=0)
     data = (x_train[:4000], y_train[:4000]), x_train[:64]
     rows = []

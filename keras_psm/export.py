@@ -7,14 +7,14 @@ model in which
 
 - pruning wrappers (tfmot's ``PruneLowMagnitude``) are replaced by the layer
   they wrap, with each mask multiplied into its weight;
-- every layer with an export forward runs it instead of ``call``: the same
-  function with the factors applied to the input one at a time, so that
-  each factor stays its own constant (fully connected ops for a Dense
-  product, a convolution by the first factor and fully connected ops for the
-  others in a Conv2D product). A layer class gets an export forward by
-  defining ``export_call(inputs)``; a layer whose ``call`` already applies
-  its factors in sequence needs none. Masks (``weight * mask``) are constant
-  products that the converter folds into the weights.
+- every layer with an ``export_form`` attribute (None in training; wrapped
+  layers included) gets an ``ExportForm``, which makes its ``call`` apply
+  the factors to the input one at a time, so that each factor stays its
+  own constant (fully connected ops for a Dense product, a convolution by
+  the first factor and fully connected ops for the others in a Conv2D
+  product). A layer whose ``call`` already applies its factors in sequence
+  needs none. Masks (``weight * mask``) are constant products that the
+  converter folds into the weights.
 
 The sequence keeps the file smallest, but it is not always fastest: LiteRT
 runs most sparse weights densified (``keras_psm.litert_cost``), so a Conv2D
@@ -27,7 +27,7 @@ by ``factor_form``:
   that the converter would store in 1x4 blocks in more bytes than plainly
   (below about 3% density) becomes a 1x1 convolution, whose weight is
   stored plainly and densified when LiteRT loads the file
-  (``export_sequence``): 3 to 4 times fewer bytes for that factor. So does
+  (``ExportForm.apply``): 3 to 4 times fewer bytes for that factor. So does
   a factor whose 1x4 blocks would leave out its last ``in % 4`` inputs
   (``litert_cost.drops_inputs``: TensorFlow 2.21's converter encodes such
   weights wrongly, typically small ones such as a 6 x 6 factor).
@@ -72,8 +72,10 @@ import numpy as np
 
 import tensorflow as tf
 from keras_psm.backend import require_tensorflow_backend
+from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 from keras_psm.files import write_atomically
+from keras_psm.litert_cost import blocks_take_more_bytes, cost_per_row, drops_inputs
 from keras_psm.model_layers import check_graph_model, clone_replacing, is_graph_model, leaf_layers
 from keras_psm.validation import check_choice, check_float, check_int
 
@@ -176,9 +178,9 @@ class CompactFactors:
         """Whether every factor fits in one buffer."""
         return all(np.asarray(f).size <= cls.MAX_BUFFER_SIZE for f in factors)
 
-    def add(self, layer, factors):
-        """Store ``layer``'s (m, n) NumPy factors; ``factors(layer)`` rebuilds them."""
-        self._layers[id(layer)] = [np.asarray(f, dtype=np.float32) for f in factors]
+    def add(self, key, factors):
+        """Store (m, n) NumPy factors under ``key``; ``factors(key, dtype)`` rebuilds them."""
+        self._layers[id(key)] = [np.asarray(f, dtype=np.float32) for f in factors]
 
     def _unit(self):
         """``BLOCK`` if storing whole blocks of every flat factor takes fewer bytes
@@ -273,62 +275,143 @@ class CompactFactors:
             self._unpacked[graph] = pieces
         return self._unpacked[graph]
 
-    def factors(self, layer):
-        """``layer``'s factors, rebuilt from their buffers (int8: the last one
-        also scaled by the product of the factors' scales)."""
+    def factors(self, key, dtype):
+        """The factors stored under ``key``, rebuilt from their buffers in ``dtype``
+        (int8: the last one also scaled by the product of the factors' scales)."""
         pieces = self._unpack()
-        stored = self._pieces[id(layer)]
+        stored = self._pieces[id(key)]
         factors = [tf.reshape(pieces[buffer][piece], (cols, rows))
                    for buffer, piece, (rows, cols), _ in stored]
         scales = [scale for *_, scale in stored if scale is not None]
         if scales:
             factors[-1] = factors[-1] * float(np.prod(scales))
-        return [tf.cast(tf.transpose(factor), layer.compute_dtype) for factor in factors]
+        return [tf.cast(tf.transpose(factor), dtype) for factor in factors]
+
+
+class ExportForm:
+    """How the export copy of a layer applies its factors in the file: the
+    value ``export_model`` sets as the layer's ``export_form`` (None in training).
+
+    ``kind`` is ``"sequence"`` (one op per factor, each stored in the fewest
+    bytes), ``"fully_connected"`` (one op per factor, fully connected after
+    a convolution's first one, so that LiteRT runs 1x4-block sparse weights
+    on its sparse kernel) or ``"product"`` (one op with the product kernel).
+    A layer with sparse factors takes them from ``factors(dtype)`` and
+    applies them with ``apply``; a layer given no factors (Kronecker,
+    tensor-train convolution) only applies its own in sequence.
+    """
+
+    def __init__(self, kind, factors=(), compact=None):
+        self.kind = kind
+        self.arrays = [np.asarray(f) for f in factors]  # the factors, as NumPy arrays
+        self.compact = compact
+        if compact is not None:
+            compact.add(self, self.arrays)
+
+    # tf_keras traces ``call`` with AutoGraph, which would convert the Python
+    # loops that build the graph here; they need no conversion.
+    @tf.autograph.experimental.do_not_convert
+    def factors(self, dtype):
+        """The factors as constants of the graph being traced, in ``dtype``: each
+        one (unpacked by the graph when stored as ``CompactFactors``), or for
+        ``"product"`` their product. Computed before tracing, so that the
+        converter never sees the scatter of values onto supports."""
+        if self.compact is not None:
+            return self.compact.factors(self, dtype)
+        factors = self.arrays
+        if self.kind == "product":
+            factors = [functools.reduce(np.matmul, factors)]
+        return [tf.constant(factor, dtype=dtype) for factor in factors]
+
+    @tf.autograph.experimental.do_not_convert
+    def apply(self, inputs, factors):
+        """``inputs @ F_1 @ ... @ F_Q``, one op per factor.
+
+        A constant factor is applied as a 1x1 convolution, whose weight the
+        converter stores plainly and LiteRT densifies once when it loads the
+        file, where a fully connected op would compute wrong numbers
+        (``litert_cost.drops_inputs``: 1x4 blocks that leave out the last
+        ``in % 4`` inputs) or, in the ``"sequence"`` form, store it in 1x4
+        blocks in more bytes than plainly (``litert_cost.blocks_take_more_bytes``:
+        sparse factors of random support below about 3% density); the
+        others as fully connected ops.
+        """
+        outputs = inputs
+        for factor in factors:
+            matrix = tf.get_static_value(factor) if self.kind != "product" else None
+            if matrix is not None and (drops_inputs(matrix) or (
+                    self.kind == "sequence" and blocks_take_more_bytes(matrix))):
+                n_in, n_out = matrix.shape
+                outputs = tf.nn.conv2d(tf.reshape(outputs, [-1, 1, 1, n_in]),
+                                       tf.reshape(factor, [1, 1, n_in, n_out]), 1, "VALID")
+                outputs = tf.reshape(outputs, [-1, n_out])
+            else:
+                outputs = tf.matmul(outputs, factor)
+        return outputs
+
+
+def cheaper_kind(factors, first_factor_convolves):
+    """``"fully_connected"``, or ``"product"`` where LiteRT runs the product faster.
+
+    Compares the multiply-adds per output row ``litert_cost`` predicts for
+    the (NumPy) factors applied one at a time and for their product. When
+    the first factor convolves (a Conv2D layer), it and the product are
+    convolution kernels, which LiteRT always runs dense.
+    """
+    sequence = sum(cost_per_row(factor, fully_connected=not (first_factor_convolves and index == 0))
+                   for index, factor in enumerate(factors))
+    product = cost_per_row(functools.reduce(np.matmul, factors),
+                           fully_connected=not first_factor_convolves)
+    return "fully_connected" if sequence <= product else "product"
 
 
 def export_model(model, factor_form="sequence", quantization=None):
     """A copy of ``model`` for conversion; ``model`` itself is not touched.
 
     Every layer is rebuilt from its config with a copy of its weights;
-    pruning wrappers are stripped (``strip_for_export``) and a layer whose
-    class defines ``export_call`` runs it as its ``call``. A layer with an
-    ``export_form`` (the sparse-factor layers) gets ``factor_form``, or with
-    ``"auto"`` its ``cheaper_export_form()``. With a ``quantization``, the
-    factors of those layers are applied in sequence and stored as
-    ``CompactFactors``.
+    pruning wrappers are stripped (``strip_for_export``). Every layer of the
+    copy with an ``export_form`` attribute, wrapped layers included, gets an
+    ``ExportForm``: for the sparse-factor layers, of kind ``factor_form``, or
+    with ``"auto"`` the ``cheaper_kind``. With a ``quantization``, their
+    factors are applied in sequence and stored as ``CompactFactors``.
     """
     check_graph_model(model, "export")
     check_choice(factor_form, "factor_form", FACTOR_FORMS, where="export")
     check_choice(quantization, "quantization", tuple(DEFAULT_TOLERANCES), where="export")
-    compact = None if quantization is None else CompactFactors(quantization)
     copies = []
 
     def replace(layer):
         layer, weights = strip_for_export(layer)
-        cls = type(layer)
-        forward = getattr(cls, "export_call", None)
-        factors = None
-        if compact is not None and hasattr(layer, "export_form"):
-            factors = [np.asarray(f) for f in layer.factors]
-        if forward is not None:
-            members = {"call": forward, "__module__": __name__}
-            if factors is not None and compact.fits(factors):
-                members["export_factors"] = lambda layer, dtype: compact.factors(layer)
-            cls = type(cls.__name__, (cls,), members)
-        new_layer = cls.from_config(layer.get_config())
-        if "export_factors" in vars(cls):
-            compact.add(new_layer, factors)
+        new_layer = type(layer).from_config(layer.get_config())
         copies.append((new_layer, weights))
         return new_layer
 
     exported = clone_replacing(model, replace)
     for new_layer, weights in copies:
         new_layer.set_weights(weights)
-        if hasattr(new_layer, "export_form"):
-            new_layer.export_form = (
-                "sequence" if "export_factors" in vars(type(new_layer))
-                else new_layer.cheaper_export_form() if factor_form == "auto" else factor_form)
+    compact = None if quantization is None else CompactFactors(quantization)
+    for layer in leaf_layers(exported):
+        if hasattr(layer, "export_form"):
+            layer.export_form = _export_form(layer, factor_form, compact)
     return exported
+
+
+def _export_form(layer, factor_form, compact):
+    """The ``ExportForm`` of ``layer`` in an export copy (see ``export_model``)."""
+    if not hasattr(layer, "factors"):  # factors it applies in sequence itself
+        return ExportForm("sequence")
+    factors = [np.asarray(factor) for factor in layer.factors]
+    if compact is not None and CompactFactors.fits(factors):
+        return ExportForm("sequence", factors, compact)
+    if factor_form == "auto":
+        return ExportForm(cheaper_kind(factors, layer.first_factor_convolves), factors)
+    return ExportForm(factor_form, factors)
+
+
+def factor_forms(exported):
+    """The ``ExportForm`` of every layer of the export copy that has sparse factors."""
+    return [layer.export_form for layer in leaf_layers(exported)
+            if getattr(layer, "export_form", None) is not None and layer.export_form.arrays]
 
 
 def _input_specs(model, batch_size):
@@ -368,23 +451,64 @@ def convert(model, quantization=None, sparse_encoding=True, batch_size=1):
     if sparse_encoding:
         optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
     converter.optimizations = optimizations
-    return without_tensor_names(converter.convert())
+    return compacted(converter.convert())
 
 
-def without_tensor_names(content):
-    """The TFLite file ``content`` with the names of its inner tensors removed.
+def compacted(content):
+    """The TFLite file ``content`` without the bytes LiteRT does not use.
 
-    The converter names every tensor after the ops it came from; the names
-    only label the graph for debugging tools, and in a compressed file with
-    a few ops per layer they can take a fifth of the bytes. The inputs and
-    outputs keep theirs, and signatures refer to tensors by index.
+    - The converter names every tensor after the ops it came from; the names
+      only label the graph for debugging tools, and in a compressed file with
+      a few ops per layer they can take a fifth of the bytes. The inputs and
+      outputs keep theirs (signatures refer to tensors by index).
+    - A reshape to a constant shape keeps the shape in its options instead of
+      a constant tensor (``ReshapeOptions.new_shape``, which LiteRT reads when
+      the op has one input): the factors unpacked by ``CompactFactors`` are
+      reshaped one by one.
+    - Every tensor without data (activations) refers to the empty buffer 0
+      instead of an empty buffer of its own; unused tensors and buffers go,
+      and so does the converter's record of its options
+      (``CONVERSION_METADATA``).
     """
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    reshape = schema.BuiltinOperator.RESHAPE
+    reshapes = {index for index, code in enumerate(model.operatorCodes)
+                if max(code.builtinCode, code.deprecatedBuiltinCode) == reshape}
     for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            shape = model.buffers[subgraph.tensors[op.inputs[1]].buffer].data if (
+                op.opcodeIndex in reshapes and len(op.inputs) == 2) else None
+            if shape is not None and len(shape):
+                op.builtinOptionsType = schema.BuiltinOptions.ReshapeOptions
+                op.builtinOptions = schema.ReshapeOptionsT()
+                op.builtinOptions.newShape = np.frombuffer(bytes(shape), np.int32).tolist()
+                op.inputs = op.inputs[:1]
         named = set(subgraph.inputs) | set(subgraph.outputs)
-        for index, tensor in enumerate(subgraph.tensors):
-            if index not in named:
+        used = named | {i for op in subgraph.operators for i in [*op.inputs, *op.outputs]}
+        index = {old: new for new, old in enumerate(sorted(used - {-1}))}
+        subgraph.tensors = [subgraph.tensors[old] for old in sorted(index)]
+        for op in subgraph.operators:
+            op.inputs = [index.get(i, -1) for i in op.inputs]
+            op.outputs = [index[i] for i in op.outputs]
+        subgraph.inputs = [index[i] for i in subgraph.inputs]
+        subgraph.outputs = [index[i] for i in subgraph.outputs]
+        for position, tensor in enumerate(subgraph.tensors):
+            if position not in subgraph.inputs and position not in subgraph.outputs:
                 tensor.name = None
+            data = model.buffers[tensor.buffer].data
+            if data is None or not len(data):
+                tensor.buffer = 0
+    model.metadata = [entry for entry in model.metadata or []
+                      if entry.name != b"CONVERSION_METADATA"]
+    used = sorted({0} | {tensor.buffer for subgraph in model.subgraphs
+                         for tensor in subgraph.tensors}
+                  | {entry.buffer for entry in model.metadata})
+    index = {old: new for new, old in enumerate(used)}
+    model.buffers = [model.buffers[old] for old in used]
+    for tensor in (tensor for subgraph in model.subgraphs for tensor in subgraph.tensors):
+        tensor.buffer = index[tensor.buffer]
+    for entry in model.metadata:
+        entry.buffer = index[entry.buffer]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
@@ -646,13 +770,13 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
                   for encoding in encodings]
     if quantization is not None and sparse is not False and factor_form == "sequence":
         compact = export_model(model, factor_form, quantization)
-        if any("export_factors" in vars(type(layer)) for layer in leaf_layers(compact)):
+        if any(form.compact is not None for form in factor_forms(compact)):
             candidates.insert(0, ("the compact factors", compact, False))
     check = functools.partial(_smallest_agreeing, arrays=arrays, expected=expected,
                               allowed=allowed, quantization=quantization, batch_size=batch_size)
     kept, kept_label, rejected = check(candidates)
     if (quantization is None and factor_form == "sequence" and sparse is not False
-            and kept_label != "the sparse encoding" and any(hasattr(layer, "export_form") for layer in leaf_layers(exported))):
+            and kept_label != "the sparse encoding" and factor_forms(exported)):
         # Densely encoded, the factors hold more than the kernels they factor:
         # the product form is about the uncompressed model's size.
         product = export_model(model, "product")
@@ -672,10 +796,10 @@ def to_tflite(model, path, *, quantization=None, sparse="auto", factor_form="seq
             "`tolerance` if only the tolerance is exceeded."
         )
     if kept_label.startswith("the product form"):
-        warnings.warn(f"{where}: {summary}: " + "; ".join(rejected)
-                      + f"; the file keeps {kept_label} (one kernel per layer, about the "
-                      "uncompressed size), since the sequence of factors could not be stored "
-                      "sparsely.", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{where}: {summary}: " + "; ".join(rejected + [
+            f"the file keeps {kept_label} (one kernel per layer, about the uncompressed "
+            "size), since the sequence of factors could not be stored sparsely in fewer "
+            "bytes."]), RuntimeWarning, stacklevel=2)
     elif rejected and kept_label != "the compact factors":
         warnings.warn(f"{where}: {summary}: " + "; ".join(rejected)
                       + f"; the file keeps {kept_label}.", RuntimeWarning, stacklevel=2)

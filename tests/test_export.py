@@ -4,7 +4,6 @@ import collections
 import dataclasses
 import importlib
 import os
-import types
 
 import numpy as np
 import pytest
@@ -177,8 +176,8 @@ def test_auto_form_keeps_a_large_sparse_dense_layer_as_a_chain(tmp_path):
     layer = SparseFactorDense(1024, n_factors=2, sparsity=2, seed=0)
     model = model_of(layer, (1024,))
     exported = export.export_model(model, factor_form="auto")
-    assert exported.layers[-1].export_form == "fully_connected"
-    assert layer.export_form == "sequence" and "export_form" not in vars(layer)
+    assert exported.layers[-1].export_form.kind == "fully_connected"
+    assert layer.export_form is None  # the model's own layer trains as before
     path = export.to_tflite(model, tmp_path / "fc.tflite", factor_form="auto")
     operators, sparse_tensors = tflite_contents(path)
     assert operators["FULLY_CONNECTED"] == 2 and "DENSIFY" not in operators
@@ -353,13 +352,13 @@ def test_compact_factors_rebuild_each_factor(quantization, blocks, unit):
                (rng.standard_normal((16, 8)) * (rng.random((16, 8)) < 0.5)).astype("float32"),
                np.zeros((8, 4), "float32")]
     store = export.CompactFactors(quantization)
-    layer = types.SimpleNamespace(compute_dtype="float32")
-    store.add(layer, factors)
-    rebuilt = [factor.numpy() for factor in store.factors(layer)]
+    key = object()
+    store.add(key, factors)
+    rebuilt = [factor.numpy() for factor in store.factors(key, "float32")]
     assert [buffer[0] for buffer in store._buffers] == [unit]  # one buffer, blocks by block
     # int8: factor i holds q_i = F_i / s_i, and the last one also the product
     # of the scales, so that F_1 ... F_Q = q_1 ... q_Q s_1 ... s_Q.
-    scales = [1.0 if scale is None else scale for *_, scale in store._pieces[id(layer)]]
+    scales = [1.0 if scale is None else scale for *_, scale in store._pieces[id(key)]]
     carried = [1.0] * (len(scales) - 1) + [float(np.prod(scales))]
     for factor, values, scale, common in zip(factors, rebuilt, scales, carried):
         values = values / common * scale
@@ -464,9 +463,23 @@ def with_logits(model, name):
     return copy
 
 
+def wrapped_layers_model():
+    """Conv1D (causal), SeparableConv1D and EinsumDense: the layers PSM reaches
+    through wrappers (``keras_psm.layers.adapters``), and a Dense head."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 32))
+    x = keras.layers.Conv1D(256, 3, padding="causal", activation="relu", name="conv1d")(inputs)
+    x = keras.layers.SeparableConv1D(256, 3, activation="relu", name="separable")(x)
+    x = keras.layers.EinsumDense("abc,cde->abde", output_shape=(None, 4, 64), bias_axes="de",
+                                 name="einsum")(x)
+    x = keras.layers.GlobalAveragePooling1D()(keras.layers.Reshape((14, 256))(x))
+    return keras.Model(inputs, keras.layers.Dense(10, name="head")(x))
+
+
 DEMO_MODELS = {
     "lenet5": (lambda: with_logits(demo.lenet5(), "fc3"), (28, 28, 1)),
     "vgg_small": (lambda: with_logits(demo.vgg_small(), "fc2"), (32, 32, 3)),
+    "wrapped": (wrapped_layers_model, (16, 32)),
 }
 
 
@@ -503,6 +516,8 @@ def test_default_export_keeps_the_compression(demo_files):
 def test_quantized_export_is_smaller_than_float32(tmp_path, demo_files, quantization):
     _, model, _, float32_path, _, x = demo_files
     path = export.to_tflite(model, tmp_path / "q.tflite", quantization=quantization, inputs=x)
+    operators, _ = tflite_contents(path)
+    assert operators["SCATTER_ND"] == 1  # every factor, wrapped ones too, stored compactly
     size, float32_size = os.path.getsize(path), os.path.getsize(float32_path)
     assert size <= (1.0 if quantization == "float16" else 0.5) * float32_size, (size,
                                                                                float32_size)

@@ -16,7 +16,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from keras_psm import demo, export, litert_cost
 from keras_psm.backend import keras, tf
-from keras_psm.layers import SparseFactorConv2D, SparseFactorDense, sparse_factor
+from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
 
 # Every test here converts models to TFLite (seconds each).
 pytestmark = pytest.mark.slow
@@ -111,7 +111,7 @@ def test_reported_model_exports_small_and_right(tmp_path, dense_lenet_bytes):
 def test_sequence_that_cannot_be_sparse_falls_back_to_the_product(
         tmp_path, monkeypatch, dense_lenet_bytes):
     # Without the route around the fault, the sparse-encoded sequence computes wrong numbers.
-    monkeypatch.setattr(sparse_factor, "drops_inputs", lambda matrix: False)
+    monkeypatch.setattr(export, "drops_inputs", lambda matrix: False)
     model, x, _ = lenet_psm_q2k4()
     with pytest.warns(RuntimeWarning, match="keeps the product form"):
         path = export.to_tflite(model, tmp_path / "psm.tflite", inputs=x)

@@ -24,7 +24,8 @@ it takes the original layer's inputs and gives its outputs (``wrapping``):
   Dense-like layer to the channel axis after it.
 
 A wrapper counts, exports and prunes through the layer it wraps
-(``wrapped_layers``); its ``kernel`` has the original layer's kernel shape.
+(``wrapped_layers``: TFLite export gives that layer its ``export_form``);
+its ``kernel`` has the original layer's kernel shape.
 """
 
 import math
@@ -49,47 +50,16 @@ def _replacement_options(layer):
 
 
 class _Wrapper(CompressedLayer):
-    """Base class: holds ``layer`` (a compressed Dense- or Conv2D-like layer).
-
-    ``call`` applies ``layer`` through ``layer.__call__``; ``export_call``
-    applies its ``export_call`` when it has one, so TFLite export keeps the
-    factors apart (``keras_psm.export``). ``exporting = True`` makes ``call``
-    do the same, for a container (``CompressedMultiHeadAttention``) whose
-    own export forward calls its sublayers' ``call``.
-    """
+    """Base class: holds ``layer`` (a compressed Dense- or Conv2D-like layer),
+    which ``call`` applies."""
 
     def __init__(self, layer, **kwargs):
         super().__init__(**kwargs)
         self.layer = as_layer(layer)
-        self.exporting = False
 
     @property
     def wrapped_layers(self):
         return [self.layer]
-
-    def _forward(self, exporting):
-        forward = getattr(type(self.layer), "export_call", None)
-        if exporting and forward is not None:
-            return lambda inputs: forward(self.layer, inputs)
-        return self.layer
-
-    def call(self, inputs):
-        return self._apply(inputs, self._forward(self.exporting))
-
-    def export_call(self, inputs):
-        return self._apply(inputs, self._forward(True))
-
-    @property
-    def export_form(self):
-        """The wrapped layer's ``export_form`` (AttributeError when it has none)."""
-        return self.layer.export_form
-
-    @export_form.setter
-    def export_form(self, value):
-        self.layer.export_form = value
-
-    def cheaper_export_form(self):
-        return self.layer.cheaper_export_form()
 
     def count_nonzero_params(self):
         return self.layer.count_nonzero_params() + sum(
@@ -141,9 +111,9 @@ class CompressedEinsumDense(_Wrapper):
             self.layer.build((None, math.prod(self.input_dims)))
         self.built = True
 
-    def _apply(self, inputs, forward):
+    def call(self, inputs):
         leading = ops.shape(inputs)[:len(inputs.shape) - len(self.input_dims)]
-        outputs = forward(ops.reshape(inputs, (-1, math.prod(self.input_dims))))
+        outputs = self.layer(ops.reshape(inputs, (-1, math.prod(self.input_dims))))
         return ops.reshape(outputs, tuple(leading) + tuple(self.output_dims))
 
     def compute_output_shape(self, input_shape):
@@ -250,13 +220,13 @@ class CompressedConv1D(_Wrapper):
         shape.insert(self._height_axis, 1)
         return tuple(shape)
 
-    def _apply(self, inputs, forward):
+    def call(self, inputs):
         outputs = ops.expand_dims(inputs, self._height_axis)
         if self._left_padding:
             paddings = [[0, 0]] * 4
             paddings[self._height_axis + 1] = [self._left_padding, 0]
             outputs = ops.pad(outputs, paddings)
-        return ops.squeeze(forward(outputs), self._height_axis)
+        return ops.squeeze(self.layer(outputs), self._height_axis)
 
     def compute_output_shape(self, input_shape):
         return keras.layers.Conv1D(
@@ -332,8 +302,8 @@ class CompressedSeparableConv(_Wrapper):
             self.layer.build(self.depthwise.compute_output_shape(input_shape))
         self.built = True
 
-    def _apply(self, inputs, forward):
-        return forward(self.depthwise(inputs))
+    def call(self, inputs):
+        return self.layer(self.depthwise(inputs))
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(self.depthwise.compute_output_shape(input_shape))

@@ -7,10 +7,9 @@ output projections it builds are replaced by the layers given in
 ``projections`` (``CompressedEinsumDense`` wrappers of compressed Dense-like
 layers). The replacements are part of its config, so a saved ``.keras``
 model reloads with no ``custom_objects``. Projections not given stay the
-``EinsumDense`` that MultiHeadAttention builds.
+``EinsumDense`` that MultiHeadAttention builds. TFLite export reaches the
+replaced projections through ``wrapped_layers``.
 """
-
-import functools
 
 import numpy as np
 
@@ -84,14 +83,6 @@ class CompressedMultiHeadAttention(keras.layers.MultiHeadAttention):
     def wrapped_layers(self):
         """The replaced projections."""
         return list(self._replacements.layers.values())
-
-    @functools.wraps(keras.layers.MultiHeadAttention.call)
-    def export_call(self, *args, **kwargs):
-        """MultiHeadAttention's forward with each replaced projection running its
-        export forward (``keras_psm.export``)."""
-        for layer in self.wrapped_layers:
-            layer.exporting = True
-        return keras.layers.MultiHeadAttention.call(self, *args, **kwargs)
 
     def count_nonzero_params(self):
         """Nonzero parameters: the replaced projections' own counts plus the

@@ -14,9 +14,12 @@ of the config: a saved model restores the weights from its own file.
 TFLite export (``keras_psm.export``) traces each layer's ``call``. The
 converter folds constant sub-expressions, so a layer whose ``call``
 multiplies its factors into one kernel would reach the file as one dense
-weight: such a layer also defines ``export_call(inputs)``, the same forward
-with the factors applied to the input one at a time. A layer whose ``call``
-already does that needs nothing.
+weight. Such a layer has an ``export_form`` attribute, None in training;
+export sets it on its own copy of the layer to an ``export.ExportForm``,
+and ``call`` then applies the factors to the input one at a time (a layer
+with sparse factors takes them from it as constants, with the function that
+applies them). A layer whose ``call`` already applies its factors one at a
+time needs nothing.
 """
 
 import numpy as np

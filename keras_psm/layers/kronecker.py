@@ -130,7 +130,14 @@ class KroneckerDense(CompressedLayer):
             ``"materialized"`` (multiply by the block-sparse kernel).
         seed: seed of the random A_i, B_i (S starts at ones).
         activation, use_bias: as in ``Dense``.
+
+    In the copy that TFLite export traces, ``keras_psm.export`` sets
+    ``export_form`` (None in training): ``call`` then always computes the
+    factored form (``compute="materialized"`` would reach the file as one
+    dense kernel) and adds no penalty.
     """
+
+    export_form = None
 
     def __init__(self, units, block_shape, rank=2, l1=0.0, compute="factored", seed=None,
                  **kwargs):
@@ -172,24 +179,15 @@ class KroneckerDense(CompressedLayer):
     def call(self, inputs):
         inputs = ops.cast(inputs, self.compute_dtype)
         dtype = self.compute_dtype
-        if self.compute == "materialized":
+        if self.compute == "materialized" and self.export_form is None:
             kernel = self.geometry.kernel(self._grid_factors(dtype), ops.cast(self.b, dtype))
             outputs = matmul_last_axis(inputs, lambda x: ops.matmul(x, kernel))
         else:
             grid_factors, blocks = self._grid_factors(dtype), ops.cast(self.b, dtype)
             outputs = matmul_last_axis(
                 inputs, lambda x: self.geometry.apply(x, grid_factors, blocks))
-        self.add_loss(self.l1_strength * l1_norm(self._effective_s("float32")))
-        return self._finish(outputs)
-
-    def export_call(self, inputs):
-        """The forward TFLite export traces (``keras_psm.export``): always the
-        factored form (``compute="materialized"`` would reach the file as one
-        dense kernel), with no penalty."""
-        inputs = ops.cast(inputs, self.compute_dtype)
-        grid_factors = self._grid_factors(self.compute_dtype)
-        blocks = ops.cast(self.b, self.compute_dtype)
-        outputs = matmul_last_axis(inputs, lambda x: self.geometry.apply(x, grid_factors, blocks))
+        if self.export_form is None:
+            self.add_loss(self.l1_strength * l1_norm(self._effective_s("float32")))
         return self._finish(outputs)
 
     def compute_output_shape(self, input_shape):

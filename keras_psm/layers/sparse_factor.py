@@ -24,7 +24,6 @@ from keras_psm import ops
 from keras_psm.backend import register_serializable
 from keras_psm.factorize.palm4msa import factor_shapes, palm4msa
 from keras_psm.initializers import random_supports, sparse_factor_init
-from keras_psm.litert_cost import blocks_take_more_bytes, cost_per_row, drops_inputs
 from keras_psm.layers.base import (
     CompressedLayer,
     ConvOptions,
@@ -78,34 +77,6 @@ def apply_in_sequence(inputs, factors):
     outputs = inputs
     for factor in factors:
         outputs = multiply(outputs, factor)
-    return outputs
-
-
-def export_sequence(inputs, factors, fewest_bytes=True):
-    """``apply_in_sequence`` as a TFLite export traces it.
-
-    A constant factor is applied as a 1x1 convolution, whose weight the
-    converter stores plainly and LiteRT densifies once when it loads the
-    file, where a fully connected op would compute wrong numbers
-    (``litert_cost.drops_inputs``: 1x4 blocks that leave out the last
-    ``in % 4`` inputs) or, with ``fewest_bytes``, store it in 1x4 blocks in
-    more bytes than plainly (``litert_cost.blocks_take_more_bytes``: sparse
-    factors of random support below about 3% density); the others as fully
-    connected ops.
-    """
-    from keras_psm.backend import tf  # export traces in TensorFlow
-
-    outputs = inputs
-    for factor in factors:
-        matrix = tf.get_static_value(factor)
-        if matrix is not None and (
-                drops_inputs(matrix) or (fewest_bytes and blocks_take_more_bytes(matrix))):
-            n_in, n_out = matrix.shape
-            outputs = tf.nn.conv2d(tf.reshape(outputs, [-1, 1, 1, n_in]),
-                                   tf.reshape(factor, [1, 1, n_in, n_out]), 1, "VALID")
-            outputs = tf.reshape(outputs, [-1, n_out])
-        else:
-            outputs = multiply(outputs, factor)
     return outputs
 
 
@@ -212,16 +183,16 @@ def _first_positions(shape, dtype=None, **kwargs):
 class _SparseFactors(CompressedLayer):
     """Holds Q compact sparse factors of an (in, out) matrix; subclasses apply them.
 
-    ``export_form`` says how ``export_call`` applies them, each factor its
-    own sparse constant in the file: ``"sequence"`` (one op per factor, each
-    stored in the fewest bytes, ``export_sequence``), ``"fully_connected"``
-    (one op per factor, fully connected after a convolution's first one, so
-    that LiteRT runs 1x4-block sparse weights on its sparse kernel), or
-    ``"product"`` (one op with the product kernel); ``keras_psm.export``
-    sets it on its export copy.
+    ``export_form`` is None in training. In the copy that TFLite export
+    traces, ``keras_psm.export`` sets it to an ``ExportForm``, and ``call``
+    applies the constant factors it supplies (``export_form.factors(dtype)``)
+    with its ``apply(inputs, factors)``, each factor its own op.
+    ``first_factor_convolves`` says how ``call`` uses the factors: in a
+    convolution the first one is the convolution kernel.
     """
 
-    export_form = "sequence"
+    export_form = None
+    first_factor_convolves = False
 
     def __init__(self, n_factors=3, sparsity=14, rank=None, seed=None, nonzeros=None,
                  prunable=False, **kwargs):
@@ -325,17 +296,6 @@ class _SparseFactors(CompressedLayer):
         """The product of the factors as one dense (in, out) matrix (``multiplied``)."""
         return _as_dense(multiplied(self._operands(dtype)))
 
-    def export_factors(self, dtype):
-        """The dense factors ``export_call`` applies: constants computed eagerly,
-        so that the converter never sees the scatter of values onto indices.
-        ``keras_psm.export`` replaces this method to store quantized factors
-        compactly."""
-        from keras_psm.backend import tf  # export traces in TensorFlow
-
-        with tf.init_scope():
-            arrays = [factor.numpy() for factor in self._factors(dtype)]
-        return [tf.constant(array) for array in arrays]
-
     @property
     def factors(self):
         """The effective dense factors ``weight * mask``, in the compute dtype."""
@@ -350,22 +310,6 @@ class _SparseFactors(CompressedLayer):
                     else ops.ones(self.indices[index].shape, "float32"))
             masks.append(self._sparse_matrix(index, kept).to_dense())
         return masks
-
-    def cheaper_export_form(self):
-        """``"fully_connected"``, or ``"product"`` where LiteRT runs the product faster.
-
-        Compares the multiply-adds per output row ``litert_cost`` predicts for
-        the factors applied one at a time and for their product. In a
-        Conv2D layer the first factor and the product are convolution
-        kernels, which LiteRT always runs dense.
-        """
-        factors = [np.asarray(f) for f in self._factors("float32")]
-        convolution = isinstance(self, ConvOptions)
-        sequence = sum(cost_per_row(factor, fully_connected=not (convolution and index == 0))
-                       for index, factor in enumerate(factors))
-        product = cost_per_row(functools.reduce(np.matmul, factors),
-                               fully_connected=not convolution)
-        return "fully_connected" if sequence <= product else "product"
 
     def count_nonzero_params(self):
         """Entries of all supports (pruned ones excluded) plus the bias."""
@@ -488,6 +432,10 @@ class SparseFactorDense(_SparseFactors):
 
     def call(self, inputs):
         inputs = ops.cast(inputs, self.compute_dtype)
+        if self.export_form is not None:
+            factors = self.export_form.factors(self.compute_dtype)
+            return self._finish(matmul_last_axis(
+                inputs, lambda x: self.export_form.apply(x, factors)))
         operands, plans = self._operands(self.compute_dtype), self._plans()
 
         def compute(x):
@@ -496,23 +444,6 @@ class SparseFactorDense(_SparseFactors):
                             lambda plan: apply_in_sequence(x, plan.groups(operands)))
 
         return self._finish(matmul_last_axis(inputs, compute))
-
-    def export_call(self, inputs):
-        """The forward TFLite export traces (``keras_psm.export``). In the
-        ``"sequence"`` and ``"fully_connected"`` forms the dense factors are
-        applied to the input one at a time, so that the converter keeps them
-        as separate sparse constants instead of folding their product; in the
-        ``"product"`` form the input meets the product kernel."""
-        inputs = ops.cast(inputs, self.compute_dtype)
-        factors = self.export_factors(self.compute_dtype)
-        if self.export_form == "product":
-            kernel = multiplied(factors)
-            outputs = matmul_last_axis(inputs, lambda x: ops.matmul(x, kernel))
-        else:
-            apply = functools.partial(export_sequence,
-                                      fewest_bytes=self.export_form == "sequence")
-            outputs = matmul_last_axis(inputs, lambda x: apply(x, factors))
-        return self._finish(outputs)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
@@ -552,6 +483,8 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
     ``padding``, ``dilation_rate`` and ``data_format`` behave as in ``Conv2D``.
     """
 
+    first_factor_convolves = True
+
     def build(self, input_shape):
         self.in_channels = self._input_channels(input_shape)
         kh, kw = self.kernel_size
@@ -573,7 +506,7 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
 
     def _first_then_rest(self, inputs, first, rest, apply=apply_in_sequence):
         """Convolution by the dense ``first`` matrix, then ``rest`` on the channels
-        (``apply``: ``apply_in_sequence``, or ``export_sequence`` for an export)."""
+        (``apply``: ``apply_in_sequence``, or ``export_form.apply`` for an export)."""
         outputs = self._conv(inputs, self._as_conv_kernel(first), self.strides, self.dilation_rate)
         if rest:
             outputs = matmul_last_axis(outputs, lambda x: apply(x, rest))
@@ -581,6 +514,10 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
 
     def call(self, inputs):
         inputs = self._to_channels_last(inputs)
+        if self.export_form is not None:
+            first, *rest = self.export_form.factors(self.compute_dtype)
+            outputs = self._first_then_rest(inputs, first, rest, self.export_form.apply)
+            return self._from_channels_last(self._finish(outputs))
         operands = self._operands(self.compute_dtype, conv_first=True)
 
         def apply(plan):
@@ -600,23 +537,6 @@ class SparseFactorConv2D(ConvOptions, _SparseFactors):
                 size = size - (self.kernel_size[axis - 1] - 1) * self.dilation_rate[axis - 1]
             count = count * ((size + stride - 1) // stride)
         return count
-
-    def export_call(self, inputs):
-        """The forward TFLite export traces (``keras_psm.export``). In the
-        ``"sequence"`` and ``"fully_connected"`` forms: a convolution by the
-        first factor reshaped to (kh, kw, cin, r), then the other dense factors
-        applied to the channels one at a time, so that the converter keeps
-        every factor as its own sparse constant. In the ``"product"`` form:
-        one convolution by the product kernel."""
-        inputs = self._to_channels_last(inputs)
-        factors = self.export_factors(self.compute_dtype)
-        if self.export_form == "product":
-            outputs = self._first_then_rest(inputs, multiplied(factors), [])
-        else:
-            apply = functools.partial(export_sequence,
-                                      fewest_bytes=self.export_form == "sequence")
-            outputs = self._first_then_rest(inputs, factors[0], factors[1:], apply)
-        return self._from_channels_last(self._finish(outputs))
 
     @classmethod
     def from_factors(cls, factors, kernel_size, supports=None, bias=None, **kwargs):

@@ -253,7 +253,13 @@ class TTConv2D(ConvFactorsLayer):
         ranks: TT ranks (1, r_1, ..., r_{M-1}, 1).
         strides, padding, dilation_rate, data_format, activation, use_bias:
             as in ``Conv2D``.
+
+    In the copy that TFLite export traces, ``keras_psm.export`` sets
+    ``export_form`` (None in training): ``call`` then applies the cores to
+    the input (``_cores_applied``), so that the file keeps them.
     """
+
+    export_form = None
 
     def __init__(self, filters, kernel_size, channel_factors, filter_factors, ranks, **kwargs):
         super().__init__(filters, kernel_size, **kwargs)
@@ -290,14 +296,15 @@ class TTConv2D(ConvFactorsLayer):
                           self.kernel_size + (self.in_channels, self.filters))
 
     def call(self, inputs):
+        if self.export_form is not None:
+            return self._cores_applied(inputs)
         kernel = self._kernel(self.compute_dtype)
         outputs = self._conv(self._to_channels_last(inputs), kernel, self.strides,
                              self.dilation_rate)
         return self._from_channels_last(self._finish(outputs))
 
-    def export_call(self, inputs):
-        """The forward TFLite export traces (``keras_psm.export``): the cores
-        applied to the input (Garipov et al., 2016), so the file keeps them.
+    def _cores_applied(self, inputs):
+        """The forward with the cores applied to the input (Garipov et al., 2016).
 
         Core k (r_k, c_k, f_k, r_{k+1}), from the last to the second, contracts
         channel mode c_k at every pixel, leaving (pixels, f_1 ... f_M, r_1); the
