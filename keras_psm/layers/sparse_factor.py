@@ -359,7 +359,7 @@ class _SparseFactors(CompressedLayer):
         Conv2D layer the first factor and the product are convolution
         kernels, which LiteRT always runs dense.
         """
-        factors = [np.asarray(f) for f in self._factors("float32")]
+        factors = [ops.convert_to_numpy(f) for f in self._factors("float32")]
         convolution = isinstance(self, ConvOptions)
         sequence = sum(cost_per_row(factor, fully_connected=not (convolution and index == 0))
                        for index, factor in enumerate(factors))
