@@ -16,10 +16,11 @@ palm4MSA capped at ``--max-iter`` iterations), one run prints:
 - ``.tflite`` bytes (``keras_psm.export.to_tflite``) and single-sample LiteRT
   latency (one thread) for each ``factor_form`` (``--no-tflite`` skips them).
 
-``--break-even`` instead times one factor's forward and backward as a dense
-product (values scattered, then ``tf.matmul``) and as
-``tf.sparse.sparse_dense_matmul`` at several densities: the measurement
-behind ``keras_psm.layers.sparse_factor.SPARSE_SLOWDOWN``.
+``--break-even`` instead times a fit step of one factor on the current Keras
+backend (``KERAS_BACKEND``: TensorFlow, JAX or PyTorch), as a dense product
+(values scattered, then ``matmul``) and as the layers' sparse product
+(``SparseMatrix``: a gather and a segment sum) at several densities: the
+measurement behind ``keras_psm.layers.sparse_factor.SPARSE_SLOWDOWN``.
 
 Weights are He-initialized, not trained: sizes and speeds depend on the
 structure only. Every figure is also printed as a ratio to the dense model.
@@ -39,9 +40,10 @@ import time
 import numpy as np
 
 import keras_psm
-from keras_psm import demo, export
-from keras_psm.backend import keras, tf
+from keras_psm import demo, export, ops
+from keras_psm.backend import BACKEND, keras
 from keras_psm.layers.sparse_factor import SPARSE_SLOWDOWN
+from keras_psm.layers.sparse_matrix import SparseMatrix
 
 import step_time  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
 
@@ -158,42 +160,63 @@ def run(builders, max_iter, steps, tflite, runs):
                 print(f"    {key:22s} {value:>14,.4g}   x{value / base:.3f} of dense", flush=True)
 
 
-def factor_step_seconds(n_rows, shape, density, sparse, repeats=5):
-    """Median seconds of ``sum((x @ F)^2)`` and its gradient on F's values."""
+class OneFactor(keras.layers.Layer):
+    """``x @ F`` for a fixed-support factor F whose nonzero values are trained,
+    applied as a ``SparseMatrix`` product or as the dense matrix; its support
+    is held in non-trainable int32 variables, as the layers hold it."""
+
+    def __init__(self, rows, cols, shape, sparse):
+        super().__init__()
+        self.shape, self.sparse = shape, sparse
+        self.values = self.add_weight(shape=(rows.size,), initializer="random_normal")
+        self.rows, self.cols = [
+            self.add_weight(shape=(rows.size,), dtype="int32", trainable=False,
+                            initializer=keras.initializers.Constant(index))
+            for index in (rows, cols)]
+
+    def call(self, inputs):
+        factor = SparseMatrix(self.rows, self.cols, self.values, self.shape)
+        if self.sparse:
+            return factor.applied_to(inputs)
+        return ops.matmul(inputs, factor.to_dense())
+
+
+def factor_step_seconds(n_rows, shape, densities, repeats=5):
+    """Median ``train_on_batch`` seconds of ``x @ F`` (squared loss, SGD) at each
+    density, as (dense, sparse) pairs; the two forms take turns."""
     rng = np.random.default_rng(0)
-    flat = np.sort(rng.choice(shape[0] * shape[1], max(1, int(density * shape[0] * shape[1])),
-                              replace=False))
-    positions = tf.constant(np.stack([flat // shape[1], flat % shape[1]], axis=1))
-    values = tf.Variable(rng.standard_normal(flat.size).astype("float32"))
-    x = tf.constant(rng.standard_normal((n_rows, shape[0])).astype("float32"))
+    x = rng.standard_normal((n_rows, shape[0])).astype("float32")
+    y = np.zeros((n_rows, shape[1]), "float32")
+    pairs = []
+    for density in densities:
+        flat = np.sort(rng.choice(shape[0] * shape[1],
+                                  max(1, int(density * shape[0] * shape[1])), replace=False))
+        rows, cols = (flat // shape[1]).astype("int32"), (flat % shape[1]).astype("int32")
+        models = []
+        for sparse in (False, True):
+            model = keras.Sequential([keras.Input(shape[:1]),
+                                      OneFactor(rows, cols, shape, sparse)])
+            model.compile(keras.optimizers.SGD(1e-6), "mse")
+            model.train_on_batch(x, y)   # compiles
+            models.append(model)
+        times = [[], []]
+        for _ in range(repeats):
+            for model, spent in zip(models, times):
+                start = time.perf_counter()
+                float(np.asarray(model.train_on_batch(x, y)))   # waits for the device
+                spent.append(time.perf_counter() - start)
+        pairs.append([float(np.median(spent)) for spent in times])
+    return pairs
 
-    @tf.function
-    def step():
-        with tf.GradientTape() as tape:
-            if sparse:
-                y = tf.sparse.sparse_dense_matmul(x, tf.SparseTensor(positions, values, shape))
-            else:
-                y = x @ tf.scatter_nd(positions, values, shape)
-            loss = tf.reduce_sum(y * y)
-        return tape.gradient(loss, values)
 
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def break_even():
-    print(f"dense / sparse seconds per factor step (sparse wins above 1; the layers use the "
-          f"sparse product below density 1 / {SPARSE_SLOWDOWN:g})")
+def break_even(densities=(0.003, 0.01, 0.03)):
+    print(f"{BACKEND}: dense / sparse seconds per fit step of one factor (sparse wins above 1; "
+          f"the layers use the sparse product below density 1 / {SPARSE_SLOWDOWN:g})")
     for n_rows, shape in ((1024, (4608, 512)), (256, (512, 512)), (4096, (2304, 256))):
-        ratios = [factor_step_seconds(n_rows, shape, d, False)
-                  / factor_step_seconds(n_rows, shape, d, True) for d in (0.003, 0.01, 0.03)]
-        print(f"  {n_rows} rows x {shape}: density 0.3% {ratios[0]:.2f}, 1% {ratios[1]:.2f}, "
-              f"3% {ratios[2]:.2f}", flush=True)
+        pairs = factor_step_seconds(n_rows, shape, densities)
+        figures = ", ".join(f"{100 * density:g}% {dense / sparse:.2f}"
+                            for density, (dense, sparse) in zip(densities, pairs))
+        print(f"  {n_rows} rows x {shape}: density {figures}", flush=True)
 
 
 def main():

@@ -44,6 +44,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
+from keras_psm import ops
 from keras_psm.factorize.calibrated import weighted_relative_error, whitening_factor
 from keras_psm.validation import check_float, check_int
 
@@ -423,7 +424,7 @@ def _measure(spec, layer, kernel, fitted, layer_config, factor):
     """Nonzero parameters and relative (input-weighted) error of one candidate."""
     built = spec.build(layer, fitted, layer_config)
     built.build(_input_shape(layer, kernel))
-    approximation = np.asarray(built.kernel, dtype=np.float64)
+    approximation = np.asarray(ops.convert_to_numpy(built.kernel), dtype=np.float64)
     matrix = kernel.reshape(-1, kernel.shape[-1])
     error = weighted_relative_error(matrix, approximation.reshape(matrix.shape), factor)
     return int(built.count_nonzero_params()), error

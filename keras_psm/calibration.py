@@ -26,6 +26,7 @@ import sys
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from keras_psm import ops
 from keras_psm.backend import LEGACY_KERAS, keras
 from keras_psm.factorize.calibrated import DAMPING, damped_covariance
 from keras_psm.model_layers import is_graph_model, leaf_layers
@@ -105,7 +106,7 @@ def correct_biases(replaced, kernels, means):
     for name, mean in means.items():
         layer = replaced[name]
         kernel = kernels[name].reshape(-1, kernels[name].shape[-1])
-        approximation = np.asarray(layer.kernel, dtype=np.float64).reshape(kernel.shape)
+        approximation = np.asarray(ops.convert_to_numpy(layer.kernel), dtype=np.float64).reshape(kernel.shape)
         bias = np.asarray(layer.bias)
         layer.bias.assign((bias + mean @ (kernel - approximation)).astype(bias.dtype))
 
@@ -128,7 +129,7 @@ class _Plan:
 
     def accumulate(self, inputs, sums, totals, counts):
         values = self.features(list(inputs), training=False)
-        values = [np.asarray(value) for value in
+        values = [ops.convert_to_numpy(value) for value in
                   (values if isinstance(values, (list, tuple)) else [values])]
         for layer, value in zip(self.layers, values):
             rows = _rows(layer, value)

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from keras_psm import budget as budgets
+from keras_psm import ops
 from keras_psm.backend import keras
 from keras_psm.calibration import correct_biases, layer_covariances
 from keras_psm.layers.adapters import (
@@ -358,5 +359,5 @@ def _fit_all(spec, kernels, configs, executor, verbose, covariances=None):
 
 def _relative_error(kernel, approximation):
     """``||W - W_hat||_F / ||W||_F``, ``W_hat`` in the original layer's kernel shape."""
-    approximation = np.asarray(approximation, dtype=np.float64).reshape(kernel.shape)
+    approximation = np.asarray(ops.convert_to_numpy(approximation), dtype=np.float64).reshape(kernel.shape)
     return float(np.linalg.norm(kernel - approximation) / max(np.linalg.norm(kernel), 1e-300))

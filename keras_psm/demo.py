@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from keras_psm import ops
 from keras_psm.backend import keras
 from keras_psm.compress import compress
 from keras_psm.datasets import DATASETS, load_dataset
@@ -280,7 +281,8 @@ def train(model, data, settings):
 def accuracy(model, x, y, batch_size=500):
     """Top-1 accuracy of ``model(x, training=False)`` against integer labels ``y``."""
     predictions = np.concatenate([
-        np.argmax(np.asarray(model(x[start:start + batch_size], training=False)), axis=-1)
+        np.argmax(ops.convert_to_numpy(model(x[start:start + batch_size], training=False)),
+                  axis=-1)
         for start in range(0, len(x), batch_size)
     ])
     return float(np.mean(predictions == np.asarray(y).reshape(-1)))
