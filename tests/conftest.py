@@ -7,6 +7,7 @@ import pytest
 from keras_psm import demo
 from keras_psm.backend import BACKEND, keras
 from keras_psm.datasets import load_mnist_5k
+from keras_psm.ops import convert_to_numpy as to_numpy
 
 #: Test files whose every test needs TensorFlow itself (TFLite export and LiteRT,
 #: the command line and demo that export, pruning-at-init scores through
@@ -118,6 +119,6 @@ def check_exports_to_tflite(model, x, path, **options):
     # to_tflite writes the file only after LiteRT ran it and matched the model;
     # the check is made again here so the test states it.
     path = keras_psm.to_tflite(model, str(path), inputs=x, **options)
-    scale = max(1.0, float(np.abs(np.asarray(model(x))).max()))
+    scale = max(1.0, float(np.abs(to_numpy(model(x))).max()))
     assert keras_psm.verify_tflite(path, model, x) <= 1e-4 * scale
     return path

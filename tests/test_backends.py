@@ -105,9 +105,10 @@ def test_compressed_model_trains_without_tensorflow_and_exports_under_it(backend
             path = f"{{directory}}/{{method}}.keras"
             compressed.save(path)
             reloaded = keras.models.load_model(path)
-            outputs = np.asarray(compressed(x))
+            outputs = keras.ops.convert_to_numpy(compressed(x))
             # Same weights, same backend; float32 rounding of the compiled graph at most.
-            np.testing.assert_allclose(np.asarray(reloaded(x)), outputs, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(keras.ops.convert_to_numpy(reloaded(x)), outputs,
+                                       rtol=1e-5, atol=1e-6)
             np.save(f"{{directory}}/{{method}}.npy", outputs)
         print("trained", "tensorflow" in sys.modules)
     """)
@@ -122,7 +123,8 @@ def test_compressed_model_trains_without_tensorflow_and_exports_under_it(backend
             model = keras.models.load_model(f"{{directory}}/{{method}}.keras")
             expected = np.load(f"{{directory}}/{{method}}.npy")
             # The same float32 weights through other kernels: float32 rounding only.
-            np.testing.assert_allclose(np.asarray(model(x)), expected, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), expected,
+                                       rtol=1e-4, atol=1e-5)
             path = keras_psm.to_tflite(model, f"{{directory}}/{{method}}.tflite", inputs=x[:8])
             scale = max(1.0, float(np.abs(expected).max()))
             assert keras_psm.verify_tflite(path, model, x[:8]) <= 1e-4 * scale

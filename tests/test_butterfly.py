@@ -24,6 +24,7 @@ from keras_psm.factorize.butterfly import (
 )
 from keras_psm.factorize.palm4msa import palm4msa
 from keras_psm.layers import SparseFactorDense
+from keras_psm.ops import convert_to_numpy as to_numpy
 
 
 def dense(matrices):
@@ -214,15 +215,15 @@ def test_butterfly_method_builds_exact_layers_on_butterfly_supports(tmp_path):
     assert rows["head"].params_after == sum(int(np.asarray(m).sum()) for m in head.masks) + 10
     kernel = model.get_layer("head").get_weights()[0]
     assert rows["head"].relative_error == pytest.approx(
-        np.linalg.norm(kernel - np.asarray(head.kernel)) / np.linalg.norm(kernel), abs=1e-5)
-    np.testing.assert_allclose(np.asarray(walsh.kernel), hadamard(16), atol=1e-5)
+        np.linalg.norm(kernel - to_numpy(head.kernel)) / np.linalg.norm(kernel), abs=1e-5)
+    np.testing.assert_allclose(to_numpy(walsh.kernel), hadamard(16), atol=1e-5)
     x = np.random.default_rng(0).standard_normal((4, 16)).astype("float32")
     path = str(tmp_path / "butterfly.keras")
     compressed.save(path)
     # Same weights, possibly different kernels (oneDNN and the CPU's instruction set choose
     # them per graph): float32 rounding of sums of a few hundred terms, far below 1e-5.
     reloaded = keras.models.load_model(path)
-    np.testing.assert_allclose(np.asarray(reloaded(x)), np.asarray(compressed(x)),
+    np.testing.assert_allclose(to_numpy(reloaded(x)), to_numpy(compressed(x)),
                                rtol=1e-5, atol=1e-6)
 
 

@@ -18,6 +18,7 @@ from keras_psm.methods import HardPruningConfig, PSMConfig, SVDConfig
 from keras_psm.methods.lowrank import fit_svd
 from keras_psm.methods.pruning import fit_hard_pruning
 from keras_psm.methods.psm import fit_psm
+from keras_psm.ops import convert_to_numpy as to_numpy
 
 
 def correlated_inputs(n=2000, d=32, seed=0):
@@ -114,7 +115,7 @@ def test_whitened_inputs_through_compress():
     plain = palm4msa(kernel, 2, 3, max_iter=50, random_state=0)
     continued = palm4msa(kernel, 2, 3, max_iter=50, random_state=0, init=plain.factors)
     # float32 inputs: X^T X / n is the identity to about 1e-6.
-    np.testing.assert_allclose(np.asarray(calibrated.get_layer("fc").kernel), continued.product,
+    np.testing.assert_allclose(to_numpy(calibrated.get_layer("fc").kernel), continued.product,
                                atol=1e-4)
 
 

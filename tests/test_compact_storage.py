@@ -9,6 +9,7 @@ import keras_psm
 from keras_psm.backend import LEGACY_KERAS, keras
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
 from keras_psm.pruning import IterativePruning, hard_pruning, strip
+from keras_psm.ops import convert_to_numpy as to_numpy
 
 
 def psm_model(prunable=False):
@@ -44,12 +45,12 @@ def test_outputs_match_plain_layers_holding_the_kernel():
     plain_dense = keras.layers.Dense(10)
     x = np.random.default_rng(0).standard_normal((4, 12, 12, 3)).astype("float32")
     plain_conv.build(x.shape)
-    plain_conv.set_weights([np.asarray(conv.kernel), np.asarray(conv.bias)])
+    plain_conv.set_weights([to_numpy(conv.kernel), to_numpy(conv.bias)])
     hidden = keras.layers.Flatten()(plain_conv(x))
     plain_dense.build(hidden.shape)
-    plain_dense.set_weights([np.asarray(dense.kernel), np.asarray(dense.bias)])
+    plain_dense.set_weights([to_numpy(dense.kernel), to_numpy(dense.bias)])
     # float32 sums of a few hundred terms in another association order.
-    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(plain_dense(hidden)), rtol=1e-4,
+    np.testing.assert_allclose(to_numpy(model(x)), to_numpy(plain_dense(hidden)), rtol=1e-4,
                                atol=1e-4)
 
 
@@ -69,7 +70,7 @@ def test_keras_file_stores_values_and_indices_only(tmp_path):
     reloaded = keras.models.load_model(path)
     x = np.random.default_rng(0).standard_normal((3, 1024)).astype("float32")
     # Same weights; oneDNN may pick other kernels per graph: float32 rounding, below 1e-5.
-    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(reloaded(x)), rtol=1e-5,
+    np.testing.assert_allclose(to_numpy(model(x)), to_numpy(reloaded(x)), rtol=1e-5,
                                atol=1e-6)
     for a, b in zip(model.weights, reloaded.weights):  # stored values: bit for bit
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -93,7 +94,7 @@ def test_iterative_pruning_and_pruning_at_init_keep_entries_removed_during_fit(t
     model.save(path)
     reloaded = keras.models.load_model(path)
     # Same weights; oneDNN may pick other kernels per graph: float32 rounding, below 1e-5.
-    np.testing.assert_allclose(np.asarray(model(x[:2])), np.asarray(reloaded(x[:2])), rtol=1e-5,
+    np.testing.assert_allclose(to_numpy(model(x[:2])), to_numpy(reloaded(x[:2])), rtol=1e-5,
                                atol=1e-6)
 
     pruned = keras_psm.prune_at_init(psm_model(), 0.5, "magnitude")
@@ -131,7 +132,7 @@ def test_sparse_product_trains_under_mixed_float16():
     try:
         layer = SparseFactorDense.from_factors([factor])
         outputs = layer(x)
-        assert layer._is_sparse(0) and outputs.dtype == "float16"
+        assert layer._is_sparse(0) and to_numpy(outputs).dtype == np.float16
         # float16 keeps 11 significant bits: outputs of size ~3 round to ~2e-3.
         np.testing.assert_allclose(np.asarray(outputs).astype("float32"), x @ factor, atol=2e-2)
         model = keras.Sequential([keras.Input((400,)), layer])

@@ -9,6 +9,7 @@ import pytest
 import keras_psm
 from keras_psm.backend import keras
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
+from keras_psm.ops import convert_to_numpy as to_numpy
 
 
 def relative_error(kernel, approximation):
@@ -31,7 +32,7 @@ def test_report_errors_match_kernels_and_decrease_with_k(trained_lenet, n_factor
         for name, row in rows.items():
             original = trained_lenet.get_layer(name).get_weights()[0]
             new_layer = model.get_layer(name)
-            kernel = np.asarray(new_layer.kernel)
+            kernel = to_numpy(new_layer.kernel)
             assert kernel.shape == original.shape
             assert abs(relative_error(original, kernel) - row.relative_error) < 1e-5
             assert row.params_before == trained_lenet.get_layer(name).count_params()
@@ -121,7 +122,7 @@ def test_nested_models_are_compressed_inside():
     assert {row.name for row in report.compressed} == {"inner_dense", "outer_dense"}
     x = np.random.default_rng(0).random((5, 6)).astype("float32")
     # K = 6 keeps every entry of these small factors, so the fit is exact.
-    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(original(x)), atol=1e-3)
+    np.testing.assert_allclose(to_numpy(model(x)), to_numpy(original(x)), atol=1e-3)
 
 
 def test_predicate_selection(trained_lenet):

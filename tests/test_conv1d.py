@@ -7,6 +7,7 @@ import keras_psm
 from conftest import check_exports_to_tflite
 from keras_psm.backend import keras
 from keras_psm.layers import CompressedConv1D, CompressedSeparableConv
+from keras_psm.ops import convert_to_numpy as to_numpy
 
 METHODS = keras_psm.available_methods()
 CONV_METHODS = [m for m in METHODS if "conv2d" in keras_psm.get_method(m).layer_kinds]
@@ -31,7 +32,7 @@ def plain_conv1d(layer, original):
     """A plain Conv1D with ``original``'s options holding ``layer``'s kernel and bias."""
     reference = keras.layers.Conv1D.from_config(original.get_config())
     reference.build(original.input.shape)
-    reference.set_weights([np.asarray(layer.kernel), np.asarray(layer.layer.bias)])
+    reference.set_weights([to_numpy(layer.kernel), to_numpy(layer.layer.bias)])
     return reference
 
 
@@ -54,7 +55,7 @@ def test_compressed_conv1d_equals_a_plain_conv1d_holding_its_kernel(padding, str
                                             layers=["conv"], verbose=0)
     layer = compressed.get_layer("conv")
     assert isinstance(layer, CompressedConv1D)
-    assert np.asarray(layer.kernel).shape == (3, 6, 8)
+    assert to_numpy(layer.kernel).shape == (3, 6, 8)
     x = samples()
     outputs = np.asarray(keras.Model(compressed.input, layer.output)(x))
     expected = np.asarray(plain_conv1d(layer, model.get_layer("conv"))(x))
@@ -97,15 +98,15 @@ def test_separable_pointwise_kernel_is_compressed(separable):
     original = model.get_layer("separable")
     reference = type(original).from_config(original.get_config())
     reference.build(original.input.shape)
-    reference.set_weights([np.asarray(original.depthwise_kernel), np.asarray(layer.kernel),
-                           np.asarray(layer.layer.bias)])
+    reference.set_weights([to_numpy(original.depthwise_kernel), to_numpy(layer.kernel),
+                           to_numpy(layer.layer.bias)])
     x = samples((2,) + shape)
     # float32 evaluations of the same kernels in different orders.
-    np.testing.assert_allclose(np.asarray(compressed(x)), np.asarray(reference(x)), rtol=1e-4,
+    np.testing.assert_allclose(to_numpy(compressed(x)), np.asarray(reference(x)), rtol=1e-4,
                                atol=1e-4)
     # The depthwise kernel is kept exactly.
     np.testing.assert_array_equal(layer.depthwise.get_weights()[0],
-                                  np.asarray(original.depthwise_kernel))
+                                  to_numpy(original.depthwise_kernel))
     assert report.compressed[0].layer_type == separable
 
 

@@ -7,6 +7,7 @@ import keras_psm
 from conftest import check_exports_to_tflite
 from keras_psm.backend import keras
 from keras_psm.layers import CompressedEinsumDense, CompressedMultiHeadAttention
+from keras_psm.ops import convert_to_numpy as to_numpy
 
 METHODS = keras_psm.available_methods()
 
@@ -41,12 +42,12 @@ def samples(n=4, seed=1):
 
 def plain_einsum(layer, equation="abc,cde->abde"):
     """A plain EinsumDense holding ``layer``'s ``kernel`` and ``bias``."""
-    kernel = np.asarray(layer.kernel)
+    kernel = to_numpy(layer.kernel)
     reference = keras.layers.EinsumDense(
         equation, output_shape=(6,) + kernel.shape[1:], bias_axes="de",
         activation=layer.layer.activation)
     reference.build((None, 6, kernel.shape[0]))
-    reference.set_weights([kernel, np.asarray(layer.bias)])
+    reference.set_weights([kernel, to_numpy(layer.bias)])
     return reference
 
 
@@ -58,7 +59,7 @@ def test_compressed_einsum_equals_a_plain_einsum_holding_its_kernel(method):
                                             **options)
     layer = compressed.get_layer("einsum")
     assert isinstance(layer, CompressedEinsumDense)
-    assert np.asarray(layer.kernel).shape == (16, 2, 8)
+    assert to_numpy(layer.kernel).shape == (16, 2, 8)
     x = samples()
     outputs = np.asarray(keras.Model(compressed.input, layer.output)(x))
     expected = np.asarray(plain_einsum(layer)(x))
@@ -117,7 +118,7 @@ def test_attention_projections_are_compressed_and_behaviour_is_kept():
     for attribute in ("_query_dense", "_key_dense", "_value_dense", "_output_dense"):
         projection = getattr(layer, attribute)
         getattr(reference, attribute).set_weights(
-            [np.asarray(projection.kernel), np.asarray(projection.bias)])
+            [to_numpy(projection.kernel), to_numpy(projection.bias)])
     for kwargs in (dict(use_causal_mask=True), dict(attention_mask=mask)):
         outputs, scores = layer(x, x, return_attention_scores=True, **kwargs)
         expected, expected_scores = reference(x, x, return_attention_scores=True, **kwargs)
@@ -155,7 +156,7 @@ def test_attention_model_round_trips_through_keras_file(tmp_path):
     assert isinstance(reloaded.get_layer("mha"), CompressedMultiHeadAttention)
     x = samples()
     # Same weights; oneDNN may pick other kernels per graph: float32 rounding, below 1e-5.
-    np.testing.assert_allclose(np.asarray(reloaded(x)), np.asarray(compressed(x)), rtol=1e-5,
+    np.testing.assert_allclose(to_numpy(reloaded(x)), to_numpy(compressed(x)), rtol=1e-5,
                                atol=1e-6)
 
 

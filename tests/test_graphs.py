@@ -7,6 +7,7 @@ import keras_psm
 from keras_psm.backend import LEGACY_KERAS, keras, tf
 from keras_psm.layers import KroneckerDense, KroneckerPatternDense, keep_selected_patterns
 from keras_psm.model_layers import clone_replacing, is_operation
+from keras_psm.ops import convert_to_numpy as to_numpy
 
 
 def tanh(x):
@@ -72,7 +73,7 @@ def test_shared_layers_stay_shared():
     assert sorted(row.name for row in report.compressed) == ["head", "shared"]
     x = samples()
     # A full-rank SVD reproduces each kernel up to float32 rounding.
-    np.testing.assert_allclose(np.asarray(compressed(x)), np.asarray(model(x)), rtol=1e-4,
+    np.testing.assert_allclose(to_numpy(compressed(x)), to_numpy(model(x)), rtol=1e-4,
                                atol=1e-4)
 
 
@@ -92,7 +93,7 @@ def test_nested_models_and_a_layer_shared_with_them():
     assert compressed.get_layer("block").get_layer("shared") is outer_shared
     x = samples()
     # A full-rank SVD reproduces each kernel up to float32 rounding.
-    np.testing.assert_allclose(np.asarray(compressed(x)), np.asarray(model(x)), rtol=1e-4,
+    np.testing.assert_allclose(to_numpy(compressed(x)), to_numpy(model(x)), rtol=1e-4,
                                atol=1e-4)
 
 
@@ -106,7 +107,7 @@ def test_clone_replacing_copies_untouched_layers_with_their_weights():
             np.testing.assert_array_equal(a, b)
     x = samples()
     # Same weights, same ops in another graph: float32 rounding, below 1e-5.
-    np.testing.assert_allclose(np.asarray(clone(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(clone(x)), to_numpy(model(x)), rtol=1e-5, atol=1e-6)
 
 
 def test_keep_selected_patterns_descends_into_nested_models():

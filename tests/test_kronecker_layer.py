@@ -9,6 +9,7 @@ from keras_psm import ops
 from keras_psm.backend import keras
 from keras_psm.datasets import load_mnist_5k
 from keras_psm.factorize.kronecker import kronecker_sum, nearest_kronecker_sum
+from keras_psm.ops import convert_to_numpy as to_numpy
 from keras_psm.layers import (
     KroneckerDense,
     KroneckerPatternDense,
@@ -23,8 +24,8 @@ SHAPES = [(12, 10, (4, 5)), (64, 64, (2, 16)), (784, 10, (16, 2)), (13, 7, (4, 2
 
 def reference_kernel(layer):
     """The kernel from the layer's weights with np.kron, cropped to (in, units)."""
-    s = np.asarray(layer.s) * np.asarray(layer.s_mask)
-    kernel = sum(np.kron(s * a, b) for a, b in zip(np.asarray(layer.a), np.asarray(layer.b)))
+    s = to_numpy(layer.s) * to_numpy(layer.s_mask)
+    kernel = sum(np.kron(s * a, b) for a, b in zip(to_numpy(layer.a), to_numpy(layer.b)))
     return kernel[:layer.geometry.n_in, :layer.units]
 
 
@@ -35,9 +36,9 @@ def test_forward_equals_inputs_times_materialized_kernel(n_in, units, block):
     layer.build((None, n_in))
     layer.bias.assign(np.linspace(-1, 1, units).astype("float32"))
     kernel = reference_kernel(layer)
-    expected = np.tanh(x @ kernel + np.asarray(layer.bias))
+    expected = np.tanh(x @ kernel + to_numpy(layer.bias))
     np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(layer.kernel), kernel, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(layer.kernel), kernel, rtol=1e-5, atol=1e-6)
     materialized = KroneckerDense.from_config({**layer.get_config(), "compute": "materialized"})
     materialized.build((None, n_in))
     materialized.set_weights(layer.get_weights())
@@ -78,7 +79,7 @@ def test_gradients_match_the_materialized_computation(n_in, units, block):
     layer(x)
     assert len(layer.losses) == 1   # one penalty per call
     # A float32 sum of 16 terms against float64: within 16 float32 roundings (~1e-6).
-    assert np.asarray(layer.losses[0]) == pytest.approx(0.1 * np.abs(np.asarray(layer.s)).sum(),
+    assert to_numpy(layer.losses[0]) == pytest.approx(0.1 * np.abs(to_numpy(layer.s)).sum(),
                                                         rel=1e-5)
 
 
@@ -89,17 +90,17 @@ def test_sparsify_zeroes_blocks_for_good_and_counts():
     layer.s.assign(s)
     sparsity = layer.sparsify(0.3)
     assert sparsity == layer.block_sparsity == np.mean(s <= 0.3)
-    kernel = np.asarray(layer.kernel)
+    kernel = to_numpy(layer.kernel)
     for p, q in zip(*np.nonzero(s <= 0.3)):
         assert not kernel[4 * p:4 * p + 4, 2 * q:2 * q + 2].any()
-    expected_count = np.count_nonzero(np.asarray(layer.s)[None] * np.asarray(layer.a)) \
-        + np.count_nonzero(np.asarray(layer.b)) + 8
+    expected_count = np.count_nonzero(to_numpy(layer.s)[None] * to_numpy(layer.a)) \
+        + np.count_nonzero(to_numpy(layer.b)) + 8
     assert layer.count_nonzero_params() == expected_count
     rng = np.random.default_rng(0)
     model.compile(keras.optimizers.Adam(0.05), "mse")
     model.fit(rng.standard_normal((64, 16)), rng.standard_normal((64, 8)), epochs=2, verbose=0)
     assert layer.block_sparsity == sparsity
-    assert not (np.asarray(layer.s) * np.asarray(layer.s_mask))[s <= 0.3].any()
+    assert not (to_numpy(layer.s) * to_numpy(layer.s_mask))[s <= 0.3].any()
 
 
 @pytest.mark.slow
@@ -114,7 +115,7 @@ def test_l1_penalty_shrinks_s_during_fit():
         model = keras.Sequential([keras.Input((16,)), layer])
         model.compile(keras.optimizers.Adam(0.02), "mse")
         model.fit(x, y, epochs=10, batch_size=32, verbose=0)
-        norms.append(np.abs(np.asarray(layer.s)).sum())
+        norms.append(np.abs(to_numpy(layer.s)).sum())
     assert norms[1] < 0.5 * norms[0]
 
 
@@ -133,7 +134,7 @@ def test_keras_round_trip_is_exact_without_custom_objects(tmp_path):
     x = np.random.default_rng(0).standard_normal((4, 13)).astype("float32")
     # Same weights, possibly different kernels (oneDNN and the CPU's instruction set choose
     # them per graph): float32 rounding of sums of a few hundred terms, far below 1e-5.
-    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(reloaded(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(model(x)), to_numpy(reloaded(x)), rtol=1e-5, atol=1e-6)
     for a, b in zip(model.weights, reloaded.weights):  # stored values: bit for bit
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert reloaded.layers[1].get_config() == model.layers[1].get_config()
@@ -172,14 +173,14 @@ def test_pattern_layer_is_the_sum_of_its_patterns():
     out = np.asarray(layer(x))
     expected_kernel = 0
     for k, block in enumerate(layer.block_shapes):
-        s, a, b = np.asarray(layer.s[k]), np.asarray(layer.a[k]), np.asarray(layer.b[k])
+        s, a, b = to_numpy(layer.s[k]), to_numpy(layer.a[k]), to_numpy(layer.b[k])
         expected_kernel = expected_kernel + kronecker_sum(s[None] * a, b)[:12, :10]
     np.testing.assert_allclose(out, x @ expected_kernel, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(layer.kernel), expected_kernel, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(layer.kernel), expected_kernel, rtol=1e-5, atol=1e-6)
     penalty = sum(0.5 * np.linalg.norm(np.asarray(s)) + 0.25 * np.abs(np.asarray(s)).sum()
                   + 0.125 * (np.sum(np.asarray(a) ** 2) + np.sum(np.asarray(b) ** 2))
                   for s, a, b in zip(layer.s, layer.a, layer.b))
-    assert np.asarray(layer.losses[0]) == pytest.approx(penalty, rel=1e-5)
+    assert to_numpy(layer.losses[0]) == pytest.approx(penalty, rel=1e-5)
     kernel_norms = [np.linalg.norm(kronecker_sum(np.asarray(s)[None] * np.asarray(a),
                                                  np.asarray(b)))
                     for s, a, b in zip(layer.s, layer.a, layer.b)]

@@ -19,6 +19,7 @@ from keras_psm.factorize.lowrank import (
     valid_groups,
 )
 from keras_psm.layers import LowRankConv, LowRankDense
+from keras_psm.ops import convert_to_numpy as to_numpy
 
 
 def random_kernel(shape, seed=0):
@@ -142,7 +143,7 @@ def test_low_rank_dense_matches_numpy(input_shape, groups):
     x = random_kernel(input_shape, seed=2).astype("float32")
     expected = np.tanh(x @ factors.kernel + bias)
     np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(layer.kernel), factors.kernel, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer.kernel), factors.kernel, atol=1e-5)
     assert layer.compute_output_shape(input_shape) == input_shape[:-1] + (7,)
     assert layer.count_nonzero_params() == factors.n_params + 7
 
@@ -184,7 +185,7 @@ def test_full_rank_low_rank_conv_equals_the_conv2d(scheme, options):
         out = np.asarray(layer(x))
         np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
         assert out.shape == tuple(layer.compute_output_shape(shape))
-        np.testing.assert_allclose(np.asarray(layer.kernel), kernel, atol=1e-5)
+        np.testing.assert_allclose(to_numpy(layer.kernel), kernel, atol=1e-5)
 
 
 def test_from_layer_keeps_the_conv_options_and_bias():
@@ -196,7 +197,7 @@ def test_from_layer_keeps_the_conv_options_and_bias():
     assert (config["rank"], config["groups"], config["scheme"]) == (3, 2, 1)
     x = random_kernel((2, 8, 8, 4)).astype("float32")
     assert layer(x).shape == conv(x).shape
-    np.testing.assert_array_equal(np.asarray(layer.bias), np.asarray(conv.bias))
+    np.testing.assert_array_equal(to_numpy(layer.bias), to_numpy(conv.bias))
 
 
 def test_layer_arguments_are_validated():
@@ -230,13 +231,13 @@ def test_grouped_layers_train_on_cpu_and_round_trip_exactly(tmp_path):
     reloaded = keras.models.load_model(path)
     # Same weights, possibly different kernels (oneDNN and the CPU's instruction set choose
     # them per graph): float32 rounding of sums of a few hundred terms, far below 1e-5.
-    np.testing.assert_allclose(np.asarray(model(data)), np.asarray(reloaded(data)), rtol=1e-5,
+    np.testing.assert_allclose(to_numpy(model(data)), to_numpy(reloaded(data)), rtol=1e-5,
                                atol=1e-6)
     for layer in model.layers[1:3]:
         clone = reloaded.get_layer(layer.name)
         assert clone.get_config() == layer.get_config()
         # The kernel is a TF product of the same factors: float32 rounding only.
-        np.testing.assert_allclose(np.asarray(clone.kernel), np.asarray(layer.kernel), rtol=1e-5,
+        np.testing.assert_allclose(np.asarray(clone.kernel), to_numpy(layer.kernel), rtol=1e-5,
                                    atol=1e-6)
 
 

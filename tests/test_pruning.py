@@ -9,6 +9,7 @@ import pytest
 import keras_psm
 from keras_psm.backend import LEGACY_KERAS, keras
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
+from keras_psm.ops import convert_to_numpy as to_numpy
 from keras_psm.pruning import (
     IterativePruning,
     hard_pruning,
@@ -89,10 +90,10 @@ def test_native_hard_pruning_gives_the_target_sparsity_at_once(trained_lenet):
         layer = model.get_layer(name)
         kernel = np.abs(np.asarray(trained_lenet.get_layer(name).kernel))
         assert isinstance(layer, (SparseFactorDense, SparseFactorConv2D)) and layer.n_factors == 1
-        kept = np.asarray(layer.masks[0]).reshape(kernel.shape) > 0
+        kept = to_numpy(layer.masks[0]).reshape(kernel.shape) > 0
         assert kernel[kept].min() >= kernel[~kept].max()   # the largest magnitudes
         # One factor times a 0/1 mask: multiplying by 1 or 0 is exact in float32.
-        np.testing.assert_array_equal(np.asarray(layer.kernel),
+        np.testing.assert_array_equal(to_numpy(layer.kernel),
                                       np.asarray(trained_lenet.get_layer(name).kernel) * kept)
 
 

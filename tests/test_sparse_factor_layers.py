@@ -14,6 +14,7 @@ from keras_psm.backend import keras
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
 from keras_psm.factorize.palm4msa import factor_shapes
 from keras_psm.layers.sparse_factor import SPARSE_SLOWDOWN, application_plans, cheapest
+from keras_psm.ops import convert_to_numpy as to_numpy
 
 
 def random_sparse_factors(shapes, density=0.3, seed=0):
@@ -41,7 +42,7 @@ def test_dense_matches_numpy_for_any_input_rank(input_shape):
     expected = np.tanh(x @ product(factors) + bias)
     np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-5, atol=1e-5)
     assert layer.compute_output_shape(input_shape) == input_shape[:-1] + (9,)
-    np.testing.assert_allclose(np.asarray(layer.kernel), product(factors), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(layer.kernel), product(factors), rtol=1e-5, atol=1e-6)
 
 
 def test_plans_follow_the_break_even_row_counts():
@@ -97,7 +98,7 @@ def test_dense_and_sparse_forms_match_the_product(rows):
     np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-4, atol=1e-3)
     assert [layer._is_sparse(i) for i in range(3)] == [True, False, False]
     assert 0.005 < 1 / SPARSE_SLOWDOWN
-    np.testing.assert_allclose(np.asarray(layer.kernel), product(factors), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(to_numpy(layer.kernel), product(factors), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("pixels", [1, 4])
@@ -126,7 +127,7 @@ def test_kernel_of_a_widening_layer_with_a_sparse_last_factor():
     # float32 sums of about 30 unit-size products.
     np.testing.assert_allclose(np.asarray(layer(x)), x @ product(factors), rtol=1e-4, atol=1e-4)
     assert [layer._is_sparse(i) for i in range(2)] == [False, True]
-    np.testing.assert_allclose(np.asarray(layer.kernel), product(factors), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer.kernel), product(factors), rtol=1e-4, atol=1e-5)
 
 
 def test_random_support_has_k_per_row_and_column_and_sparse_he_scale():
@@ -137,8 +138,8 @@ def test_random_support_has_k_per_row_and_column_and_sparse_he_scale():
         assert set(np.unique(mask)) <= {0.0, 1.0}
         assert (mask.sum(axis=0) >= 4).all() and (mask.sum(axis=1) >= 4).all()
         assert np.all(weight[mask == 0] == 0)
-    first = np.asarray(layer.values[0])
-    fan_in = np.asarray(layer.masks[0]).sum(axis=0).mean()
+    first = to_numpy(layer.values[0])
+    fan_in = to_numpy(layer.masks[0]).sum(axis=0).mean()
     assert abs(first.std() - np.sqrt(2 / fan_in)) < 0.25 * np.sqrt(2 / fan_in)
     assert layer.count_nonzero_params() == sum(
         int(np.asarray(m).sum()) for m in layer.masks) + 64
@@ -214,7 +215,7 @@ def test_keras_round_trip_is_exact_without_custom_objects(tmp_path):
     reloaded = keras.models.load_model(path)
     x = np.random.default_rng(0).standard_normal((3, 10, 10, 3)).astype("float32")
     # Same weights; oneDNN may pick other kernels per graph: float32 rounding, below 1e-5.
-    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(reloaded(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(model(x)), to_numpy(reloaded(x)), rtol=1e-5, atol=1e-6)
     for a, b in zip(model.weights, reloaded.weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -228,8 +229,8 @@ def test_mixed_float16_policy():
         y = conv(x)
         z = dense(keras.layers.Flatten()(y))
         assert np.asarray(y).dtype == np.float16 and np.asarray(z).dtype == np.float16
-        assert np.asarray(dense.values[0]).dtype == np.float32
-        assert np.asarray(dense.indices[0]).dtype == np.int32
+        assert to_numpy(dense.values[0]).dtype == np.float32
+        assert to_numpy(dense.indices[0]).dtype == np.int32
         assert np.all(np.isfinite(np.asarray(z)))
         model = keras.Sequential([keras.Input((8, 8, 3)), conv, keras.layers.Flatten(), dense])
         model.compile("sgd", "mse")
@@ -284,9 +285,9 @@ def test_trains_under_mirrored_strategy_with_two_cpu_devices():
         history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
         assert np.isfinite(history.history["loss"][-1])
         for layer, count in zip(model.layers[::2], nnz):
-            assert int(np.count_nonzero(np.asarray(layer.masks[0]))) == count
-            factor = np.asarray(layer.factors[0])
-            assert np.all(factor[np.asarray(layer.masks[0]) == 0] == 0)
+            assert int(np.count_nonzero(to_numpy(layer.masks[0]))) == count
+            factor = to_numpy(layer.factors[0])
+            assert np.all(factor[to_numpy(layer.masks[0]) == 0] == 0)
         with strategy.scope():
             prunable = keras.Sequential([
                 keras.Input((8, 8, 1)), keras.layers.Flatten(),
@@ -298,7 +299,7 @@ def test_trains_under_mirrored_strategy_with_two_cpu_devices():
         prunable.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[callback])
         layer = prunable.layers[-1]
         assert layer.count_nonzero_params() < before
-        assert np.all(np.asarray(layer.factors[0])[np.asarray(layer.masks[0]) == 0] == 0)
+        assert np.all(to_numpy(layer.factors[0])[to_numpy(layer.masks[0]) == 0] == 0)
         print("OK", history.history["loss"])
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

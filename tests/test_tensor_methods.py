@@ -21,6 +21,7 @@ from keras_psm.factorize.tensor import (
 )
 from keras_psm.layers import LowRankDense, TTConv2D, TTDense, TuckerConv
 from keras_psm.methods import TTConfig, TuckerSVDConfig, get_method
+from keras_psm.ops import convert_to_numpy as to_numpy
 
 
 def rng(seed=0):
@@ -76,7 +77,7 @@ def test_tucker2_is_exact_at_full_rank_and_tucker_conv_matches_conv2d():
     reference.build(x.shape)
     reference.set_weights([kernel, bias])
     np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(reference(x)), atol=1e-4)
-    np.testing.assert_allclose(np.asarray(layer.kernel), kernel, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer.kernel), kernel, atol=1e-5)
     # 1x1 (6 -> 6), 3x3 core (6 -> 10), 1x1 (10 -> 10), bias.
     assert layer.count_nonzero_params() == 6 * 6 + 9 * 6 * 10 + 10 * 10 + 10
 
@@ -105,7 +106,7 @@ def test_tt_matrix_is_exact_at_full_rank_and_tt_dense_matches_x_at_w():
         x = rng(7).standard_normal(shape).astype("float32")
         np.testing.assert_allclose(np.asarray(layer(x)), np.tanh(x @ kernel + 1), atol=1e-5)
         assert layer.compute_output_shape(shape) == shape[:-1] + (7,)
-    np.testing.assert_allclose(np.asarray(layer.kernel), kernel, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer.kernel), kernel, atol=1e-5)
     assert layer.count_nonzero_params() == sum(core.size for core in cores) + 7
 
 
@@ -142,7 +143,7 @@ def test_tt_conv_matches_conv2d_and_does_not_inflate_activations():
     reference.build(x.shape)
     reference.set_weights([kernel])
     np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(reference(x)), atol=1e-4)
-    np.testing.assert_allclose(np.asarray(layer.kernel), kernel, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer.kernel), kernel, atol=1e-5)
     # Supplement A.6: the activations keep cin or cout channels (never r * cin).
     for shape in graph_shapes(layer, (None, 9, 9, cin)):
         if len(shape) == 4 and shape[0] is None:
