@@ -46,7 +46,7 @@ def gradients(loss, variables):
                                       collect_losses=True):
                 return loss()
 
-        return [np.asarray(g) for g in jax.grad(pure)([v.value for v in variables])]
+        return [to_numpy(g) for g in jax.grad(pure)([v.value for v in variables])]
     if BACKEND == "torch":
         for variable in variables:
             variable.value.grad = None
@@ -56,7 +56,7 @@ def gradients(loss, variables):
 
     with tf.GradientTape() as tape:
         value = loss()
-    return [np.asarray(g) for g in tape.gradient(value, variables)]
+    return [to_numpy(g) for g in tape.gradient(value, variables)]
 
 
 @pytest.fixture(scope="session")

@@ -119,7 +119,7 @@ def test_score_fn_needs_a_target_and_is_called_on_few_candidates():
 
     def score(candidate):
         calls.append(candidate)
-        return -float(np.linalg.norm(np.asarray(candidate(x)) - reference))
+        return -float(np.linalg.norm(to_numpy(candidate(x)) - reference))
 
     _, report = keras_psm.compress(model, "svd", target_ratio=6, score_fn=score, verbose=0)
     dense, reached = compressed_params(report)

@@ -139,7 +139,7 @@ def test_conv_covariance_is_that_of_im2col_patches():
     shift = DAMPING / (1 + DAMPING) * np.mean(np.diag(damped))
     covariance = damped - shift * np.eye(len(damped))
     kernel = conv.get_weights()[0].reshape(-1, 4).astype(np.float64)
-    outputs = np.asarray(conv(x), dtype=np.float64).reshape(-1, 4)
+    outputs = to_numpy(conv(x)).astype(np.float64).reshape(-1, 4)
     # W^T (X^T X / n) W = Y^T Y / n for the conv outputs Y = X W (float32 outputs).
     np.testing.assert_allclose(kernel.T @ covariance @ kernel, outputs.T @ outputs / len(outputs),
                                rtol=1e-4, atol=1e-5)
@@ -151,8 +151,8 @@ def test_bias_correction_keeps_the_mean_output():
     compressed, _ = keras_psm.compress(model, "svd", rank_ratio=0.25, calibration_data=x,
                                        verbose=0)
     features = keras.Model(model.inputs, model.get_layer("fc").input)(x)
-    original = np.asarray(model.get_layer("fc")(features)).mean(axis=0)
-    approximated = np.asarray(compressed.get_layer("fc")(features)).mean(axis=0)
+    original = to_numpy(model.get_layer("fc")(features)).mean(axis=0)
+    approximated = to_numpy(compressed.get_layer("fc")(features)).mean(axis=0)
     # The corrected bias absorbs mu^T (W - W_hat) exactly; float32 outputs.
     np.testing.assert_allclose(approximated, original, atol=1e-4)
 

@@ -30,7 +30,7 @@ def sparse_layers(model):
 def test_variables_hold_nonzeros_indices_and_keep_masks_only(prunable):
     for layer in sparse_layers(psm_model(prunable)):
         nnz = sum(layer.nonzeros)
-        assert nnz == sum(int(np.count_nonzero(np.asarray(m))) for m in layer.masks)
+        assert nnz == sum(int(np.count_nonzero(to_numpy(m))) for m in layer.masks)
         bias = int(layer.bias.shape[0])
         assert sum(int(np.prod(v.shape)) for v in layer.trainable_weights) == nnz + bias
         stored = sum(int(np.prod(v.shape)) for v in layer.weights)
@@ -73,7 +73,7 @@ def test_keras_file_stores_values_and_indices_only(tmp_path):
     np.testing.assert_allclose(to_numpy(model(x)), to_numpy(reloaded(x)), rtol=1e-5,
                                atol=1e-6)
     for a, b in zip(model.weights, reloaded.weights):  # stored values: bit for bit
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
 
 
 @pytest.mark.slow
@@ -89,7 +89,7 @@ def test_iterative_pruning_and_pruning_at_init_keep_entries_removed_during_fit(t
     for layer, count in zip(sparse_layers(model), before):
         assert layer.count_nonzero_params() < count
         for factor, mask in zip(layer.factors, layer.masks):
-            assert np.all(np.asarray(factor)[np.asarray(mask) == 0] == 0)
+            assert np.all(to_numpy(factor)[to_numpy(mask) == 0] == 0)
     path = str(tmp_path / "pruned.keras")
     model.save(path)
     reloaded = keras.models.load_model(path)
@@ -103,7 +103,7 @@ def test_iterative_pruning_and_pruning_at_init_keep_entries_removed_during_fit(t
     pruned.fit(x, y, batch_size=32, epochs=2, verbose=0)
     for layer, count in zip(sparse_layers(pruned), counts):
         assert sum(layer.nonzeros) == count == sum(int(v.shape[0]) for v in layer.values)
-        assert int(np.count_nonzero(np.concatenate([np.asarray(m).ravel() for m in layer.masks]))) \
+        assert int(np.count_nonzero(np.concatenate([to_numpy(m).ravel() for m in layer.masks]))) \
             == count
 
 
@@ -121,7 +121,7 @@ def test_tfmot_prune_low_magnitude_trains_sparse_factor_layers():
     assert np.isfinite(history.history["loss"][-1])
     for layer in sparse_layers(strip(pruned)):
         for values, count in zip(layer.values, layer.nonzeros):
-            assert np.count_nonzero(np.asarray(values)) <= count - count // 2
+            assert np.count_nonzero(to_numpy(values)) <= count - count // 2
 
 
 def test_sparse_product_trains_under_mixed_float16():
@@ -134,7 +134,7 @@ def test_sparse_product_trains_under_mixed_float16():
         outputs = layer(x)
         assert layer._is_sparse(0) and to_numpy(outputs).dtype == np.float16
         # float16 keeps 11 significant bits: outputs of size ~3 round to ~2e-3.
-        np.testing.assert_allclose(np.asarray(outputs).astype("float32"), x @ factor, atol=2e-2)
+        np.testing.assert_allclose(to_numpy(outputs).astype("float32"), x @ factor, atol=2e-2)
         model = keras.Sequential([keras.Input((400,)), layer])
         model.compile("sgd", "mse")
         history = model.fit(x, np.zeros((3, 300), "float32"), epochs=2, verbose=0)

@@ -57,8 +57,8 @@ def test_compressed_conv1d_equals_a_plain_conv1d_holding_its_kernel(padding, str
     assert isinstance(layer, CompressedConv1D)
     assert to_numpy(layer.kernel).shape == (3, 6, 8)
     x = samples()
-    outputs = np.asarray(keras.Model(compressed.input, layer.output)(x))
-    expected = np.asarray(plain_conv1d(layer, model.get_layer("conv"))(x))
+    outputs = to_numpy(keras.Model(compressed.input, layer.output)(x))
+    expected = to_numpy(plain_conv1d(layer, model.get_layer("conv"))(x))
     assert outputs.shape[1:] == tuple(model.get_layer("conv").output.shape[1:])
     # float32: factors applied one after the other against one product kernel.
     np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4)
@@ -77,8 +77,8 @@ def test_every_method_replaces_conv1d_or_says_why_not(method):
     layer = compressed.get_layer("conv")
     assert isinstance(layer, CompressedConv1D)
     x = samples()
-    outputs = np.asarray(keras.Model(compressed.input, layer.output)(x))
-    expected = np.asarray(plain_conv1d(layer, model.get_layer("conv"))(x))
+    outputs = to_numpy(keras.Model(compressed.input, layer.output)(x))
+    expected = to_numpy(plain_conv1d(layer, model.get_layer("conv"))(x))
     # float32 evaluations of the same kernel in different orders.
     np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4)
 
@@ -102,7 +102,7 @@ def test_separable_pointwise_kernel_is_compressed(separable):
                            to_numpy(layer.layer.bias)])
     x = samples((2,) + shape)
     # float32 evaluations of the same kernels in different orders.
-    np.testing.assert_allclose(to_numpy(compressed(x)), np.asarray(reference(x)), rtol=1e-4,
+    np.testing.assert_allclose(to_numpy(compressed(x)), to_numpy(reference(x)), rtol=1e-4,
                                atol=1e-4)
     # The depthwise kernel is kept exactly.
     np.testing.assert_array_equal(layer.depthwise.get_weights()[0],

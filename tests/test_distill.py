@@ -49,8 +49,8 @@ def test_loss_matches_numpy(outputs):
     loss = float(ops.convert_to_numpy(
         distiller.compute_loss(x_tensor, y_tensor, distiller(x_tensor), None)))
 
-    t_out = np.asarray(teacher(x), dtype=np.float64)
-    s_out = np.asarray(student(x), dtype=np.float64)
+    t_out = ops.convert_to_numpy(teacher(x)).astype(np.float64)
+    s_out = ops.convert_to_numpy(student(x)).astype(np.float64)
     if outputs == "probabilities":
         expected = reference_loss(np.log(t_out), np.log(s_out), s_out, y, 3.0, 0.5)
     else:

@@ -61,8 +61,8 @@ def test_compressed_einsum_equals_a_plain_einsum_holding_its_kernel(method):
     assert isinstance(layer, CompressedEinsumDense)
     assert to_numpy(layer.kernel).shape == (16, 2, 8)
     x = samples()
-    outputs = np.asarray(keras.Model(compressed.input, layer.output)(x))
-    expected = np.asarray(plain_einsum(layer)(x))
+    outputs = to_numpy(keras.Model(compressed.input, layer.output)(x))
+    expected = to_numpy(plain_einsum(layer)(x))
     # Two float32 evaluations of the same product, in different association orders.
     np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4)
     row = report.compressed[0]
@@ -80,8 +80,8 @@ def test_bias_over_some_output_axes_is_broadcast():
     compressed, _ = keras_psm.compress(model, "svd", rank_ratio=1.0, layers=["einsum"],
                                        verbose=0)
     x = samples()
-    original = np.asarray(keras.Model(model.input, model.get_layer("einsum").output)(x))
-    restored = np.asarray(keras.Model(compressed.input, compressed.get_layer("einsum").output)(x))
+    original = to_numpy(keras.Model(model.input, model.get_layer("einsum").output)(x))
+    restored = to_numpy(keras.Model(compressed.input, compressed.get_layer("einsum").output)(x))
     # A full-rank SVD reproduces the kernel up to float32 rounding.
     np.testing.assert_allclose(restored, original, rtol=1e-4, atol=1e-4)
 
@@ -123,13 +123,13 @@ def test_attention_projections_are_compressed_and_behaviour_is_kept():
         outputs, scores = layer(x, x, return_attention_scores=True, **kwargs)
         expected, expected_scores = reference(x, x, return_attention_scores=True, **kwargs)
         # float32, the projections' factors applied in another order than one kernel.
-        np.testing.assert_allclose(np.asarray(outputs), np.asarray(expected), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(np.asarray(scores), np.asarray(expected_scores), rtol=1e-4,
+        np.testing.assert_allclose(to_numpy(outputs), to_numpy(expected), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(to_numpy(scores), to_numpy(expected_scores), rtol=1e-4,
                                    atol=1e-5)
     _, scores = layer(x, x, return_attention_scores=True, use_causal_mask=True)
-    assert np.all(np.triu(np.asarray(scores)[0, 0], k=1) == 0.0)  # softmax of masked logits
-    inference = np.asarray(layer(x, x, training=False))
-    assert not np.allclose(np.asarray(layer(x, x, training=True)), inference)  # dropout active
+    assert np.all(np.triu(to_numpy(scores)[0, 0], k=1) == 0.0)  # softmax of masked logits
+    inference = to_numpy(layer(x, x, training=False))
+    assert not np.allclose(to_numpy(layer(x, x, training=True)), inference)  # dropout active
 
 
 def test_kept_projections_keep_their_weights():

@@ -47,12 +47,12 @@ def test_operations_survive_and_unselected_layers_give_the_same_outputs():
     assert operation_types(model)  # the graph does hold operation nodes
     x = samples()
     for name in ("first", "second"):
-        expected = np.asarray(keras.Model(model.input, model.get_layer(name).output)(x))
-        actual = np.asarray(keras.Model(compressed.input, compressed.get_layer(name).output)(x))
+        expected = to_numpy(keras.Model(model.input, model.get_layer(name).output)(x))
+        actual = to_numpy(keras.Model(compressed.input, compressed.get_layer(name).output)(x))
         # The same weights through the same ops in another graph: float32 rounding, below 1e-5.
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
-    head_input = np.asarray(keras.Model(compressed.input, compressed.get_layer("head").input)(x))
-    expected_input = np.asarray(keras.Model(model.input, model.get_layer("head").input)(x))
+    head_input = to_numpy(keras.Model(compressed.input, compressed.get_layer("head").input)(x))
+    expected_input = to_numpy(keras.Model(model.input, model.get_layer("head").input)(x))
     # The operations after the layers are carried over as well (float32 rounding, as above).
     np.testing.assert_allclose(head_input, expected_input, rtol=1e-5, atol=1e-6)
     assert model.get_config() == config_before

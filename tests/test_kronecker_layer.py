@@ -37,14 +37,14 @@ def test_forward_equals_inputs_times_materialized_kernel(n_in, units, block):
     layer.bias.assign(np.linspace(-1, 1, units).astype("float32"))
     kernel = reference_kernel(layer)
     expected = np.tanh(x @ kernel + to_numpy(layer.bias))
-    np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(to_numpy(layer.kernel), kernel, rtol=1e-5, atol=1e-6)
     materialized = KroneckerDense.from_config({**layer.get_config(), "compute": "materialized"})
     materialized.build((None, n_in))
     materialized.set_weights(layer.get_weights())
-    np.testing.assert_allclose(np.asarray(materialized(x)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(materialized(x)), expected, rtol=1e-5, atol=1e-5)
     x3 = x.reshape(2, 3, n_in)
-    np.testing.assert_allclose(np.asarray(layer(x3)), expected.reshape(2, 3, units),
+    np.testing.assert_allclose(to_numpy(layer(x3)), expected.reshape(2, 3, units),
                                rtol=1e-5, atol=1e-5)
     assert layer.compute_output_shape((2, 3, n_in)) == (2, 3, units)
 
@@ -63,6 +63,7 @@ def test_gradients_match_the_materialized_computation(n_in, units, block):
     layer = KroneckerDense(units, block, rank=2, seed=3, l1=0.1)
     x = np.random.default_rng(0).standard_normal((5, n_in)).astype("float32")
     y = np.random.default_rng(1).standard_normal((5, units)).astype("float32")
+    y = ops.convert_to_tensor(y)  # a NumPy y would turn layer(x) - y into NumPy on torch
     layer(x)
 
     def factored():
@@ -73,7 +74,7 @@ def test_gradients_match_the_materialized_computation(n_in, units, block):
                 + 0.1 * ops.sum(ops.abs(layer.s)))
 
     variables = [layer.s, layer.a, layer.b, layer.bias]
-    np.testing.assert_allclose(np.asarray(factored()), np.asarray(dense()), rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(factored()), to_numpy(dense()), rtol=1e-5)
     for got, want in zip(gradients(factored, variables), gradients(dense, variables)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     layer(x)
@@ -136,9 +137,9 @@ def test_keras_round_trip_is_exact_without_custom_objects(tmp_path):
     # them per graph): float32 rounding of sums of a few hundred terms, far below 1e-5.
     np.testing.assert_allclose(to_numpy(model(x)), to_numpy(reloaded(x)), rtol=1e-5, atol=1e-6)
     for a, b in zip(model.weights, reloaded.weights):  # stored values: bit for bit
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
     assert reloaded.layers[1].get_config() == model.layers[1].get_config()
-    assert np.asarray(reloaded.layers[1].l1_strength) == 0.25
+    assert to_numpy(reloaded.layers[1].l1_strength) == 0.25
     assert reloaded.layers[2].block_shapes == [(7, 3), (1, 2)]
     assert reloaded.layers[2].factor_decay == 0.5
 
@@ -170,19 +171,19 @@ def test_pattern_layer_is_the_sum_of_its_patterns():
     layer = KroneckerPatternDense(10, [(2, 2), (4, 5), (3, 2)], rank=2, seed=0, group=0.5,
                                   l1=0.25, factor_decay=0.125)
     x = np.random.default_rng(0).standard_normal((3, 12)).astype("float32")
-    out = np.asarray(layer(x))
+    out = to_numpy(layer(x))
     expected_kernel = 0
     for k, block in enumerate(layer.block_shapes):
         s, a, b = to_numpy(layer.s[k]), to_numpy(layer.a[k]), to_numpy(layer.b[k])
         expected_kernel = expected_kernel + kronecker_sum(s[None] * a, b)[:12, :10]
     np.testing.assert_allclose(out, x @ expected_kernel, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(to_numpy(layer.kernel), expected_kernel, rtol=1e-5, atol=1e-6)
-    penalty = sum(0.5 * np.linalg.norm(np.asarray(s)) + 0.25 * np.abs(np.asarray(s)).sum()
-                  + 0.125 * (np.sum(np.asarray(a) ** 2) + np.sum(np.asarray(b) ** 2))
+    penalty = sum(0.5 * np.linalg.norm(to_numpy(s)) + 0.25 * np.abs(to_numpy(s)).sum()
+                  + 0.125 * (np.sum(to_numpy(a) ** 2) + np.sum(to_numpy(b) ** 2))
                   for s, a, b in zip(layer.s, layer.a, layer.b))
     assert to_numpy(layer.losses[0]) == pytest.approx(penalty, rel=1e-5)
-    kernel_norms = [np.linalg.norm(kronecker_sum(np.asarray(s)[None] * np.asarray(a),
-                                                 np.asarray(b)))
+    kernel_norms = [np.linalg.norm(kronecker_sum(to_numpy(s)[None] * to_numpy(a),
+                                                 to_numpy(b)))
                     for s, a, b in zip(layer.s, layer.a, layer.b)]
     np.testing.assert_allclose(layer.kernel_norms(), kernel_norms, rtol=1e-5)
     assert layer.selected_pattern == int(np.argmax(kernel_norms))
@@ -202,7 +203,7 @@ def test_penalty_schedule_raises_strengths_every_few_epochs():
         [0.01, 0.01, 0.012, 0.014])
     model.fit(np.ones((8, 8)), np.zeros((8, 4)), epochs=11, verbose=0, callbacks=[schedule])
     for strength in (pattern.group_strength, pattern.l1_strength, dense.l1_strength):
-        assert np.asarray(strength) == pytest.approx(0.014)
+        assert to_numpy(strength) == pytest.approx(0.014)
     assert len(schedule.history["pattern"]) == 11
     assert schedule.history["pattern"][-1].shape == (2,)
     assert schedule.stopped_epoch is None
@@ -217,7 +218,7 @@ def test_penalty_schedule_stops_when_one_pattern_remains():
     schedule = PenaltySchedule(stop_when_one_remains=True)
     model.fit(x, y, epochs=3, verbose=0, callbacks=[schedule])
     assert schedule.stopped_epoch is None and len(schedule.history[pattern.name]) == 3
-    pattern.s[1].assign(np.zeros_like(np.asarray(pattern.s[1])))  # pattern 1 is gone
+    pattern.s[1].assign(np.zeros_like(to_numpy(pattern.s[1])))  # pattern 1 is gone
     assert pattern.surviving_patterns(tolerance=0.01) == [0]
     schedule = PenaltySchedule(stop_when_one_remains=True)
     model.fit(x, model.predict(x, verbose=0), epochs=5, verbose=0, callbacks=[schedule])
@@ -246,7 +247,7 @@ def test_pattern_selection_keeps_the_true_block_pattern():
     assert isinstance(kept, KroneckerDense) and kept.block_shape == (4, 4)
     selected.compile(keras.optimizers.Adam(0.01), "mse")
     selected.fit(x, y, epochs=30, batch_size=64, verbose=0)
-    error = np.linalg.norm(np.asarray(kept.kernel) - target) / np.linalg.norm(target)
+    error = np.linalg.norm(to_numpy(kept.kernel) - target) / np.linalg.norm(target)
     assert error < 0.05
     assert model.layers[-1] is layer  # the original model is left alone
 

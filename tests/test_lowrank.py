@@ -142,7 +142,7 @@ def test_low_rank_dense_matches_numpy(input_shape, groups):
                                       activation="tanh")
     x = random_kernel(input_shape, seed=2).astype("float32")
     expected = np.tanh(x @ factors.kernel + bias)
-    np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(to_numpy(layer.kernel), factors.kernel, atol=1e-5)
     assert layer.compute_output_shape(input_shape) == input_shape[:-1] + (7,)
     assert layer.count_nonzero_params() == factors.n_params + 7
@@ -165,7 +165,7 @@ def keras_conv_reference(kernel, bias, options, x):
         x = np.transpose(x, (0, 2, 3, 1))
     layer.build(x.shape)
     layer.set_weights([kernel, bias])
-    out = np.asarray(layer(x))
+    out = to_numpy(layer(x))
     return np.transpose(out, (0, 3, 1, 2)) if options["data_format"] == "channels_first" else out
 
 
@@ -182,7 +182,7 @@ def test_full_rank_low_rank_conv_equals_the_conv2d(scheme, options):
         factors = factor_kernel(kernel, max_rank(kernel.shape, groups, scheme), groups, scheme)
         layer = LowRankConv.from_factors(factors.encoder, factors.decoder, groups, scheme,
                                          bias=bias, activation="relu", **options)
-        out = np.asarray(layer(x))
+        out = to_numpy(layer(x))
         np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
         assert out.shape == tuple(layer.compute_output_shape(shape))
         np.testing.assert_allclose(to_numpy(layer.kernel), kernel, atol=1e-5)
@@ -222,10 +222,10 @@ def test_grouped_layers_train_on_cpu_and_round_trip_exactly(tmp_path):
     model = keras.Model(inputs, outputs)
     data = random_kernel((32, 10, 10, 4)).astype("float32")
     target = random_kernel((32, 5), seed=1).astype("float32")
-    before = [np.asarray(w).copy() for w in model.trainable_weights]
+    before = [to_numpy(w).copy() for w in model.trainable_weights]
     model.compile(keras.optimizers.Adam(0.01), "mse")
     model.fit(data, target, epochs=2, batch_size=8, verbose=0)
-    assert all(np.any(np.asarray(w) != b) for w, b in zip(model.trainable_weights, before))
+    assert all(np.any(to_numpy(w) != b) for w, b in zip(model.trainable_weights, before))
     path = str(tmp_path / "low_rank.keras")
     model.save(path)
     reloaded = keras.models.load_model(path)
@@ -237,7 +237,7 @@ def test_grouped_layers_train_on_cpu_and_round_trip_exactly(tmp_path):
         clone = reloaded.get_layer(layer.name)
         assert clone.get_config() == layer.get_config()
         # The kernel is a TF product of the same factors: float32 rounding only.
-        np.testing.assert_allclose(np.asarray(clone.kernel), to_numpy(layer.kernel), rtol=1e-5,
+        np.testing.assert_allclose(to_numpy(clone.kernel), to_numpy(layer.kernel), rtol=1e-5,
                                    atol=1e-6)
 
 
@@ -252,9 +252,9 @@ def test_grouped_encoder_gradients_match_a_dense_reference():
     with tf.GradientTape() as tape:
         tape.watch(x)
         loss = tf.reduce_sum(layer(x) ** 2)
-    grad = np.asarray(tape.gradient(loss, x))
+    grad = to_numpy(tape.gradient(loss, x))
     reference = tf.constant(factors.kernel.astype("float32"))
     with tf.GradientTape() as tape:
         tape.watch(x)
         loss = tf.reduce_sum(tf.nn.conv2d(x, reference, 1, "VALID") ** 2)
-    np.testing.assert_allclose(grad, np.asarray(tape.gradient(loss, x)), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(grad, to_numpy(tape.gradient(loss, x)), rtol=1e-3, atol=1e-3)

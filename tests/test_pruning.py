@@ -33,7 +33,7 @@ TARGET = 0.75
 
 def kernel_counts(model):
     """Nonzero entries of each layer's effective kernel."""
-    return {name: int(np.count_nonzero(np.asarray(model.get_layer(name).kernel)))
+    return {name: int(np.count_nonzero(to_numpy(model.get_layer(name).kernel)))
             for name in KERNEL_LAYERS}
 
 
@@ -44,7 +44,7 @@ def expected_counts(model, sparsity):
 
 def support_of(factor):
     """The dense 0/1 support of a ``masked_factors`` entry (pruned entries removed)."""
-    return np.asarray(factor.layer.masks[factor.index])
+    return to_numpy(factor.layer.masks[factor.index])
 
 
 def fine_tune(model, data, callbacks, epochs=2):
@@ -88,13 +88,13 @@ def test_native_hard_pruning_gives_the_target_sparsity_at_once(trained_lenet):
     assert kernel_counts(model) == expected_counts(model, TARGET)
     for name in KERNEL_LAYERS:
         layer = model.get_layer(name)
-        kernel = np.abs(np.asarray(trained_lenet.get_layer(name).kernel))
+        kernel = np.abs(to_numpy(trained_lenet.get_layer(name).kernel))
         assert isinstance(layer, (SparseFactorDense, SparseFactorConv2D)) and layer.n_factors == 1
         kept = to_numpy(layer.masks[0]).reshape(kernel.shape) > 0
         assert kernel[kept].min() >= kernel[~kept].max()   # the largest magnitudes
         # One factor times a 0/1 mask: multiplying by 1 or 0 is exact in float32.
         np.testing.assert_array_equal(to_numpy(layer.kernel),
-                                      np.asarray(trained_lenet.get_layer(name).kernel) * kept)
+                                      to_numpy(trained_lenet.get_layer(name).kernel) * kept)
 
 
 @pytest.mark.slow
@@ -145,7 +145,7 @@ def test_native_masks_follow_the_schedule_step_by_step(trained_lenet, mnist_smal
     for batches in (2, 1, 4, 4, 4, 3):    # steps 2, 3, 7, 11, 15, 18
         model.fit(x[:32 * batches], y[:32 * batches], batch_size=32, epochs=1,
                   callbacks=[callback], verbose=0)
-        seen.append(int(np.asarray(model.get_layer("fc1").masks[0]).sum()))
+        seen.append(int(to_numpy(model.get_layer("fc1").masks[0]).sum()))
     expected = [size] + [kept_count(size, callback.sparsity_at(t)) for t in (3, 7, 11, 15, 15)]
     assert seen == expected
     assert callback.sparsity_at(3) == pytest.approx(0.2, abs=1e-6)
@@ -157,16 +157,16 @@ def test_iterative_pruning_callback_can_prune_psm_factors(trained_lenet, mnist_s
     psm, _ = keras_psm.compress(trained_lenet, "psm", layers=["fc1"], n_factors=2,
                                 sparsity=4, max_iter=20, verbose=0)
     fitted = psm.get_layer("fc1")
-    supports = [np.asarray(m).copy() for m in fitted.masks]
+    supports = [to_numpy(m).copy() for m in fitted.masks]
     prunable = SparseFactorDense.from_factors(
-        [np.asarray(f) for f in fitted.factors], supports=[s > 0 for s in supports],
-        bias=np.asarray(fitted.bias), activation="relu", prunable=True, name="fc1")
+        [to_numpy(f) for f in fitted.factors], supports=[s > 0 for s in supports],
+        bias=to_numpy(fitted.bias), activation="relu", prunable=True, name="fc1")
     model = keras.models.clone_model(
         psm, clone_function=lambda layer: prunable if layer.name == "fc1" else layer)
     callback = IterativePruning(0.95, begin_step=0, end_step=4, frequency=2, layers=["fc1"])
     fine_tune(model, mnist_small, [callback], epochs=1)
     for support, mask in zip(supports, model.get_layer("fc1").masks):
-        kept = np.asarray(mask)
+        kept = to_numpy(mask)
         assert kept.sum() == min(kept_count(kept.size, 0.95), support.sum())
         assert np.all(kept <= support)
 
@@ -229,8 +229,8 @@ def test_tfmot_hard_pruning_gives_the_target_sparsity_at_once(trained_lenet):
                                    verbose=0)
     for name in KERNEL_LAYERS:
         # Both keep the trained values on the same support (masking by 0/1 is exact).
-        np.testing.assert_array_equal(np.asarray(at_once.get_layer(name).kernel),
-                                      np.asarray(native.get_layer(name).kernel))
+        np.testing.assert_array_equal(to_numpy(at_once.get_layer(name).kernel),
+                                      to_numpy(native.get_layer(name).kernel))
 
 
 @legacy_only
@@ -238,11 +238,11 @@ def test_tfmot_hard_pruning_gives_the_target_sparsity_at_once(trained_lenet):
 def test_tfmot_hard_pruning_keeps_its_masks_during_fit(trained_lenet, mnist_small):
     pruned, callbacks = hard_pruning(trained_lenet, TARGET)
     at_once = strip(pruned)
-    kept = {n: np.asarray(at_once.get_layer(n).kernel) != 0 for n in KERNEL_LAYERS}
+    kept = {n: to_numpy(at_once.get_layer(n).kernel) != 0 for n in KERNEL_LAYERS}
     fine_tune(pruned, mnist_small, callbacks)
     after = strip(pruned)
     for name in KERNEL_LAYERS:
-        np.testing.assert_array_equal(np.asarray(after.get_layer(name).kernel) != 0, kept[name])
+        np.testing.assert_array_equal(to_numpy(after.get_layer(name).kernel) != 0, kept[name])
 
 
 @legacy_only
@@ -271,7 +271,7 @@ def test_native_and_tfmot_agree_on_sparsity_and_accuracy(trained_lenet, mnist_sm
 def test_tfmot_prunes_the_factors_of_sparse_factor_layers(trained_lenet, mnist_small):
     model, _ = keras_psm.compress(trained_lenet, "psm", layers=["fc1"], n_factors=2,
                                   sparsity=4, max_iter=20, verbose=0)
-    nonzeros = [np.count_nonzero(np.asarray(w)) for w in model.get_layer("fc1").values]
+    nonzeros = [np.count_nonzero(to_numpy(w)) for w in model.get_layer("fc1").values]
     pruned, callbacks = hard_pruning(model, 0.99, layers=["fc1"])
     stripped = strip(pruned)
     layer = stripped.get_layer("fc1")
@@ -279,5 +279,5 @@ def test_tfmot_prunes_the_factors_of_sparse_factor_layers(trained_lenet, mnist_s
     for weight, before in zip(layer.get_prunable_weights(), nonzeros):
         kept = kept_count(int(np.prod(weight.shape)), 0.99)
         assert kept < before
-        assert np.count_nonzero(np.asarray(weight)) == kept
+        assert np.count_nonzero(to_numpy(weight)) == kept
     assert type(stripped.get_layer("fc2")) is keras.layers.Dense

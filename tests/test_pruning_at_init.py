@@ -8,6 +8,7 @@ import keras_psm
 from keras_psm.backend import keras, tf
 from keras_psm.layers import SparseFactorConv2D, SparseFactorDense
 from keras_psm.pruning import kept_count, masked_factors
+from keras_psm.ops import convert_to_numpy as to_numpy
 from keras_psm.pruning_at_init import (
     SCORES,
     grasp_scores,
@@ -22,7 +23,7 @@ TARGET = 0.9
 
 def support_of(factor):
     """The dense 0/1 support of a ``masked_factors`` entry (pruned entries removed)."""
-    return np.asarray(factor.layer.masks[factor.index])
+    return to_numpy(factor.layer.masks[factor.index])
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +80,12 @@ def test_input_model_is_unchanged_and_plain_layers_become_masked(fresh_lenet, ba
     for name in ("conv1", "conv2", "fc1", "fc2", "fc3"):
         layer = model.get_layer(name)
         assert isinstance(layer, (SparseFactorDense, SparseFactorConv2D)) and layer.n_factors == 1
-    kernels = [np.abs(np.asarray(fresh_lenet.get_layer(n).kernel)).ravel()
+    kernels = [np.abs(to_numpy(fresh_lenet.get_layer(n).kernel)).ravel()
                for n in ("conv1", "conv2", "fc1", "fc2", "fc3")]
     threshold = np.sort(np.concatenate(kernels))[::-1][kept_count(sum(k.size for k in kernels),
                                                                   0.5) - 1]
     for name, kernel in zip(("conv1", "conv2", "fc1", "fc2", "fc3"), kernels):
-        np.testing.assert_array_equal(np.asarray(model.get_layer(name).masks[0]).ravel() > 0,
+        np.testing.assert_array_equal(to_numpy(model.get_layer(name).masks[0]).ravel() > 0,
                                       kernel >= threshold)
     np.testing.assert_allclose(model.predict(batch[0][:4], verbose=0).sum(axis=1), 1, rtol=1e-5)
 
@@ -101,7 +102,7 @@ def test_snip_scores_are_connection_sensitivities(fresh_lenet, batch):
     halves = [(x[:64], y[:64]), (x[64:], y[64:])]    # gradients summed over two batches
     scores = snip_scores(model, masked_factors(model), halves, loss)
     for score, gradient, kernel in zip(scores, gradients, kernels):
-        expected = np.abs(2 * np.asarray(gradient) * np.asarray(kernel)).ravel()
+        expected = np.abs(2 * to_numpy(gradient) * to_numpy(kernel)).ravel()
         np.testing.assert_allclose(score, expected, rtol=1e-3, atol=1e-9)
 
 
@@ -124,8 +125,8 @@ def test_grasp_scores_are_theta_times_hessian_gradient():
     loss = keras.losses.get("sparse_categorical_crossentropy")
     scores = grasp_scores(model, factors, [(x, y)], loss, temperature)
 
-    (w1,), (w2,) = [[np.asarray(f.layer.factors[f.index]).astype("float64")] for f in factors]
-    b1, b2 = (np.asarray(model.get_layer(n).bias).astype("float64") for n in ("hidden", "out"))
+    (w1,), (w2,) = [[to_numpy(f.layer.factors[f.index]).astype("float64")] for f in factors]
+    b1, b2 = (to_numpy(model.get_layer(n).bias).astype("float64") for n in ("hidden", "out"))
 
     def gradient(w1, w2):
         w1, w2 = tf.Variable(w1), tf.Variable(w2)
@@ -133,7 +134,7 @@ def test_grasp_scores_are_theta_times_hessian_gradient():
             logits = (tf.tanh(x.astype("float64") @ w1 + b1) @ w2 + b2) / temperature
             value = tf.reduce_mean(
                 tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
-        return [np.asarray(g) for g in tape.gradient(value, [w1, w2])]
+        return [to_numpy(g) for g in tape.gradient(value, [w1, w2])]
 
     g1, g2 = gradient(w1, w2)
     eps = 1e-4
@@ -149,14 +150,14 @@ def test_grasp_scores_are_theta_times_hessian_gradient():
 def test_synflow_scores_are_path_norm_sensitivities():
     model = full_mask_copy(tiny_model(3, activation=None, use_bias=False))
     factors = masked_factors(model)
-    w1, w2 = (np.abs(np.asarray(f.layer.factors[f.index]).astype("float64")) for f in factors)
+    w1, w2 = (np.abs(to_numpy(f.layer.factors[f.index]).astype("float64")) for f in factors)
     # R = 1^T |W1| |W2| 1 without the softmax: dR/dW1_ij = (|W2| 1)_j, dR/dW2_jk = (1^T |W1|)_j.
     expected = [w1 * w2.sum(axis=1)[None, :], w2 * w1.sum(axis=0)[:, None]]
-    signs = [np.sign(np.asarray(f.layer.factors[f.index])) for f in factors]
+    signs = [np.sign(to_numpy(f.layer.factors[f.index])) for f in factors]
     for score, reference in zip(synflow_scores(model, factors), expected):
         np.testing.assert_allclose(score.reshape(reference.shape), reference, rtol=1e-5)
     for factor, sign in zip(factors, signs):    # the weights get their signs back
-        np.testing.assert_array_equal(np.sign(np.asarray(factor.layer.factors[factor.index])), sign)
+        np.testing.assert_array_equal(np.sign(to_numpy(factor.layer.factors[factor.index])), sign)
     assert model.get_layer("out").activation is keras.activations.softmax
 
 

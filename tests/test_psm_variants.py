@@ -26,21 +26,21 @@ def test_reinit_keeps_palm4msa_supports_exactly(psm_and_reinit):
     psm, reinit, _ = psm_and_reinit
     for name in LAYERS:
         for psm_mask, reinit_mask in zip(psm.get_layer(name).masks, reinit.get_layer(name).masks):
-            np.testing.assert_array_equal(np.asarray(psm_mask), np.asarray(reinit_mask))
+            np.testing.assert_array_equal(to_numpy(psm_mask), to_numpy(reinit_mask))
 
 
 def test_reinit_weights_are_fresh_sparse_he_and_xavier(psm_and_reinit, trained_lenet):
     psm, reinit, report = psm_and_reinit
     for name in LAYERS:
         layer = reinit.get_layer(name)
-        supports = [np.asarray(mask) > 0 for mask in layer.masks]
+        supports = [to_numpy(mask) > 0 for mask in layer.masks]
         expected = sparse_factor_init(supports, np.random.default_rng(OPTIONS["seed"]))
         for factor, reference in zip(layer.factors, expected):
-            np.testing.assert_allclose(np.asarray(factor), reference, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(to_numpy(factor), reference, rtol=1e-6, atol=1e-7)
         assert not np.allclose(to_numpy(layer.factors[0]),
-                               np.asarray(psm.get_layer(name).factors[0]))
+                               to_numpy(psm.get_layer(name).factors[0]))
         np.testing.assert_array_equal(to_numpy(layer.bias),
-                                      np.asarray(trained_lenet.get_layer(name).bias))
+                                      to_numpy(trained_lenet.get_layer(name).bias))
     # The re-initialised product no longer approximates the trained kernels.
     assert min(row.relative_error for row in report.compressed) > 0.9
 
@@ -86,18 +86,18 @@ def test_random_variant_builds_sparse_factor_layers_that_train_and_round_trip(
     psm, _ = keras_psm.compress(trained_lenet, "psm", verbose=0, **OPTIONS)
     model, report = keras_psm.compress(trained_lenet, "psm-random", verbose=0, **OPTIONS)
     assert sorted(row.name for row in report.compressed) == sorted(LAYERS)
-    differs = [not np.array_equal(np.asarray(m), np.asarray(p))
+    differs = [not np.array_equal(to_numpy(m), to_numpy(p))
                for name in LAYERS
                for m, p in zip(model.get_layer(name).masks, psm.get_layer(name).masks)]
     assert all(differs)
-    masks = [np.asarray(m).copy() for name in LAYERS for m in model.get_layer(name).masks]
+    masks = [to_numpy(m).copy() for name in LAYERS for m in model.get_layer(name).masks]
     model.compile(keras.optimizers.RMSprop(1e-3), "sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     loss_before, accuracy_before = model.evaluate(x_test, y_test, verbose=0)
     model.fit(x, y, epochs=2, batch_size=64, verbose=0)
     loss_after, accuracy_after = model.evaluate(x_test, y_test, verbose=0)
     assert loss_after < loss_before and accuracy_after > accuracy_before + 0.1
-    after = [np.asarray(m) for name in LAYERS for m in model.get_layer(name).masks]
+    after = [to_numpy(m) for name in LAYERS for m in model.get_layer(name).masks]
     for before, now in zip(masks, after):
         np.testing.assert_array_equal(before, now)
     path = str(tmp_path / "psm_random.keras")

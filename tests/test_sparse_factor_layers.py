@@ -40,7 +40,7 @@ def test_dense_matches_numpy_for_any_input_rank(input_shape):
     layer = SparseFactorDense.from_factors(factors, bias=bias, activation="tanh")
     x = np.random.default_rng(1).standard_normal(input_shape).astype("float32")
     expected = np.tanh(x @ product(factors) + bias)
-    np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=1e-5, atol=1e-5)
     assert layer.compute_output_shape(input_shape) == input_shape[:-1] + (9,)
     np.testing.assert_allclose(to_numpy(layer.kernel), product(factors), rtol=1e-5, atol=1e-6)
 
@@ -79,7 +79,7 @@ def test_a_graph_of_unknown_row_count_runs_the_cheapest_plan_when_it_runs():
     for rows in (29, 41):
         x = rng.standard_normal((rows, 40)).astype("float32")
         # float32 sums of 30 to 40 products of unit-size terms, in different orders.
-        np.testing.assert_allclose(np.asarray(unknown_rows(x)), x @ product(factors),
+        np.testing.assert_allclose(to_numpy(unknown_rows(x)), x @ product(factors),
                                    rtol=1e-4, atol=1e-4)
 
 
@@ -95,7 +95,7 @@ def test_dense_and_sparse_forms_match_the_product(rows):
     x = rng.standard_normal((rows, 400)).astype("float32")
     expected = x @ product(factors)
     # float32 sums of up to 300 products of unit-size terms, in different orders.
-    np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=1e-4, atol=1e-3)
     assert [layer._is_sparse(i) for i in range(3)] == [True, False, False]
     assert 0.005 < 1 / SPARSE_SLOWDOWN
     np.testing.assert_allclose(to_numpy(layer.kernel), product(factors), rtol=1e-4, atol=1e-4)
@@ -125,7 +125,7 @@ def test_kernel_of_a_widening_layer_with_a_sparse_last_factor():
     layer = SparseFactorDense.from_factors(factors)
     x = rng.standard_normal((4, 100)).astype("float32")
     # float32 sums of about 30 unit-size products.
-    np.testing.assert_allclose(np.asarray(layer(x)), x @ product(factors), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(to_numpy(layer(x)), x @ product(factors), rtol=1e-4, atol=1e-4)
     assert [layer._is_sparse(i) for i in range(2)] == [False, True]
     np.testing.assert_allclose(to_numpy(layer.kernel), product(factors), rtol=1e-4, atol=1e-5)
 
@@ -134,7 +134,7 @@ def test_random_support_has_k_per_row_and_column_and_sparse_he_scale():
     layer = SparseFactorDense(64, n_factors=2, sparsity=4, seed=3)
     layer.build((None, 256))
     for mask, weight in zip(layer.masks, layer.factors):
-        mask, weight = np.asarray(mask), np.asarray(weight)
+        mask, weight = to_numpy(mask), to_numpy(weight)
         assert set(np.unique(mask)) <= {0.0, 1.0}
         assert (mask.sum(axis=0) >= 4).all() and (mask.sum(axis=1) >= 4).all()
         assert np.all(weight[mask == 0] == 0)
@@ -142,7 +142,7 @@ def test_random_support_has_k_per_row_and_column_and_sparse_he_scale():
     fan_in = to_numpy(layer.masks[0]).sum(axis=0).mean()
     assert abs(first.std() - np.sqrt(2 / fan_in)) < 0.25 * np.sqrt(2 / fan_in)
     assert layer.count_nonzero_params() == sum(
-        int(np.asarray(m).sum()) for m in layer.masks) + 64
+        int(to_numpy(m).sum()) for m in layer.masks) + 64
 
 
 def test_gradients_are_the_dense_gradients_on_the_support_and_fit_keeps_supports():
@@ -151,7 +151,7 @@ def test_gradients_are_the_dense_gradients_on_the_support_and_fit_keeps_supports
     model = keras.Sequential([keras.Input((16,)), layer])
     x = np.random.default_rng(0).standard_normal((64, 16)).astype("float32")
     y = np.random.default_rng(1).standard_normal((64, 8)).astype("float32")
-    grads = gradients(lambda: ops.mean((model(x) - y) ** 2), layer.values)
+    grads = gradients(lambda: ops.mean((model(x) - ops.convert_to_tensor(y)) ** 2), layer.values)
     # The same loss on the dense factors A, B, in float64: with E = 2 (x A B - y) / size,
     # dL/dA = x^T E B^T and dL/dB = (x A)^T E.
     a, b = (f.astype(np.float64) for f in factors)
@@ -166,7 +166,7 @@ def test_gradients_are_the_dense_gradients_on_the_support_and_fit_keeps_supports
     model.fit(x, y, epochs=3, verbose=0)
     assert layer.count_nonzero_params() == before
     for factor, original in zip(layer.factors, factors):
-        assert np.all(np.asarray(factor)[original == 0] == 0)
+        assert np.all(to_numpy(factor)[original == 0] == 0)
 
 
 CONV_CASES = [
@@ -195,10 +195,10 @@ def test_conv_matches_keras_conv2d_with_the_product_kernel(options):
                                    **{**options, "data_format": "channels_last"})
         nhwc.build((2, 9, 8, cin))
         nhwc.set_weights(reference.get_weights())
-        expected = np.transpose(np.asarray(nhwc(np.transpose(x, (0, 2, 3, 1)))), (0, 3, 1, 2))
+        expected = np.transpose(to_numpy(nhwc(np.transpose(x, (0, 2, 3, 1)))), (0, 3, 1, 2))
     else:
-        expected = np.asarray(reference(x))
-    out = np.asarray(layer(x))
+        expected = to_numpy(reference(x))
+    out = to_numpy(layer(x))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
     assert out.shape == tuple(layer.compute_output_shape(shape))
     assert layer.kernel.shape == (kh, kw, cin, cout)
@@ -217,7 +217,7 @@ def test_keras_round_trip_is_exact_without_custom_objects(tmp_path):
     # Same weights; oneDNN may pick other kernels per graph: float32 rounding, below 1e-5.
     np.testing.assert_allclose(to_numpy(model(x)), to_numpy(reloaded(x)), rtol=1e-5, atol=1e-6)
     for a, b in zip(model.weights, reloaded.weights):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
 
 
 def test_mixed_float16_policy():
@@ -228,10 +228,10 @@ def test_mixed_float16_policy():
         x = np.ones((2, 8, 8, 3), "float32")
         y = conv(x)
         z = dense(keras.layers.Flatten()(y))
-        assert np.asarray(y).dtype == np.float16 and np.asarray(z).dtype == np.float16
+        assert to_numpy(y).dtype == np.float16 and to_numpy(z).dtype == np.float16
         assert to_numpy(dense.values[0]).dtype == np.float32
         assert to_numpy(dense.indices[0]).dtype == np.int32
-        assert np.all(np.isfinite(np.asarray(z)))
+        assert np.all(np.isfinite(to_numpy(z)))
         model = keras.Sequential([keras.Input((8, 8, 3)), conv, keras.layers.Flatten(), dense])
         model.compile("sgd", "mse")
         history = model.fit(x, np.zeros((2, 6), "float32"), epochs=2, verbose=0)
@@ -285,9 +285,9 @@ def test_trains_under_mirrored_strategy_with_two_cpu_devices():
         history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
         assert np.isfinite(history.history["loss"][-1])
         for layer, count in zip(model.layers[::2], nnz):
-            assert int(np.count_nonzero(to_numpy(layer.masks[0]))) == count
-            factor = to_numpy(layer.factors[0])
-            assert np.all(factor[to_numpy(layer.masks[0]) == 0] == 0)
+            assert int(np.count_nonzero(np.asarray(layer.masks[0]))) == count
+            factor = np.asarray(layer.factors[0])
+            assert np.all(factor[np.asarray(layer.masks[0]) == 0] == 0)
         with strategy.scope():
             prunable = keras.Sequential([
                 keras.Input((8, 8, 1)), keras.layers.Flatten(),
@@ -299,7 +299,7 @@ def test_trains_under_mirrored_strategy_with_two_cpu_devices():
         prunable.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[callback])
         layer = prunable.layers[-1]
         assert layer.count_nonzero_params() < before
-        assert np.all(to_numpy(layer.factors[0])[to_numpy(layer.masks[0]) == 0] == 0)
+        assert np.all(np.asarray(layer.factors[0])[np.asarray(layer.masks[0]) == 0] == 0)
         print("OK", history.history["loss"])
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

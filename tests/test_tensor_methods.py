@@ -76,7 +76,7 @@ def test_tucker2_is_exact_at_full_rank_and_tucker_conv_matches_conv2d():
     x = rng(5).standard_normal((2, 9, 9, 6)).astype("float32")
     reference.build(x.shape)
     reference.set_weights([kernel, bias])
-    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(reference(x)), atol=1e-4)
+    np.testing.assert_allclose(to_numpy(layer(x)), to_numpy(reference(x)), atol=1e-4)
     np.testing.assert_allclose(to_numpy(layer.kernel), kernel, atol=1e-5)
     # 1x1 (6 -> 6), 3x3 core (6 -> 10), 1x1 (10 -> 10), bias.
     assert layer.count_nonzero_params() == 6 * 6 + 9 * 6 * 10 + 10 * 10 + 10
@@ -104,7 +104,7 @@ def test_tt_matrix_is_exact_at_full_rank_and_tt_dense_matches_x_at_w():
     layer = TTDense.from_cores(cores, 7, bias=np.ones(7, "float32"), activation="tanh")
     for shape in [(4, 10), (2, 3, 10)]:
         x = rng(7).standard_normal(shape).astype("float32")
-        np.testing.assert_allclose(np.asarray(layer(x)), np.tanh(x @ kernel + 1), atol=1e-5)
+        np.testing.assert_allclose(to_numpy(layer(x)), np.tanh(x @ kernel + 1), atol=1e-5)
         assert layer.compute_output_shape(shape) == shape[:-1] + (7,)
     np.testing.assert_allclose(to_numpy(layer.kernel), kernel, atol=1e-5)
     assert layer.count_nonzero_params() == sum(core.size for core in cores) + 7
@@ -142,7 +142,7 @@ def test_tt_conv_matches_conv2d_and_does_not_inflate_activations():
     x = rng(10).standard_normal((2, 9, 9, cin)).astype("float32")
     reference.build(x.shape)
     reference.set_weights([kernel])
-    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(reference(x)), atol=1e-4)
+    np.testing.assert_allclose(to_numpy(layer(x)), to_numpy(reference(x)), atol=1e-4)
     np.testing.assert_allclose(to_numpy(layer.kernel), kernel, atol=1e-5)
     # Supplement A.6: the activations keep cin or cout channels (never r * cin).
     for shape in graph_shapes(layer, (None, 9, 9, cin)):
@@ -196,7 +196,7 @@ def test_tt_method_reports_the_tt_parameter_counts(trained_lenet):
     assert isinstance(compressed.get_layer("fc1"), TTDense)
     for row in report.compressed:
         kernel = trained_lenet.get_layer(row.name).get_weights()[0]
-        approx = np.asarray(compressed.get_layer(row.name).kernel)
+        approx = to_numpy(compressed.get_layer(row.name).kernel)
         assert approx.shape == kernel.shape
         assert row.relative_error == pytest.approx(
             np.linalg.norm(approx - kernel) / np.linalg.norm(kernel), rel=1e-4)

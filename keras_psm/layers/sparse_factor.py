@@ -38,9 +38,9 @@ from keras_psm.validation import check_bool, check_int
 #: A multiply-add of a sparse product (``SparseMatrix``) costs about this many
 #: multiply-adds of a dense ``matmul`` on CPU, forward and backward together: the
 #: two break even between 0.3% and 1% density (``python benchmarks/footprint.py
-#: --break-even``: factors from 512 x 512 to 4608 x 512 at 256 to 4096 rows,
-#: TensorFlow 2.21, AVX-512). A factor whose density is below
-#: ``1 / SPARSE_SLOWDOWN`` is applied as a sparse product.
+#: --break-even``: factors from 512 x 512 to 4608 x 512 at 256 to 4096 rows, on
+#: TensorFlow 2.21 and on JAX alike, docs/backends.md). A factor whose density is
+#: below ``1 / SPARSE_SLOWDOWN`` is applied as a sparse product.
 SPARSE_SLOWDOWN = 100.0
 
 
