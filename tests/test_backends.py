@@ -28,9 +28,9 @@ WITHOUT_TENSORFLOW = textwrap.dedent("""
 """)
 
 OTHER_BACKENDS = [
-    "jax",
-    pytest.param("torch", marks=pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                                                   reason="torch is not installed")),
+    pytest.param(name, marks=pytest.mark.skipif(importlib.util.find_spec(name) is None,
+                                                reason=f"{name} is not installed"))
+    for name in ("jax", "torch")
 ]
 
 
