@@ -49,9 +49,9 @@ class SparseMatrix(typing.NamedTuple):
                                self.shape)
         import torch
 
-        dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
-        return dense.index_put((self.rows.long(), self.cols.long()), self.values,
-                               accumulate=True)
+        values, rows, cols = (ops.convert_to_tensor(t) for t in (self.values, self.rows, self.cols))
+        dense = torch.zeros(self.shape, dtype=values.dtype, device=values.device)
+        return dense.index_put((rows.long(), cols.long()), values, accumulate=True)
 
     def times(self, block):
         """``F @ block`` for a dense (n, k) ``block``."""
