@@ -41,7 +41,7 @@ from keras_psm.methods import get_method
 BEFORE = "c58aca2"
 METHODS = ("psm", "svd", "hard-pruning")
 #: Plain configs of MobileNetV2 at about the size of target_ratio=8.
-PLAIN = {"psm": dict(n_factors=2, sparsity=8), "svd": dict(rank_ratio=0.1),
+PLAIN = {"psm": dict(n_factors=2, sparsity=13), "svd": dict(rank_ratio=0.1),
          "hard-pruning": dict(target_sparsity=0.875)}
 
 

@@ -330,26 +330,27 @@ def _fitted_candidates(spec, layers, kernels, ladders, budget, fit_many, covaria
 
 
 def _estimated_candidates(spec, layers, kernels, ladders, budget, covariances, progress):
-    """Every candidate priced by ``spec.size_estimates``: first the smallest of each ladder,
-    then each ladder up to the first candidate past what the budget leaves its layer."""
+    """Every candidate priced by ``spec.size_estimates``: first each layer's smallest (the
+    first of its first ladder), then each ladder up to the first candidate past what the
+    budget leaves its layer."""
     biases = {name: int(layers[name].count_params()) - kernels[name].size for name in kernels}
 
-    def priced(name, limit):
+    def priced(name, layer_ladders, limit):
         found = []
-        for ladder in ladders[name]:
+        for ladder in layer_ladders:
             estimates = spec.size_estimates(kernels[name], ladder, covariances.get(name), limit)
             found += [Candidate(layer_config, None, 0.0, estimate.nonzeros + biases[name],
                                 estimate.error, quick_config=estimate.quick_config)
                       for layer_config, estimate in zip(ladder, estimates)]
         return found
 
-    candidates = {name: priced(name, limit=-1) for name in kernels}
-    progress.update(candidates=sum(len(found) for found in candidates.values()))
+    candidates = {name: priced(name, ladders[name][:1], limit=-1) for name in kernels}
+    progress.update(candidates=len(candidates))
     room = _room(spec, candidates, budget)
     for name in kernels:
-        candidates[name] = priced(name, limit=room[name] - biases[name])
+        candidates[name] = priced(name, ladders[name], limit=room[name] - biases[name])
         progress.update(layers=1, candidates=len(candidates[name]))
-    return candidates, room
+    return candidates, _room(spec, candidates, budget)
 
 
 def _room(spec, candidates, budget):

@@ -305,6 +305,29 @@ def test_init_is_tried_besides_faust_start(gaussian, order):
                                / np.linalg.norm(gaussian), continued.errors[-1], rtol=1e-9)
 
 
+def test_init_only_continues_from_init_alone(gaussian):
+    # a start fitted to another matrix: FAuST's start is ahead of it after the probe
+    other = np.random.default_rng(9).standard_normal(gaussian.shape)
+    start = palm4msa(other, 3, 4, max_iter=5, update_order="right_to_left").factors
+    options = dict(max_iter=12, tol=0, update_order="right_to_left")
+    alone = palm4msa(gaussian, 3, 4, init=start, init_only=True, **options)
+    tried = palm4msa(gaussian, 3, 4, init=start, **options)
+    faust = palm4msa(gaussian, 3, 4, **options)
+    # one run from `start`: palm4MSA's steps never raise the error (1e-9: rounding)
+    assert np.all(np.diff(alone.errors) <= 1e-9 * alone.errors[:-1])
+    # without init_only the better start (FAuST's) continued; 1e-6 allows for the power
+    # iterations' different start vectors
+    np.testing.assert_allclose(tried.errors, faust.errors, rtol=1e-6)
+    assert alone.errors[-1] > faust.errors[-1] + 0.05
+
+
+def test_init_only_needs_init(gaussian):
+    with pytest.raises(ValueError, match="`init_only=True` needs `init`"):
+        palm4msa(gaussian, 2, 4, init_only=True)
+    with pytest.raises(TypeError, match="`init_only` must be True or False"):
+        palm4msa(gaussian, 2, 4, init=[np.eye(48), np.ones((48, 64))], init_only=1)
+
+
 def test_rank_with_one_factor_raises_value_error(gaussian):
     with pytest.raises(ValueError, match="`rank` must be None when `n_factors` is 1"):
         palm4msa(gaussian, 1, 4, rank=8)

@@ -40,6 +40,7 @@ from keras_psm.factorize.palm4msa_gram import (
     trace_terms,
 )
 from keras_psm.factorize.projections import splincol_blocks_support, top_k_mask, transposed_copy
+from keras_psm.validation import check_bool
 
 __all__ = ["Factorization", "factor_shapes", "hierarchical_palm4msa", "palm4msa", "run_best"]
 
@@ -142,7 +143,7 @@ def factor_shapes(matrix_shape, n_factors, rank=None):
 
 def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
              supports=None, random_state=None, block=1, left=None, update_order="auto",
-             init=None, dtype=None, verbose=False):
+             init=None, init_only=False, dtype=None, verbose=False):
     """Approximate ``matrix`` by ``n_factors`` sparse factors with palm4MSA.
 
     Minimizes ``||W - lambda S_1 ... S_Q||_F^2`` over unit-norm factors
@@ -201,6 +202,9 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
             lower error continues (``update_order`` right to left unless
             given). palm4MSA steps never raise the error, so the result is
             no worse than ``init``.
+        init_only: with ``init``, continue from it alone, without trying
+            FAuST's start (for warm starts along a ladder of K, where the
+            smaller K's factors are already the better start).
         dtype: ``"float32"`` or ``"float64"``, the precision ``W``, the
             factors and the products are kept in; None: float32 for matrices
             of more than 2^22 entries (half the memory and time), float64
@@ -222,6 +226,9 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
     shapes = factor_shapes(matrix.shape, n_factors, rank)
     n_factors = len(shapes)
     init = None if init is None else _check_init(init, shapes)
+    init_only = check_bool(init_only, "init_only", where="palm4msa")
+    if init_only and init is None:
+        raise ValueError("palm4msa: `init_only=True` needs `init` (the start factors).")
     max_iter = _check_int(max_iter, "max_iter", minimum=1)
     tol = _check_tol(tol)
     if supports is None:
@@ -239,7 +246,8 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
         return _single_factor(matrix, projectors[0])
     target = StoredMatrix(fixed[0] @ matrix if fixed else matrix)
     orders = UPDATE_ORDERS[1:] if update_order == "auto" else (update_order,)
-    runs = [_OrderedRun(target, shapes, projectors, order, fixed) for order in orders]
+    runs = ([] if init_only else
+            [_OrderedRun(target, shapes, projectors, order, fixed) for order in orders])
     if init is not None:
         runs.append(_OrderedRun(target, shapes, projectors, orders[0], fixed, init))
     return run_best(runs, max_iter, tol, rng, verbose).result()

@@ -22,8 +22,12 @@ from keras_psm.validation import check_bool, check_choice, check_float, check_in
 
 PSM_PAPER = "Sparse matrix products for neural network compression (PSM)"
 
-#: A budget prices each PSM candidate with this fraction of its palm4MSA iterations.
-ESTIMATE_FRACTION = 1 / 30
+#: A budget prices each PSM candidate with this many palm4MSA iterations (at most its
+#: ``max_iter``), each K continuing from the previous one's factors. On LeNet-5 at x10
+#: with 300 iterations, 5 ranked the candidates as full fits do up to a Kendall tau of
+#: 0.87 (10: 0.89), and the allocation's summed error was 1.78 (10: 1.82) at the same
+#: accuracy; 2 iterations (at 100) raised it 5% and lost 24 points of accuracy.
+ESTIMATE_ITERATIONS = 5
 
 #: Between two priced K whose errors differ by at most this, the K in between is interpolated.
 SMOOTH_ERROR = 0.02
@@ -136,10 +140,10 @@ def psm_sizes(kernel_shape, config):
 def psm_estimates(kernel, ladder, covariance=None, limit=math.inf):
     """Short palm4MSA fits pricing one ladder (``Method.size_estimates``).
 
-    Each priced K runs ``ESTIMATE_FRACTION`` of its ``max_iter``
-    iterations, warm started from the previous priced K's factors
-    (``palm4msa(init=...)``: their supports fit inside the larger K's, so
-    the error only falls along the ladder), to ``||R (W - S_1 ... S_Q)||_F``
+    Each priced K runs ``ESTIMATE_ITERATIONS`` palm4MSA iterations,
+    continuing from the previous priced K's factors alone
+    (``palm4msa(init=..., init_only=True)``: their supports fit inside the
+    larger K's, so the error only falls along the ladder), to ``||R (W - S_1 ... S_Q)||_F``
     with ``R^T R = covariance`` when given. Every other K is priced first;
     one in between is interpolated (its nonzeros and error linearly in K)
     where its neighbours' errors differ by at most ``SMOOTH_ERROR``, and
@@ -150,8 +154,7 @@ def psm_estimates(kernel, ladder, covariance=None, limit=math.inf):
     left = None if covariance is None else whitening_factor(covariance)
 
     def quick(config):
-        return dataclasses.replace(
-            config, max_iter=max(1, math.ceil(config.max_iter * ESTIMATE_FRACTION)))
+        return dataclasses.replace(config, max_iter=min(config.max_iter, ESTIMATE_ITERATIONS))
 
     def price(config, start):
         options = dict(rank=config.rank, max_iter=quick(config).max_iter, tol=config.tol,
@@ -161,7 +164,7 @@ def psm_estimates(kernel, ladder, covariance=None, limit=math.inf):
             fit = hierarchical_palm4msa(matrix, config.n_factors, config.sparsity, **options)
         else:
             fit = palm4msa(matrix, config.n_factors, config.sparsity, left=left, init=start,
-                           update_order="right_to_left", **options)
+                           init_only=start is not None, update_order="right_to_left", **options)
         nonzeros = sum(int(np.count_nonzero(support)) for support in fit.supports)
         return Estimate(nonzeros, fit.relative_error, quick(config)), fit.factors
 
