@@ -17,8 +17,13 @@ This script prints, in one run:
    against a plain compress of it at a similar size, for psm (300
    iterations), svd and hard-pruning: the time ratio, the sizes reached and
    the summed relative error.
+3. ResNet50 (224x224x3, 1000 classes, random weights): PSM's plain compress
+   (the defaults, Q=3 K=14) against ``target_ratio`` set to the ratio the
+   plain compress reached (about 35 minutes on 2 cores, so only with
+   ``--parts resnet50``).
 
-    python benchmarks/budget_speed.py                 # every part
+    python benchmarks/budget_speed.py                 # parts 1 and 2
+    python benchmarks/budget_speed.py --parts resnet50
     python benchmarks/budget_speed.py --parts mobilenet --methods svd hard-pruning
     python benchmarks/budget_speed.py --parts before-after ranking --models lenet5
 """
@@ -148,10 +153,23 @@ def mobilenet(methods, ratio):
               f"{budget_seconds / plain_seconds:11.2f} {ep:14.2f} {eb:15.2f}", flush=True)
 
 
+def resnet50():
+    model = keras.applications.ResNet50(weights=None, input_shape=(224, 224, 3), classes=1000)
+    _, plain, plain_seconds = timed_compress(model, "psm")
+    plain_ratio, plain_error = summary(plain)
+    ratio = round(plain_ratio, 1)
+    _, budgeted, budget_seconds = timed_compress(model, "psm", target_ratio=ratio)
+    budget_ratio, budget_error = summary(budgeted)
+    print(f"ResNet50-224 psm: plain (Q=3, K=14) x{plain_ratio:.1f} in {plain_seconds:.0f} s, "
+          f"summed error {plain_error:.2f}; target_ratio={ratio} x{budget_ratio:.1f} in "
+          f"{budget_seconds:.0f} s, summed error {budget_error:.2f}; time ratio "
+          f"{budget_seconds / plain_seconds:.2f}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["before-after", "ranking", "mobilenet"],
-                        choices=["before-after", "ranking", "mobilenet"])
+                        choices=["before-after", "ranking", "mobilenet", "resnet50"])
     parser.add_argument("--models", nargs="+", default=["lenet5", "vgg_small"],
                         choices=["lenet5", "vgg_small"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -167,6 +185,8 @@ def main():
         ranking(models, args.max_iter)
     if "mobilenet" in args.parts:
         mobilenet(args.methods, 8)
+    if "resnet50" in args.parts:
+        resnet50()
 
 
 if __name__ == "__main__":
