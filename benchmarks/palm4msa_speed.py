@@ -48,7 +48,6 @@ with ``KERAS_BACKEND=jax``); ``--device cpu`` runs the NumPy ``palm4msa``.
 import argparse
 import csv
 import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -275,45 +274,46 @@ def large_matrix(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
-def measure_in_this_process(module_path, shape, iterations, tol):
-    """Fit Q=3, K=14 with the ``palm4msa`` of ``module_path``: seconds per iteration, peak
-    memory (GB, all and during the fit) and the error, as one JSON line."""
-    spec = importlib.util.spec_from_file_location("palm4msa_under_test", module_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def measure_in_this_process(shape, iterations, tol):
+    """Fit Q=3, K=14 with the ``palm4msa`` that ``keras_psm`` imports from: seconds per
+    iteration, peak memory (GB, all and during the fit) and the error, as one JSON line."""
+    import keras_psm
+    from keras_psm.factorize.palm4msa import palm4msa
+
     matrix = large_matrix(shape)
     before = peak_memory_bytes()
     start = time.perf_counter()
-    result = module.palm4msa(matrix, 3, 14, max_iter=iterations, tol=tol, random_state=0)
+    result = palm4msa(matrix, 3, 14, max_iter=iterations, tol=tol, random_state=0)
     seconds = time.perf_counter() - start
     peak = peak_memory_bytes()
     print(json.dumps({"seconds_per_iteration": seconds / len(result.errors),
                       "iterations": len(result.errors), "peak_gb": peak / 1e9,
-                      "fit_peak_gb": (peak - before) / 1e9, "error": float(result.errors[-1])}))
+                      "fit_peak_gb": (peak - before) / 1e9, "error": float(result.errors[-1]),
+                      "package": keras_psm.__file__}))
 
 
-def measure_in_subprocess(module_path, shape, iterations, tol):
-    command = [sys.executable, __file__, "--measure", str(module_path), f"{shape[0]}x{shape[1]}",
+def measure_in_subprocess(package_root, shape, iterations, tol):
+    """``measure_in_this_process`` in a fresh process importing ``keras_psm`` from
+    ``package_root``."""
+    command = [sys.executable, __file__, "--measure", f"{shape[0]}x{shape[1]}",
                "--iterations", str(iterations), "--tol", str(tol)]
     completed = subprocess.run(command, capture_output=True, text=True, check=True,
-                               env={**os.environ, "PYTHONPATH": str(REPOSITORY)})
+                               env={**os.environ, "PYTHONPATH": str(package_root)})
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def before_after(commit, iterations, tol):
-    """fc6 and the ResNet50 shapes with the palm4msa.py of ``commit`` and the current one."""
-    current = REPOSITORY / "keras_psm" / "factorize" / "palm4msa.py"
+    """fc6 and the ResNet50 shapes with the ``keras_psm`` of ``commit`` and the current one."""
     with tempfile.TemporaryDirectory() as folder:
-        old = Path(folder) / "palm4msa_before.py"
-        old.write_text(subprocess.run(
-            ["git", "-C", str(REPOSITORY), "show", f"{commit}:keras_psm/factorize/palm4msa.py"],
-            capture_output=True, text=True, check=True).stdout)
+        archive = subprocess.run(["git", "-C", str(REPOSITORY), "archive", commit, "keras_psm"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
         print(f"{'shape (Q=3, K=14)':<18} {'s/it before':>11} {'s/it after':>10} {'ratio':>6}"
               f" {'peak GB before':>14} {'after':>6} {'fit GB before':>13} {'after':>6}"
               f" {'error before':>12} {'after':>8}")
         for shape in [FC6] + RESNET50_SHAPES:
-            before = measure_in_subprocess(old, shape, iterations, tol)
-            after = measure_in_subprocess(current, shape, iterations, tol)
+            before = measure_in_subprocess(folder, shape, iterations, tol)
+            after = measure_in_subprocess(REPOSITORY, shape, iterations, tol)
             print(f"{shape[0]}x{shape[1]:<12} {before['seconds_per_iteration']:>11.2f}"
                   f" {after['seconds_per_iteration']:>10.2f}"
                   f" {before['seconds_per_iteration'] / after['seconds_per_iteration']:>6.2f}"
@@ -361,13 +361,13 @@ def main():
     parser.add_argument("--fc6-only", action="store_true", help="only fc6, on --device")
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
                         help="auto: palm4msa_on_device on the Keras backend; cpu: NumPy")
-    parser.add_argument("--measure", nargs=2, metavar=("MODULE", "SHAPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", metavar="SHAPE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.iterations < 1:
         parser.error("--iterations must be >= 1")
     if args.measure:
-        shape = tuple(int(size) for size in args.measure[1].split("x"))
-        return measure_in_this_process(args.measure[0], shape, args.iterations, args.tol)
+        shape = tuple(int(size) for size in args.measure.split("x"))
+        return measure_in_this_process(shape, args.iterations, args.tol)
     if args.before:
         return before_after(args.before, args.iterations, args.tol)
     if args.fc6_only:

@@ -365,6 +365,11 @@ def test_tall_matrices_take_the_gram_form_and_small_square_ones_the_residual_for
 
     fc6 = factor_shapes((25088, 4096), 3)
     assert all(_uses_gram_form((25088, 4096), shape, q, 3) for q, shape in enumerate(fc6))
+    # Left to right runs on W^T: the data term of its last factor (4096 x 25088, no
+    # right chain) is L^T W itself, counted once.
+    fc6_transposed = [(columns, rows) for rows, columns in reversed(fc6)]
+    assert all(_uses_gram_form((4096, 25088), shape, q, 3)
+               for q, shape in enumerate(fc6_transposed))
     for small in [(256, 256), (784, 256)]:  # the residual form is faster there
         shapes = factor_shapes(small, 2)
         assert not any(_uses_gram_form(small, shape, q, 2) for q, shape in enumerate(shapes))

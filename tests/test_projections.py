@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from keras_psm.factorize import projections, threads
 from keras_psm.factorize.projections import (
     sp,
     sp_support,
@@ -22,13 +23,14 @@ def gaussian():
 
 
 def brute_force_splincol_support(matrix, k):
-    """Union of the row-wise and column-wise top-k, by full sorts."""
+    """Union of the row-wise and column-wise top-k, by full stable sorts (among equal
+    magnitudes, the first ones)."""
     magnitude = np.abs(matrix)
     support = np.zeros(matrix.shape, dtype=bool)
     for row, values in enumerate(magnitude):
-        support[row, np.argsort(-values)[:k]] = True
+        support[row, np.argsort(-values, kind="stable")[:k]] = True
     for column, values in enumerate(magnitude.T):
-        support[np.argsort(-values)[:k], column] = True
+        support[np.argsort(-values, kind="stable")[:k], column] = True
     return support
 
 
@@ -164,3 +166,26 @@ def test_non_2d_matrix_raises_value_error():
 def test_support_shape_mismatch_raises_value_error(gaussian):
     with pytest.raises(ValueError, match="`support` must have the shape"):
         support_projection(gaussian, np.ones((2, 2), dtype=bool))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("strip_entries", [7, 64, 2 ** 20])
+def test_splincol_support_in_strips_over_threads_is_the_same_support(monkeypatch, dtype,
+                                                                     strip_entries):
+    # Strips of a few rows or columns, several threads, a float32 candidate and tied
+    # magnitudes (rounded entries) must give the one-piece support exactly.
+    monkeypatch.setattr(projections, "STRIP_ENTRIES", strip_entries)
+    monkeypatch.setattr(threads, "CORES", 3)
+    matrix = np.round(np.random.default_rng(2).standard_normal((45, 33)), 1).astype(dtype)
+    for k in (1, 4):
+        np.testing.assert_array_equal(splincol_support(matrix, k),
+                                      brute_force_splincol_support(matrix, k))
+
+
+def test_transposed_copy_writes_into_out(monkeypatch):
+    monkeypatch.setattr(projections, "STRIP_ENTRIES", 16)  # many pieces, several threads
+    monkeypatch.setattr(threads, "CORES", 3)
+    matrix = np.arange(35 * 20, dtype=np.float32).reshape(35, 20)
+    out = np.zeros((20, 35), dtype=np.float32)
+    assert transposed_copy(matrix, out=out) is out
+    np.testing.assert_array_equal(out, matrix.T)

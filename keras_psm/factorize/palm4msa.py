@@ -20,6 +20,8 @@ those sparse chains, and the full product needed for the residual of the
 next update is formed once per factor update. Large matrices skip that
 ``in x out`` product and residual: their updates use Gram matrices
 (``palm4msa_gram``), and ``W`` is kept once, in float32 above 2^22 entries.
+Large sparse products, projections and transposes run in pieces on every
+CPU core (``threads``).
 """
 
 import numbers
@@ -39,7 +41,12 @@ from keras_psm.factorize.palm4msa_gram import (
     sandwich,
     trace_terms,
 )
-from keras_psm.factorize.projections import splincol_blocks_support, top_k_mask, transposed_copy
+from keras_psm.factorize.projections import (
+    splincol_blocks_support,
+    splincol_support,
+    transposed_copy,
+)
+from keras_psm.factorize.threads import sparse_times
 from keras_psm.validation import check_bool
 
 __all__ = ["Factorization", "factor_shapes", "hierarchical_palm4msa", "palm4msa", "run_best"]
@@ -258,7 +265,8 @@ def run_best(runs, max_iter, tol, rng, verbose=False):
     continue the one with the lowest error up to ``max_iter`` and return it.
 
     A run has ``iterate(n_iterations, tol, rng, progress)`` and ``errors``;
-    ``verbose`` shows a tqdm bar of the iterations with the error.
+    ``verbose`` shows a tqdm bar of the iterations with the error. The runs
+    that lose are removed from the list ``runs``, which frees their factors.
     """
     probe = int(np.ceil(max_iter * PROBE_FRACTION)) if len(runs) > 1 else 0
     shape = runs[0].shape
@@ -267,7 +275,7 @@ def run_best(runs, max_iter, tol, rng, verbose=False):
         if len(runs) > 1:
             for run in runs:
                 run.iterate(probe, tol, rng, progress)
-            runs = [min(runs, key=lambda run: run.errors[-1])]
+            runs[:] = [min(runs, key=lambda run: run.errors[-1])]
         best = runs[0]
         best.iterate(max_iter - len(best.errors), tol, rng, progress)
     return best
@@ -337,18 +345,23 @@ def hierarchical_palm4msa(matrix, n_factors, sparsity, *, residual_sparsity=None
 
 
 class _SparseFactor:
-    """One factor in CSR form, with its transpose (also CSR, for ``S^T @ block``),
-    the flat row-major positions of its entries and its support (None for a
-    start factor that no projection has produced yet)."""
+    """One factor in CSR form, with its transpose (also CSR, for ``S^T @ block``) and
+    the flat row-major positions of its stored entries (its support)."""
 
-    def __init__(self, matrix, support=None, flat_positions=None):
+    def __init__(self, matrix, flat_positions=None):
         self.matrix = matrix
         self.transposed = matrix.T.tocsr()
-        self.support = support
         if flat_positions is None:
             rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
             flat_positions = rows * matrix.shape[1] + matrix.indices
         self.flat_positions = flat_positions
+
+    @property
+    def support(self):
+        """The boolean support, built when asked: only the result needs it."""
+        support = np.zeros(self.matrix.shape, dtype=bool)
+        support.ravel()[self.flat_positions] = True
+        return support
 
 
 class _SplincolProjector:
@@ -369,11 +382,7 @@ class _SplincolProjector:
 
     def __call__(self, candidate):
         if self.block == 1:
-            # splincol_support without its float64 copy of a float32 candidate
-            magnitude = np.abs(candidate)
-            support = top_k_mask(magnitude, self.k, axis=1)
-            support |= top_k_mask(magnitude, self.k, axis=0)
-            del magnitude
+            support = splincol_support(candidate, self.k)
         elif self.blocks_along_columns:
             support = np.ascontiguousarray(
                 splincol_blocks_support(candidate.T, self.k, self.block).T)
@@ -385,7 +394,7 @@ class _SplincolProjector:
         np.cumsum(np.count_nonzero(support, axis=1), out=row_starts[1:])
         column_indices = flat_positions % candidate.shape[1]
         matrix = sps.csr_matrix((values, column_indices, row_starts), shape=candidate.shape)
-        return _SparseFactor(matrix, support, flat_positions)
+        return _SparseFactor(matrix, flat_positions)
 
 
 class _FixedSupportProjector:
@@ -403,7 +412,7 @@ class _FixedSupportProjector:
     def __call__(self, candidate):
         matrix = self.pattern.copy()
         matrix.data = _unit_norm(candidate.ravel()[self.flat_positions])
-        return _SparseFactor(matrix, self.support, self.flat_positions)
+        return _SparseFactor(matrix, self.flat_positions)
 
 
 class _PalmState:
@@ -420,14 +429,16 @@ class _PalmState:
         """A ``Factorization`` with ``lambda`` folded into the first factor.
 
         ``transposed``: the run factorized ``W^T = S_Q^T ... S_1^T``; the
-        factors are transposed back and reversed.
+        factors are transposed back (from their CSR transposes: no dense copy)
+        and reversed.
         """
-        dense = [factor.matrix.toarray().astype(np.float64, copy=False)
-                 for factor in self.factors]
-        supports = [factor.support for factor in self.factors]
         if transposed:
-            dense = [np.ascontiguousarray(factor.T) for factor in reversed(dense)]
-            supports = [np.ascontiguousarray(support.T) for support in reversed(supports)]
+            dense = [factor.transposed.astype(np.float64).toarray()
+                     for factor in reversed(self.factors)]
+            supports = [transposed_copy(factor.support) for factor in reversed(self.factors)]
+        else:
+            dense = [factor.matrix.astype(np.float64).toarray() for factor in self.factors]
+            supports = [factor.support for factor in self.factors]
         dense[0] *= self.scale
         return Factorization(dense, supports, np.asarray(self.errors, dtype=np.float64))
 
@@ -539,10 +550,12 @@ def _palm(target, factors, scale, projectors, max_iter, tol, rng, errors=(),
                              else _times_chain_transposed(left_projections.pop(q), right))
                 candidate = gradient_step(factors[q], left_grams.pop(q, None), right_gram,
                                           data_term, scale, step)
+                if q > 0:
+                    data_term = None  # only S_1's is needed after its update (the traces)
             else:
                 if residual is None:
                     start = (factors[q].matrix.toarray() if right_product is None
-                             else factors[q].matrix @ right_product)
+                             else sparse_times(factors[q].matrix, right_product))
                     residual = _residual(scale, chain_times(left, start), matrix)
                 # gradient = L^T (lambda L S_q R - W) R^T
                 candidate = chain_times(left_transposed[::-1], residual)
@@ -558,7 +571,7 @@ def _palm(target, factors, scale, projectors, max_iter, tol, rng, errors=(),
             new_factor = factors[q]
             if not all(uses_gram[:max(q, 1)]):
                 right_product = (new_factor.matrix.toarray() if right_product is None
-                                 else new_factor.matrix @ right_product)
+                                 else sparse_times(new_factor.matrix, right_product))
             if any(uses_gram[:q]):
                 right_gram = (gram(new_factor.matrix, new_factor.transposed) if right_gram is None
                               else sandwich(new_factor.matrix, right_gram))
@@ -604,7 +617,7 @@ def _left_blocks(target, factors, uses_gram):
             projection = target.left_product(previous.transposed)
             left_gram = gram(previous.transposed, previous.matrix)
         else:
-            projection = previous.transposed @ projection
+            projection = sparse_times(previous.transposed, projection)
             left_gram = sandwich(previous.transposed, left_gram)
         if uses_gram[q]:
             projections[q], grams[q] = projection, left_gram

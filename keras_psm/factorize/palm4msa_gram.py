@@ -20,6 +20,7 @@ row blocks instead of copying ``W^T``.
 import numpy as np
 
 from keras_psm.factorize.projections import transposed_copy
+from keras_psm.factorize.threads import map_on_cores, sparse_times
 
 # Rows of W per block when a product needs W^T: the block and its transposed
 # copy stay a few MB whatever the size of W.
@@ -52,8 +53,9 @@ class StoredMatrix:
     def left_product(self, first_transposed):
         """``S^T V`` for the sparse ``S`` given as the CSR matrix ``S^T``."""
         if not self.transposed:
-            return first_transposed @ self.matrix
-        return _apply_to_transpose(self.matrix, lambda block: first_transposed @ block)
+            return sparse_times(first_transposed, self.matrix)
+        return _apply_to_transpose(self.matrix,
+                                   lambda block: sparse_times(first_transposed, block))
 
     def right_product(self, chain):
         """``V R^T`` for ``R = chain[0] @ ... @ chain[-1]`` (sparse), as ``(R V^T)^T``."""
@@ -65,32 +67,35 @@ class StoredMatrix:
 
 def _apply_to_transpose(matrix, apply, transpose_result=False):
     """``apply(matrix^T)`` (or its transpose) for a column-wise ``apply``, in row blocks of
-    ``matrix``: no copy of ``matrix^T`` is made."""
+    ``matrix`` spread over the CPU cores: no copy of ``matrix^T`` is made."""
     rows = max(1, BLOCK_ENTRIES // matrix.shape[1])
-    result = None
-    for start in range(0, matrix.shape[0], rows):
-        block = apply(transposed_copy(matrix[start:start + rows]))
-        if result is None:
-            shape = ((matrix.shape[0], block.shape[0]) if transpose_result
-                     else (block.shape[0], matrix.shape[0]))
-            result = np.empty(shape, dtype=block.dtype)
+    first = apply(transposed_copy(matrix[:rows]))
+    shape = ((matrix.shape[0], first.shape[0]) if transpose_result
+             else (first.shape[0], matrix.shape[0]))
+    result = np.empty(shape, dtype=first.dtype)
+
+    def store(start, block):
         if transpose_result:
-            result[start:start + rows] = block.T
+            transposed_copy(block, out=result[start:start + rows])
         else:
             result[:, start:start + rows] = block
+
+    store(0, first)
+    map_on_cores(lambda start: store(start, apply(transposed_copy(matrix[start:start + rows]))),
+                 range(rows, matrix.shape[0], rows))
     return result
 
 
 def chain_times(chain, block):
     """``chain[0] @ chain[1] @ ... @ chain[-1] @ block``, one sparse product at a time."""
     for factor in reversed(chain):
-        block = factor @ block
+        block = sparse_times(factor, block)
     return block
 
 
 def sandwich(sparse, gram):
     """``A G A^T`` for a sparse ``A`` and a symmetric dense ``G``: ``A (A G)^T``."""
-    return sparse @ transposed_copy(sparse @ gram)
+    return sparse_times(sparse, transposed_copy(sparse_times(sparse, gram)))
 
 
 def gram(sparse, sparse_transposed):
@@ -99,13 +104,14 @@ def gram(sparse, sparse_transposed):
 
 
 def gram_entries(matrix_shape, factor_shape, has_left, has_right):
-    """Dense entries the Gram update writes besides the candidate: ``L^T W`` and ``L^T L``
-    (with a left chain), ``R R^T`` (with a right chain), and ``L^T W R^T``."""
+    """Dense entries the Gram update writes besides the candidate: ``L^T W R^T``, with a
+    left chain ``L^T L`` and (when a right chain follows) ``L^T W``, with a right chain
+    ``R R^T``. Without a right chain ``L^T W R^T`` is ``L^T W`` itself."""
     n_columns = matrix_shape[1]
     rows, columns = factor_shape
     entries = rows * columns
     if has_left:
-        entries += rows * rows + rows * n_columns
+        entries += rows * rows + (rows * n_columns if has_right else 0)
     if has_right:
         entries += columns * columns
     return entries
@@ -118,16 +124,37 @@ def gradient_step(factor, left_gram, right_gram, data_term, scale, step):
     ``factor`` is a ``_SparseFactor`` (CSR matrix, its transpose, flat positions).
     """
     if left_gram is None:
-        candidate = factor.matrix @ right_gram
+        candidate = sparse_times(factor.matrix, right_gram)
     elif right_gram is None:
-        candidate = transposed_copy(factor.transposed @ left_gram)
+        candidate = _gram_times(left_gram, factor.transposed)
     else:
-        candidate = left_gram @ (factor.matrix @ right_gram)
-    candidate *= -scale  # in place: no temporary of the candidate's size
-    candidate += data_term
-    candidate *= step
+        candidate = left_gram @ sparse_times(factor.matrix, right_gram)
+    rows = max(1, BLOCK_ENTRIES // candidate.shape[1])
+
+    def step_rows(start):  # in place, in row blocks: no temporary of the candidate's size
+        block = candidate[start:start + rows]
+        block *= -scale
+        block += data_term[start:start + rows]
+        block *= step
+
+    map_on_cores(step_rows, range(0, candidate.shape[0], rows))
     candidate.ravel()[factor.flat_positions] += factor.matrix.data
     return candidate
+
+
+def _gram_times(gram_matrix, sparse_transposed):
+    """``G S`` for a symmetric dense ``G`` and the CSR matrix ``S^T``: ``(S^T G)^T`` in
+    column blocks spread over the cores, so no temporary has the size of the result."""
+    result = np.empty((gram_matrix.shape[0], sparse_transposed.shape[0]),
+                      dtype=np.result_type(gram_matrix.dtype, sparse_transposed.dtype))
+    columns = max(1, BLOCK_ENTRIES // gram_matrix.shape[0])
+
+    def columns_block(start):
+        block = sparse_transposed[start:start + columns] @ gram_matrix
+        transposed_copy(block, out=result[:, start:start + columns])
+
+    map_on_cores(columns_block, range(0, result.shape[1], columns))
+    return result
 
 
 def trace_terms(factor, data_term, right_gram):

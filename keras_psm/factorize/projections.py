@@ -24,10 +24,15 @@ import numbers
 
 import numpy as np
 
+from keras_psm.factorize.threads import map_on_cores
+
 __all__ = ["sp", "sp_support", "splincol", "splincol_blocks", "splincol_blocks_support",
            "splincol_support", "support_projection"]
 
 SMALLEST_POSITIVE = np.nextafter(0.0, 1.0)  # x >= SMALLEST_POSITIVE  <=>  x > 0
+
+# Entries per strip of splincol_support: 4 MB of float32, a few strips fit in cache.
+STRIP_ENTRIES = 2 ** 20
 
 
 def splincol(matrix, k):
@@ -49,12 +54,32 @@ def splincol(matrix, k):
 
 
 def splincol_support(matrix, k):
-    """Boolean support of ``splincol(matrix, k)``: row-wise U column-wise top-``k``."""
-    matrix = _as_matrix(matrix)
+    """Boolean support of ``splincol(matrix, k)``: row-wise U column-wise top-``k``.
+
+    A float32 matrix stays float32. The top-``k`` of the rows, then of the
+    columns, are found in strips of about ``STRIP_ENTRIES`` entries, spread
+    over the CPU cores: the scratch memory is a few MB per core whatever the
+    size of the matrix, and each strip's lines are contiguous and stay in
+    cache.
+    """
+    matrix = _as_matrix(matrix, keep_float32=True)
     k = _check_k(k)
-    magnitude = np.abs(matrix)
-    support = top_k_mask(magnitude, k, axis=1)
-    support |= top_k_mask(magnitude, k, axis=0)
+    n_rows, n_columns = matrix.shape
+    support = np.empty(matrix.shape, dtype=bool)
+    rows = max(1, STRIP_ENTRIES // n_columns)
+    columns = max(1, STRIP_ENTRIES // n_rows)
+
+    def rows_strip(start):
+        strip = slice(start, start + rows)
+        support[strip] = top_k_mask(np.abs(matrix[strip]), k, axis=1)
+
+    def columns_strip(start):
+        strip = slice(start, start + columns)
+        lines = np.abs(matrix[:, strip]).T.copy()  # the columns as contiguous rows
+        support[:, strip] |= top_k_mask(lines, k, axis=1).T
+
+    map_on_cores(rows_strip, range(0, n_rows, rows))
+    map_on_cores(columns_strip, range(0, n_columns, columns))
     return support
 
 
@@ -146,8 +171,13 @@ def top_k_mask(magnitude, k, axis):
         scratch.sort(axis=1)  # np.partition gets several times slower on many equal zeros
     else:
         scratch.partition(length - k, axis=1)
-    # A zero k-th largest value means fewer than k nonzeros: keep every nonzero.
-    kth_largest = np.maximum(scratch[:, length - k], SMALLEST_POSITIVE)
+    # A zero k-th largest value means fewer than k nonzeros: keep every nonzero. The
+    # threshold keeps the array's dtype: a float64 one would convert a float32 array to
+    # compare with it.
+    kth_largest = scratch[:, length - k]
+    smallest = (np.nextafter(kth_largest.dtype.type(0), kth_largest.dtype.type(1))
+                if np.issubdtype(kth_largest.dtype, np.floating) else SMALLEST_POSITIVE)
+    kth_largest = np.maximum(kth_largest, smallest)
     mask = magnitude >= np.expand_dims(kth_largest, axis)
     tied = np.flatnonzero(np.count_nonzero(mask, axis=axis) > k)
     if tied.size:
@@ -162,8 +192,8 @@ def top_k_mask(magnitude, k, axis):
     return mask
 
 
-def transposed_copy(array):
-    """C-contiguous copy of ``array.T``, copied in strips of 8 rows.
+def transposed_copy(array, out=None):
+    """C-contiguous copy of ``array.T`` (into ``out`` when given), copied in strips of 8 rows.
 
     A plain ``np.ascontiguousarray(array.T)`` reads with a stride of a whole
     row, which thrashes the cache when rows are a power of two long (every
@@ -171,9 +201,14 @@ def transposed_copy(array):
     cache line per output row (8 rows of float64) is 3-5 times faster.
     """
     strip = max(1, 64 // array.itemsize)
-    result = np.empty(array.shape[::-1], dtype=array.dtype)
-    for start in range(0, array.shape[0], strip):
-        result[:, start:start + strip] = array[start:start + strip].T
+    result = np.empty(array.shape[::-1], dtype=array.dtype) if out is None else out
+    rows = max(strip, strip * (STRIP_ENTRIES // max(1, strip * array.shape[1])))
+
+    def copy_rows(first):  # a few MB of rows, strip by strip
+        for start in range(first, min(first + rows, array.shape[0]), strip):
+            result[:, start:start + strip] = array[start:start + strip].T
+
+    map_on_cores(copy_rows, range(0, array.shape[0], rows))
     return result
 
 
@@ -184,8 +219,11 @@ def _keep_unit_norm(matrix, support):
     return kept / norm if norm > 0 else kept
 
 
-def _as_matrix(matrix):
-    matrix = np.asarray(matrix, dtype=np.float64)
+def _as_matrix(matrix, keep_float32=False):
+    """``matrix`` as a 2-D float64 array (float32 stays float32 with ``keep_float32``)."""
+    matrix = np.asarray(matrix)
+    if not (keep_float32 and matrix.dtype == np.float32):
+        matrix = matrix.astype(np.float64, copy=False)
     if matrix.ndim != 2:
         raise ValueError(f"`matrix` must be 2-D, got an array of shape {matrix.shape}.")
     return matrix

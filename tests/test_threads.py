@@ -1,0 +1,47 @@
+"""Pieces of large products on every core (keras_psm.factorize.threads)."""
+
+import threading
+
+import numpy as np
+import pytest
+import scipy.sparse as sps
+
+from keras_psm.factorize import threads
+from keras_psm.factorize.threads import map_on_cores, sparse_times
+
+
+@pytest.fixture
+def three_cores(monkeypatch):
+    """Split every product in three pieces, even on a one-core machine."""
+    monkeypatch.setattr(threads, "CORES", 3)
+    monkeypatch.setattr(threads, "PARALLEL_MIN_WORK", 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("columns", [None, 1, 7])  # None: a vector
+def test_sparse_times_matches_the_scipy_product(three_cores, dtype, columns):
+    rng = np.random.default_rng(0)
+    entries = sps.random(50, 40, density=0.1, dtype=dtype, random_state=1).toarray()
+    entries[10:20] = 0  # empty rows: pieces of equal nonzero counts differ in rows
+    sparse = sps.csr_matrix(entries)
+    dense = rng.standard_normal(40 if columns is None else (40, columns)).astype(dtype)
+    result = sparse_times(sparse, dense)
+    assert result.dtype == dtype and result.shape == (sparse @ dense).shape
+    # The same multiply-adds in the same order per row: equal to the last bit.
+    np.testing.assert_array_equal(result, sparse @ dense)
+
+
+def test_sparse_times_with_more_cores_than_rows(three_cores):
+    sparse = sps.csr_matrix(np.array([[1.0, 2.0], [0.0, 3.0]]))
+    np.testing.assert_array_equal(sparse_times(sparse, np.eye(2)), sparse.toarray())
+
+
+def test_map_on_cores_keeps_order_and_runs_nested_calls_on_the_calling_thread(three_cores):
+    def inner_threads(item):
+        names = map_on_cores(lambda _: threading.current_thread().name, range(4))
+        return item * 10, set(names)
+
+    results = map_on_cores(inner_threads, range(6))
+    assert [value for value, _ in results] == [0, 10, 20, 30, 40, 50]
+    # Each nested map ran all its calls on the thread of the piece that made it.
+    assert all(len(names) == 1 for _, names in results)
