@@ -28,9 +28,9 @@ pyfaust is optional (``pip install keras-psm[bench]``); without it only our
 times are printed. Writes ``results/palm4msa_speed.csv`` and
 ``results/palm4msa_speed.png`` next to this script.
 
-Large layers, before against after (``--before COMMIT``): the palm4msa.py of
-``COMMIT`` against the current one, each case in a fresh subprocess, one at a
-time, reporting seconds per iteration, peak resident memory (``VmHWM``) and
+Large layers, before against after (``--before COMMIT``): the ``keras_psm``
+package of ``COMMIT`` (from ``git archive``) against the current one, each
+case in a fresh subprocess, one at a time, reporting seconds per iteration, peak resident memory (``VmHWM``) and
 the error: VGG16's ``fc6`` kernel shape (25,088 x 4,096, Q=3, K=14) and
 kernel shapes of ResNet50 at 224x224 (Q=3, K=14), on Gaussian matrices of
 those shapes (the pretrained weights need a download).
