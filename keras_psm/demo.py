@@ -70,6 +70,9 @@ class Settings:
             and ``alpha``) instead of on the labels alone.
         pick_rate: fine-tune each compressed model at the learning rate
             ``pick_learning_rate`` picks (the PSM paper's protocol).
+        ema_momentum: fine-tune with an exponential moving average of the
+            weights (Keras's optimizer option ``use_ema``), which replaces
+            the weights at the end of ``fit``; None: no average.
         max_iter: caps the ``max_iter`` option (palm4MSA iterations) of the
             methods that have one; None keeps each method's own.
         seed: seeds the data split, the initial weights and every fit.
@@ -88,6 +91,7 @@ class Settings:
     temperature: float = 4.0
     alpha: float = 1.0
     pick_rate: bool = True
+    ema_momentum: Optional[float] = None
 
     def __post_init__(self):
         where = type(self).__name__
@@ -106,6 +110,8 @@ class Settings:
                     where=where)
         check_float(self.alpha, "alpha", minimum=0.0, where=where)
         check_bool(self.pick_rate, "pick_rate", where=where)
+        check_float(self.ema_momentum, "ema_momentum", minimum=0.0, maximum=1.0,
+                    exclusive_minimum=True, where=where, allow_none=True)
 
 
 #: ``keras-psm demo``: all 4,000 training digits of the bundled set.
@@ -234,13 +240,16 @@ def load_data(settings):
 LOSS = "sparse_categorical_crossentropy"
 
 
-def compile_for_training(model, settings, learning_rate=None):
+def compile_for_training(model, settings, learning_rate=None, ema_momentum=None):
     """Compile with the one optimizer every model here is trained with (Adam).
 
-    At ``learning_rate``, by default ``settings.learning_rate``.
+    At ``learning_rate``, by default ``settings.learning_rate``; with
+    ``ema_momentum``, averaging the weights (``use_ema``).
     """
     rate = settings.learning_rate if learning_rate is None else learning_rate
-    model.compile(optimizer=keras.optimizers.Adam(rate), loss=LOSS, metrics=["accuracy"])
+    average = {} if ema_momentum is None else dict(use_ema=True, ema_momentum=ema_momentum)
+    model.compile(optimizer=keras.optimizers.Adam(rate, **average), loss=LOSS,
+                  metrics=["accuracy"])
 
 
 def finetune(model, teacher, data, settings, callbacks=()):
@@ -260,9 +269,9 @@ def finetune(model, teacher, data, settings, callbacks=()):
         rate = pick_learning_rate(trainee, x, y, LOSS, batch_size=settings.batch_size,
                                   callbacks=callbacks, seed=settings.seed).learning_rate
     keras.utils.set_random_seed(settings.seed)
-    compile_for_training(model, settings, rate)
+    compile_for_training(trainee, settings, rate, settings.ema_momentum)
     if trainee is not model:
-        compile_for_training(trainee, settings, rate)
+        compile_for_training(model, settings, rate)  # the student is evaluated on its own
     trainee.fit(x, y, epochs=settings.finetune_epochs, batch_size=settings.batch_size,
                 callbacks=list(callbacks), verbose=0)
     return rate

@@ -177,6 +177,8 @@ def test_settings_are_validated():
         demo.Settings(temperature=0.0)
     with pytest.raises(TypeError, match="`distill` must be True or False"):
         demo.Settings(distill=1)
+    with pytest.raises(ValueError, match=r"`ema_momentum` must be > 0.0 and <= 1.0, got 1.5"):
+        demo.Settings(ema_momentum=1.5)
     assert demo.QUICK.train_samples < demo.FULL.train_samples
 
 
@@ -198,6 +200,29 @@ def test_finetune_distills_at_the_picked_rate(distill, pick_rate, trained_lenet,
         np.testing.assert_array_equal(before, after)
     assert "distilled from the uncompressed model" in demo.finetune_description(settings) \
         if distill else "at learning rate 0.0003" in demo.finetune_description(settings)
+
+
+@pytest.mark.parametrize("distill", [True, False])
+def test_finetune_with_ema_ends_at_the_moving_average(distill, trained_lenet, mnist_small):
+    (x, y), (x_test, y_test) = mnist_small
+    data = ((x[:320], y[:320]), (x_test, y_test))
+    small, report = keras_psm.compress(trained_lenet, "psm", n_factors=2, sparsity=2,
+                                       max_iter=10, verbose=0)
+    start = small.get_weights()
+    moved = {}
+    for momentum in (None, 1 - 1e-7):
+        small.set_weights(start)
+        settings = demo.Settings(finetune_epochs=1, distill=distill, pick_rate=False,
+                                 learning_rate=1e-2, ema_momentum=momentum)
+        demo.finetune(small, trained_lenet, data, settings, report.callbacks)
+        moved[momentum] = max(float(np.max(np.abs(a - b)))
+                              for a, b in zip(start, small.get_weights()))
+    # Adam's first step moves each weight by at most the learning rate (|m / sqrt(v)|
+    # is 1 there). The average starts from the weights after that step and keeps
+    # 1 - 1e-7 of itself per step, so it ends within the rate of the start; the 10
+    # plain steps move some weight further.
+    assert moved[1 - 1e-7] <= 1e-2 * (1 + 1e-3)
+    assert moved[None] > 2e-2
 
 
 @pytest.mark.slow
