@@ -204,8 +204,8 @@ def main():
                              "1e-5); the dense model always trains at 1e-3")
     parser.add_argument("--ema", type=float, metavar="MOMENTUM",
                         help="fine-tune with a moving average of the weights (Adam's use_ema)")
-    parser.add_argument("--max-iter", type=int, default=100,
-                        help="palm4MSA iterations per fit (the paper: 300)")
+    parser.add_argument("--max-iter", type=int, default=300,
+                        help="palm4MSA iterations per fit (default: compress's and the paper's)")
     parser.add_argument("--calibration-samples", type=int, default=256)
     parser.add_argument("--fashion-path", default=FASHION,
                         help="fashion_mnist_5k.npz, when keras_psm.datasets does not bundle it")
