@@ -13,8 +13,9 @@ Each model's test accuracy is measured right after compression and after the
 same fine-tuning (Adam, at the learning rate the PSM paper's protocol picks:
 ``keras_psm.pick_learning_rate``), twice from the same start: on the labels
 alone ("after") and distilled from the uncompressed model ("distilled",
-``keras_psm.Distiller``). A longer-fine-tuning row (``--long-epochs``) shows
-what more epochs buy calibrated PSM. Prints one table and writes
+``keras_psm.Distiller``, ``--objective``). ``--seeds N`` repeats each
+fine-tuning with N seeds and reports the means. A longer-fine-tuning row
+(``--long-epochs``) shows what more epochs buy calibrated PSM. Prints one table and writes
 ``benchmarks/results/budget_calibration.csv`` (``--output``).
 
     python benchmarks/budget_calibration.py                       # both data sets
@@ -34,6 +35,7 @@ import numpy as np
 import keras_psm
 from keras_psm import demo
 from keras_psm.datasets import DATASETS, load_dataset, load_mnist_5k
+from keras_psm.distill import OBJECTIVES
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FASHION = "/work/shared/data/fashion_mnist_5k.npz"
@@ -50,7 +52,8 @@ UNIFORM = "psm uniform"
 #: The variant the longer-fine-tuning row fine-tunes.
 LONG_VARIANT = "psm allocated + calibration"
 FIELDS = ("dataset", "target_ratio", "variant", "ratio", "params", "accuracy_before",
-          "accuracy_after", "accuracy_distilled", "finetune_epochs", "compress_seconds",
+          "accuracy_after", "accuracy_distilled", "finetune_epochs", "finetune_seeds",
+          "compress_seconds",
           "layer_knobs")
 
 
@@ -70,10 +73,12 @@ def load(name, fashion_path):
             (images(data["x_test"]), data["y_test"].astype("int64")))
 
 
-def finetune_and_score(model, report, base, data, settings):
+def finetune_and_score(model, report, base, data, settings, seeds=1):
     """Test accuracy before fine-tuning, after it, and after it distilled from ``base``.
 
-    Both fine-tunings start from the compressed weights (``demo.finetune``).
+    Every fine-tuning starts from the compressed weights (``demo.finetune``);
+    with ``seeds`` > 1, each is run with seeds ``settings.seed`` onwards (the
+    batches' order) and the accuracies are their means.
     """
     _, (x_test, y_test) = data
     before = demo.accuracy(model, x_test, y_test)
@@ -82,20 +87,25 @@ def finetune_and_score(model, report, base, data, settings):
     start = model.get_weights()
     scores = [before]
     for distill in (False, True):
-        model.set_weights(start)
-        demo.finetune(model, base, data, dataclasses.replace(settings, distill=distill),
-                      report.callbacks)
-        scores.append(demo.accuracy(model, x_test, y_test))
+        accuracies = []
+        for seed in range(settings.seed, settings.seed + seeds):
+            model.set_weights(start)
+            demo.finetune(model, base, data,
+                          dataclasses.replace(settings, distill=distill, seed=seed),
+                          report.callbacks)
+            accuracies.append(demo.accuracy(model, x_test, y_test))
+        scores.append(float(np.mean(accuracies)))
     return tuple(scores)
 
 
-def row(dataset, target, variant, report, scores, seconds, epochs):
+def row(dataset, target, variant, report, scores, seconds, epochs, seeds):
     before = sum(r.params_before for r in report.compressed)
     after = sum(r.params_after for r in report.compressed)
     return dict(dataset=dataset, target_ratio=target, variant=variant,
                 ratio=round(before / after, 2), params=after,
                 accuracy_before=round(scores[0], 4), accuracy_after=round(scores[1], 4),
                 accuracy_distilled=round(scores[2], 4), finetune_epochs=epochs,
+                finetune_seeds=seeds,
                 compress_seconds=round(seconds, 1),
                 layer_knobs="; ".join(f"{r.name}: {r.note}" for r in report.compressed))
 
@@ -118,7 +128,7 @@ def uniform_psm(base, ratios, max_iter):
 def run(dataset, args):
     settings = demo.Settings(train_epochs=args.train_epochs, finetune_epochs=args.finetune_epochs,
                              max_iter=args.max_iter, temperature=args.temperature,
-                             alpha=args.alpha)
+                             alpha=args.alpha, objective=args.objective)
     data = load(dataset, args.fashion_path)
     (x, y), (x_test, y_test) = data
     base = demo.lenet5(x.shape[1:], 10, seed=settings.seed)
@@ -133,7 +143,7 @@ def run(dataset, args):
     rows = [dict(dataset=dataset, target_ratio=1, variant="dense", ratio=1.0,
                  params=base.count_params(), accuracy_before=round(dense, 4),
                  accuracy_after=round(dense, 4), accuracy_distilled=round(dense, 4),
-                 finetune_epochs=0, compress_seconds=0.0, layer_knobs="")]
+                 finetune_epochs=0, finetune_seeds=0, compress_seconds=0.0, layer_knobs="")]
     uniform = {}
     if UNIFORM in args.variants:
         start = time.perf_counter()
@@ -144,8 +154,9 @@ def run(dataset, args):
         if ratio in uniform:
             k, (model, report) = uniform[ratio]
             rows.append(row(dataset, ratio, f"{UNIFORM} K={k}", report,
-                            finetune_and_score(model, report, base, data, settings),
-                            uniform_seconds, settings.finetune_epochs))
+                            finetune_and_score(model, report, base, data, settings,
+                                               args.seeds),
+                            uniform_seconds, settings.finetune_epochs, args.seeds))
         for label, method, calibrated in VARIANTS:
             if label not in args.variants:
                 continue
@@ -161,9 +172,10 @@ def run(dataset, args):
             start_weights = model.get_weights()
             for name, run_settings in runs:
                 model.set_weights(start_weights)
-                scores = finetune_and_score(model, report, base, data, run_settings)
+                scores = finetune_and_score(model, report, base, data, run_settings,
+                                            args.seeds)
                 rows.append(row(dataset, ratio, name, report, scores, seconds,
-                                run_settings.finetune_epochs))
+                                run_settings.finetune_epochs, args.seeds))
                 print(f"  {dataset} x{ratio} {name}: acc {scores[0]:.3f} -> {scores[1]:.3f}, "
                       f"distilled {scores[2]:.3f} (x{rows[-1]['ratio']}, {seconds:.0f} s)",
                       flush=True)
@@ -199,6 +211,8 @@ def main():
                         help="the ratios that get the longer-fine-tuning row")
     parser.add_argument("--temperature", type=float, default=demo.FULL.temperature)
     parser.add_argument("--alpha", type=float, default=demo.FULL.alpha)
+    parser.add_argument("--objective", choices=OBJECTIVES,
+                        default=demo.FULL.objective)
     parser.add_argument("--learning-rate", type=float,
                         help="fine-tune at this rate (default: the paper's pick of 1e-3, 1e-4, "
                              "1e-5); the dense model always trains at 1e-3")
@@ -206,6 +220,9 @@ def main():
                         help="fine-tune with a moving average of the weights (Adam's use_ema)")
     parser.add_argument("--max-iter", type=int, default=300,
                         help="palm4MSA iterations per fit (default: compress's and the paper's)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="fine-tune each model this many times, with seeds 0, 1, ..., "
+                             "and report the mean accuracies (default: 1)")
     parser.add_argument("--calibration-samples", type=int, default=256)
     parser.add_argument("--fashion-path", default=FASHION,
                         help="fashion_mnist_5k.npz, when keras_psm.datasets does not bundle it")

@@ -42,7 +42,7 @@ from keras_psm.backend import KERAS_NAME, LEGACY_KERAS, keras
 from keras_psm.calibration import input_names
 from keras_psm.compress import compress
 from keras_psm.datasets import DATASETS
-from keras_psm.distill import Distiller
+from keras_psm.distill import OBJECTIVES, Distiller
 from keras_psm.export import size_report, to_tflite
 from keras_psm.files import write_atomically
 from keras_psm.learning_rate import PAPER_STEPS, pick_learning_rate
@@ -350,7 +350,8 @@ def run_finetune(args):
     x, y = load_training_data(args.data)
     student, teacher = load_model(args.input), load_model(args.teacher)
     trainee = student if args.alpha == 0 else Distiller(
-        student, teacher, temperature=args.temperature, alpha=args.alpha)
+        student, teacher, temperature=args.temperature, alpha=args.alpha,
+        objective=args.objective)
     rate = args.learning_rate
     if rate is None:
         pick = pick_learning_rate(trainee, x, y, args.loss, batch_size=args.batch_size)
@@ -367,7 +368,8 @@ def run_finetune(args):
         student.save(temporary)
     losses = history.history["loss"]
     print(f"wrote {args.output}: fine-tuned {args.epochs} epoch(s) at learning rate {rate:g}"
-          + (f", distilled from {args.teacher} (T={args.temperature:g}, alpha={args.alpha:g})"
+          + (f", distilled from {args.teacher} ({args.objective}, T={args.temperature:g}, "
+             f"alpha={args.alpha:g})"
              if trainee is not student else "")
           + f"; training loss {losses[0]:.4f} -> {losses[-1]:.4f}.")
     return 0
@@ -538,7 +540,8 @@ def build_parser():
             "Load a compressed model (IN.keras, from 'keras-psm compress') and the model it "
             "was compressed from (--teacher), fine-tune the compressed one on the labelled "
             "data of --data with the original's softened outputs as extra targets "
-            "(knowledge distillation: task loss + alpha * T^2 * KL), and save it as "
+            "(knowledge distillation: task loss + alpha * T^2 * D, with D set by "
+            "--objective), and save it as "
             "OUT.keras. Without --learning-rate, the PSM paper's protocol picks it: "
             f"1e-3, 1e-4 and 1e-5 each train {PAPER_STEPS} steps, the lowest error on the "
             "last 10% of the data wins."),
@@ -565,6 +568,9 @@ def build_parser():
         help="softens both models' outputs (default: 4)")
     add("--alpha", type=float, default=1.0,
         help="weight of the distillation term; 0 fine-tunes on the labels alone (default: 1)")
+    add("--objective", choices=OBJECTIVES, default="correlation",
+        help="the distance D between the softened outputs: 'correlation' (DIST, Huang et al. "
+             "2022) or 'kl' (Hinton et al. 2015) (default: correlation)")
     add("--loss", default="sparse_categorical_crossentropy",
         help="the task loss, a Keras loss name (default: sparse_categorical_crossentropy)")
     add("--quiet", action="store_true", help="no progress bar")

@@ -33,7 +33,7 @@ from keras_psm import ops
 from keras_psm.backend import keras
 from keras_psm.compress import compress
 from keras_psm.datasets import DATASETS, load_dataset
-from keras_psm.distill import Distiller
+from keras_psm.distill import OBJECTIVES, Distiller
 from keras_psm.files import write_atomically
 from keras_psm.learning_rate import pick_learning_rate
 from keras_psm.methods import available_methods, get_method
@@ -66,8 +66,8 @@ class Settings:
             (``compile_for_training``); fine-tuning uses ``learning_rate``
             only if ``pick_rate`` is False.
         distill: fine-tune each compressed model as the student of the
-            uncompressed one (``keras_psm.Distiller`` with ``temperature``
-            and ``alpha``) instead of on the labels alone.
+            uncompressed one (``keras_psm.Distiller`` with ``temperature``,
+            ``alpha`` and ``objective``) instead of on the labels alone.
         pick_rate: fine-tune each compressed model at the learning rate
             ``pick_learning_rate`` picks (the PSM paper's protocol).
         ema_momentum: fine-tune with an exponential moving average of the
@@ -90,6 +90,7 @@ class Settings:
     distill: bool = True
     temperature: float = 4.0
     alpha: float = 1.0
+    objective: str = "correlation"
     pick_rate: bool = True
     ema_momentum: Optional[float] = None
 
@@ -109,6 +110,7 @@ class Settings:
         check_float(self.temperature, "temperature", minimum=0.0, exclusive_minimum=True,
                     where=where)
         check_float(self.alpha, "alpha", minimum=0.0, where=where)
+        check_choice(self.objective, "objective", OBJECTIVES, where=where)
         check_bool(self.pick_rate, "pick_rate", where=where)
         check_float(self.ema_momentum, "ema_momentum", minimum=0.0, maximum=1.0,
                     exclusive_minimum=True, where=where, allow_none=True)
@@ -262,7 +264,8 @@ def finetune(model, teacher, data, settings, callbacks=()):
     accuracy), ready to ``evaluate``.
     """
     (x, y), _ = data
-    trainee = (Distiller(model, teacher, settings.temperature, settings.alpha)
+    trainee = (Distiller(model, teacher, settings.temperature, settings.alpha,
+                         objective=settings.objective)
                if settings.distill else model)
     rate = settings.learning_rate
     if settings.pick_rate:
@@ -560,8 +563,8 @@ def finetune_description(settings):
     """How ``finetune`` trains, as the end of a sentence."""
     parts = []
     if settings.distill:
-        parts.append(f"distilled from the uncompressed model (T={settings.temperature:g}, "
-                     f"alpha={settings.alpha:g})")
+        parts.append(f"distilled from the uncompressed model ({settings.objective}, "
+                     f"T={settings.temperature:g}, alpha={settings.alpha:g})")
     parts.append("at the learning rate picked from 1e-3, 1e-4, 1e-5 after 10 steps"
                  if settings.pick_rate else f"at learning rate {settings.learning_rate:g}")
     return ", " + ", ".join(parts)

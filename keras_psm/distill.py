@@ -1,15 +1,31 @@
 """Fine-tuning that learns from the original model: knowledge distillation.
 
 A compressed model (the student) is fine-tuned against the outputs of the
-model it came from (the teacher), as in Hinton et al. (2015), "Distilling the
-Knowledge in a Neural Network". With ``z_s``, ``z_t`` the two models' logits
-and ``p^T = softmax(z / T)``, the loss is
+model it came from (the teacher). With ``z_s``, ``z_t`` the two models'
+logits and ``p^T = softmax(z / T)`` row by row, the loss is
 
-    loss = task_loss(y, student(x)) + alpha * T^2 * KL(p_t^T || p_s^T)
-    KL(p || q) = sum_c p_c (log p_c - log q_c), averaged over the batch.
+    loss = task_loss(y, student(x)) + alpha * T^2 * D(p_t^T, p_s^T)
 
-``T^2`` keeps the soft term's gradient on the scale of the task loss's as
-``T`` changes (Hinton et al., section 2). The teacher only runs forward
+with one of two distances ``D`` (``objective``):
+
+- ``"correlation"`` (default; DIST, Huang et al. 2022, "Knowledge
+  Distillation from A Stronger Teacher", section 3.3): one minus the Pearson
+  correlation of the two models' probabilities, over the classes of each
+  sample (the inter-class relation) plus over the samples of a batch for
+  each class (the intra-class relation),
+
+      D = (1 - mean_i rho(p_s[i, :], p_t[i, :])) + (1 - mean_c rho(p_s[:, c], p_t[:, c]));
+
+- ``"kl"`` (Hinton et al. 2015, "Distilling the Knowledge in a Neural
+  Network"): ``KL(p_t || p_s) = sum_c p_t,c (log p_t,c - log p_s,c)``,
+  averaged over the batch.
+
+A correlation asks the student to rank and relate the classes as the
+teacher does, not to reproduce its exact probabilities. A student that
+cannot match them, such as one with a fortieth of the teacher's weights,
+gains from it where the KL divergence costs it accuracy. ``T^2`` keeps the
+soft term's gradient on the scale of the task loss's as ``T`` changes
+(Hinton et al., section 2). The teacher only runs forward
 (``training=False``); its weights are never trained nor changed.
 
     distiller = keras_psm.Distiller(small, model, temperature=4.0, alpha=1.0)
@@ -29,6 +45,14 @@ from keras_psm.validation import check_choice, check_float
 #: What a model's output can be: class probabilities (a softmax output layer,
 #: like the demo's LeNet-5) or logits.
 OUTPUT_KINDS = ("probabilities", "logits")
+
+#: The distances ``D`` the Distiller can compare the softened outputs with.
+OBJECTIVES = ("correlation", "kl")
+
+#: Added under the square root of a correlation's denominator: a batch of one
+#: sample has no spread over the samples, and its correlation is then 0
+#: rather than 0 / 0.
+CORRELATION_EPSILON = 1e-24
 
 #: Probabilities are floored here before their logarithm: float32 softmax
 #: outputs underflow to exactly 0 for very unlikely classes.
@@ -59,12 +83,30 @@ def as_logits(outputs, kind):
     return outputs
 
 
-def distillation_loss(teacher_logits, student_logits, temperature):
+def kl_loss(teacher_logits, student_logits, temperature):
     """``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))`` over the last axis, batch mean."""
     log_p_teacher = ops.log_softmax(teacher_logits / temperature, axis=-1)
     log_p_student = ops.log_softmax(student_logits / temperature, axis=-1)
     kl = ops.sum(ops.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
     return temperature ** 2 * ops.mean(kl)
+
+
+def correlation_loss(teacher_logits, student_logits, temperature):
+    """DIST's ``T^2 * ((1 - mean_i rho_i) + (1 - mean_c rho_c))`` for a ``(batch, classes)``
+    pair: Pearson correlations of the softened probabilities per sample and per class."""
+    p_teacher = ops.softmax(teacher_logits / temperature, axis=-1)
+    p_student = ops.softmax(student_logits / temperature, axis=-1)
+    inter = 1.0 - ops.mean(_pearson(p_student, p_teacher, axis=-1))
+    intra = 1.0 - ops.mean(_pearson(p_student, p_teacher, axis=0))
+    return temperature ** 2 * (inter + intra)
+
+
+def _pearson(a, b, axis):
+    """Pearson correlation of ``a`` and ``b`` along ``axis``."""
+    a = a - ops.mean(a, axis=axis, keepdims=True)
+    b = b - ops.mean(b, axis=axis, keepdims=True)
+    spread = ops.sum(a * a, axis=axis) * ops.sum(b * b, axis=axis)
+    return ops.sum(a * b, axis=axis) / ops.sqrt(spread + CORRELATION_EPSILON)
 
 
 class Distiller(keras.Model):
@@ -85,9 +127,12 @@ class Distiller(keras.Model):
             0 is plain fine-tuning.
         outputs: ``"probabilities"`` or ``"logits"``, what both models output;
             None (default) detects it for each model (``output_kind``).
+        objective: ``"correlation"`` (DIST, the default) or ``"kl"`` (Hinton
+            et al.), the distance between the softened outputs.
     """
 
-    def __init__(self, student, teacher, temperature=4.0, alpha=1.0, outputs=None, **kwargs):
+    def __init__(self, student, teacher, temperature=4.0, alpha=1.0, outputs=None,
+                 objective="correlation", **kwargs):
         super().__init__(name=kwargs.pop("name", f"{student.name}_distiller"), **kwargs)
         where = "Distiller"
         for role, model in (("student", student), ("teacher", teacher)):
@@ -104,6 +149,7 @@ class Distiller(keras.Model):
         self.temperature = check_float(temperature, "temperature", minimum=0.0,
                                        exclusive_minimum=True, where=where)
         self.alpha = check_float(alpha, "alpha", minimum=0.0, where=where)
+        self.objective = check_choice(objective, "objective", OBJECTIVES, where=where)
         if outputs is not None:
             check_choice(outputs, "outputs", OUTPUT_KINDS, where=where)
         self.student_outputs = outputs or output_kind(student)
@@ -115,7 +161,7 @@ class Distiller(keras.Model):
         return self.student(inputs, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """The compiled (task) loss plus ``alpha * T^2 * KL`` against the teacher."""
+        """The compiled (task) loss plus ``alpha * T^2 * D`` against the teacher."""
         if LEGACY_KERAS:  # tf_keras's compute_loss has no ``training``
             task = super().compute_loss(x, y, y_pred, sample_weight)
         else:
@@ -125,7 +171,8 @@ class Distiller(keras.Model):
         teacher = ops.stop_gradient(
             as_logits(self.teacher(x, training=False), self.teacher_outputs))
         student = as_logits(y_pred, self.student_outputs)
-        soft = distillation_loss(teacher, student, self.temperature)
+        distance = correlation_loss if self.objective == "correlation" else kl_loss
+        soft = distance(teacher, student, self.temperature)
         return task + ops.cast(self.alpha * soft, task.dtype)
 
     # Only the student trains: the teacher's variables are state the training

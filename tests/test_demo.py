@@ -175,6 +175,8 @@ def test_settings_are_validated():
         demo.Settings(max_iter=2.5)
     with pytest.raises(ValueError, match="`temperature` must be > 0.0"):
         demo.Settings(temperature=0.0)
+    with pytest.raises(ValueError, match="`objective` must be one of 'correlation', 'kl'"):
+        demo.Settings(objective="hint")
     with pytest.raises(TypeError, match="`distill` must be True or False"):
         demo.Settings(distill=1)
     with pytest.raises(ValueError, match=r"`ema_momentum` must be > 0.0 and <= 1.0, got 1.5"):

@@ -17,13 +17,22 @@ def softened(logits, temperature):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def mean_correlation(a, b):
+    """Mean over rows of the Pearson correlation of a's and b's rows (np.corrcoef)."""
+    return np.mean([np.corrcoef(row_a, row_b)[0, 1] for row_a, row_b in zip(a, b)])
+
+
 def reference_loss(teacher_logits, student_logits, student_probabilities, y, temperature,
-                   alpha):
-    """NumPy float64: cross-entropy + alpha * T^2 * KL(p_t^T || p_s^T), batch means."""
+                   alpha, objective):
+    """NumPy float64: cross-entropy + alpha * T^2 * D(p_t^T, p_s^T), batch means; D is
+    KL(p_t || p_s) or DIST's (1 - correlation per sample) + (1 - correlation per class)."""
     task = -np.mean(np.log(student_probabilities[np.arange(len(y)), y]))
     p_t, p_s = softened(teacher_logits, temperature), softened(student_logits, temperature)
-    kl = np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=-1))
-    return task + alpha * temperature ** 2 * kl
+    if objective == "kl":
+        distance = np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=-1))
+    else:
+        distance = (1 - mean_correlation(p_s, p_t)) + (1 - mean_correlation(p_s.T, p_t.T))
+    return task + alpha * temperature ** 2 * distance
 
 
 def logits_lenet(seed):
@@ -33,14 +42,15 @@ def logits_lenet(seed):
     return keras.Model(model.inputs, outputs)
 
 
+@pytest.mark.parametrize("objective", ["correlation", "kl"])
 @pytest.mark.parametrize("outputs", ["probabilities", "logits"])
-def test_loss_matches_numpy(outputs):
+def test_loss_matches_numpy(outputs, objective):
     rng = np.random.default_rng(0)
     x = rng.random((16, 28, 28, 1)).astype("float32")
     y = rng.integers(0, 10, 16)
     make = demo.lenet5 if outputs == "probabilities" else logits_lenet
     teacher, student = make(seed=1), make(seed=2)
-    distiller = Distiller(student, teacher, temperature=3.0, alpha=0.5)
+    distiller = Distiller(student, teacher, temperature=3.0, alpha=0.5, objective=objective)
     assert (distiller.student_outputs, distiller.teacher_outputs) == (outputs, outputs)
     loss_name = ("sparse_categorical_crossentropy" if outputs == "probabilities" else
                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -52,9 +62,9 @@ def test_loss_matches_numpy(outputs):
     t_out = ops.convert_to_numpy(teacher(x)).astype(np.float64)
     s_out = ops.convert_to_numpy(student(x)).astype(np.float64)
     if outputs == "probabilities":
-        expected = reference_loss(np.log(t_out), np.log(s_out), s_out, y, 3.0, 0.5)
+        expected = reference_loss(np.log(t_out), np.log(s_out), s_out, y, 3.0, 0.5, objective)
     else:
-        expected = reference_loss(t_out, s_out, softened(s_out, 1.0), y, 3.0, 0.5)
+        expected = reference_loss(t_out, s_out, softened(s_out, 1.0), y, 3.0, 0.5, objective)
     # float32 softmax, logarithms and means over 16 x 10 values: ~1e-6 relative.
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
@@ -67,11 +77,27 @@ def test_arguments_are_validated(trained_lenet):
         Distiller(student, trained_lenet, alpha=-1.0)
     with pytest.raises(ValueError, match="outputs"):
         Distiller(student, trained_lenet, outputs="scores")
+    with pytest.raises(ValueError, match="`objective` must be one of 'correlation', 'kl'"):
+        Distiller(student, trained_lenet, objective="mse")
     with pytest.raises(TypeError, match="teacher"):
         Distiller(student, "lenet.keras")
     other = demo.lenet5(n_classes=5)
     with pytest.raises(ValueError, match="output shape"):
         Distiller(other, trained_lenet)
+
+
+def test_correlation_of_a_one_sample_batch_trains():
+    """A batch of one sample has no spread over the batch: its per-class correlation is 0
+    (not 0 / 0), so the loss and the updated weights stay finite."""
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 28, 28, 1)).astype("float32")
+    y = np.array([3, 7])
+    student = demo.lenet5(seed=2)
+    distiller = Distiller(student, demo.lenet5(seed=1))
+    distiller.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    history = distiller.fit(x, y, batch_size=1, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert all(np.isfinite(weight).all() for weight in student.get_weights())
 
 
 def test_output_kind_is_detected():
