@@ -90,7 +90,7 @@ class Settings:
     distill: bool = True
     temperature: float = 4.0
     alpha: float = 1.0
-    objective: str = "correlation"
+    objective: str = "kl"
     pick_rate: bool = True
     ema_momentum: Optional[float] = None
 

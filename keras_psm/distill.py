@@ -8,24 +8,26 @@ logits and ``p^T = softmax(z / T)`` row by row, the loss is
 
 with one of two distances ``D`` (``objective``):
 
-- ``"correlation"`` (default; DIST, Huang et al. 2022, "Knowledge
-  Distillation from A Stronger Teacher", section 3.3): one minus the Pearson
-  correlation of the two models' probabilities, over the classes of each
-  sample (the inter-class relation) plus over the samples of a batch for
-  each class (the intra-class relation),
+- ``"kl"`` (default; Hinton et al. 2015, "Distilling the Knowledge in a
+  Neural Network"): ``KL(p_t || p_s) = sum_c p_t,c (log p_t,c - log p_s,c)``,
+  averaged over the batch;
+- ``"correlation"`` (DIST, Huang et al. 2022, "Knowledge Distillation from A
+  Stronger Teacher", section 3.3): one minus the Pearson correlation of the
+  two models' probabilities, over the classes of each sample (the
+  inter-class relation) plus over the samples of a batch for each class
+  (the intra-class relation),
 
-      D = (1 - mean_i rho(p_s[i, :], p_t[i, :])) + (1 - mean_c rho(p_s[:, c], p_t[:, c]));
-
-- ``"kl"`` (Hinton et al. 2015, "Distilling the Knowledge in a Neural
-  Network"): ``KL(p_t || p_s) = sum_c p_t,c (log p_t,c - log p_s,c)``,
-  averaged over the batch.
+      D = (1 - mean_i rho(p_s[i, :], p_t[i, :])) + (1 - mean_c rho(p_s[:, c], p_t[:, c])).
 
 A correlation asks the student to rank and relate the classes as the
-teacher does, not to reproduce its exact probabilities. A student that
-cannot match them, such as one with a fortieth of the teacher's weights,
-gains from it where the KL divergence costs it accuracy. ``T^2`` keeps the
-soft term's gradient on the scale of the task loss's as ``T`` changes
-(Hinton et al., section 2). The teacher only runs forward
+teacher does, not to reproduce its exact probabilities: a student that
+starts close to its teacher but cannot match its probabilities, such as a
+calibrated compression at a fortieth of the teacher's weights, gains from it
+where the KL divergence costs it accuracy. A student whose outputs start
+near chance can fail to train with it, so the KL divergence is the default.
+
+``T^2`` keeps the soft term's gradient on the scale of the task loss's as
+``T`` changes (Hinton et al., section 2). The teacher only runs forward
 (``training=False``); its weights are never trained nor changed.
 
     distiller = keras_psm.Distiller(small, model, temperature=4.0, alpha=1.0)
@@ -127,12 +129,12 @@ class Distiller(keras.Model):
             0 is plain fine-tuning.
         outputs: ``"probabilities"`` or ``"logits"``, what both models output;
             None (default) detects it for each model (``output_kind``).
-        objective: ``"correlation"`` (DIST, the default) or ``"kl"`` (Hinton
-            et al.), the distance between the softened outputs.
+        objective: ``"kl"`` (Hinton et al., the default) or ``"correlation"``
+            (DIST), the distance between the softened outputs.
     """
 
     def __init__(self, student, teacher, temperature=4.0, alpha=1.0, outputs=None,
-                 objective="correlation", **kwargs):
+                 objective="kl", **kwargs):
         super().__init__(name=kwargs.pop("name", f"{student.name}_distiller"), **kwargs)
         where = "Distiller"
         for role, model in (("student", student), ("teacher", teacher)):

@@ -396,7 +396,7 @@ def test_finetune_writes_the_student(finetune_files, mnist_small, tmp_path, caps
                      "--data", str(data), "--epochs", "1"]) == 0
     printed = capsys.readouterr().out
     assert "picked " in printed and f"wrote {output}: fine-tuned 1 epoch(s)" in printed
-    assert "distilled from" in printed and "(correlation, T=4, alpha=1)" in printed
+    assert "distilled from" in printed and "(kl, T=4, alpha=1)" in printed
     tuned = keras.models.load_model(output)
     assert isinstance(tuned.get_layer("fc1"), SparseFactorDense)
     assert student.read_bytes() == before
