@@ -53,8 +53,7 @@ UNIFORM = "psm uniform"
 LONG_VARIANT = "psm allocated + calibration"
 FIELDS = ("dataset", "target_ratio", "variant", "ratio", "params", "accuracy_before",
           "accuracy_after", "accuracy_distilled", "finetune_epochs", "finetune_seeds",
-          "compress_seconds",
-          "layer_knobs")
+          "compress_seconds", "layer_knobs")
 
 
 def load(name, fashion_path):

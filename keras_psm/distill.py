@@ -48,9 +48,6 @@ from keras_psm.validation import check_choice, check_float
 #: like the demo's LeNet-5) or logits.
 OUTPUT_KINDS = ("probabilities", "logits")
 
-#: The distances ``D`` the Distiller can compare the softened outputs with.
-OBJECTIVES = ("correlation", "kl")
-
 #: Added under the square root of a correlation's denominator: a batch of one
 #: sample has no spread over the samples, and its correlation is then 0
 #: rather than 0 / 0.
@@ -109,6 +106,11 @@ def _pearson(a, b, axis):
     b = b - ops.mean(b, axis=axis, keepdims=True)
     spread = ops.sum(a * a, axis=axis) * ops.sum(b * b, axis=axis)
     return ops.sum(a * b, axis=axis) / ops.sqrt(spread + CORRELATION_EPSILON)
+
+
+#: The distances ``D`` the Distiller can compare the softened outputs with, by name.
+DISTANCES = {"correlation": correlation_loss, "kl": kl_loss}
+OBJECTIVES = tuple(DISTANCES)
 
 
 class Distiller(keras.Model):
@@ -173,8 +175,7 @@ class Distiller(keras.Model):
         teacher = ops.stop_gradient(
             as_logits(self.teacher(x, training=False), self.teacher_outputs))
         student = as_logits(y_pred, self.student_outputs)
-        distance = correlation_loss if self.objective == "correlation" else kl_loss
-        soft = distance(teacher, student, self.temperature)
+        soft = DISTANCES[self.objective](teacher, student, self.temperature)
         return task + ops.cast(self.alpha * soft, task.dtype)
 
     # Only the student trains: the teacher's variables are state the training
