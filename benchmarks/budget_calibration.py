@@ -127,7 +127,8 @@ def uniform_psm(base, ratios, max_iter):
 def run(dataset, args):
     settings = demo.Settings(train_epochs=args.train_epochs, finetune_epochs=args.finetune_epochs,
                              max_iter=args.max_iter, temperature=args.temperature,
-                             alpha=args.alpha, objective=args.objective)
+                             alpha=args.alpha, objective=args.objective,
+                             pick_steps=args.pick_steps)
     data = load(dataset, args.fashion_path)
     (x, y), (x_test, y_test) = data
     base = demo.lenet5(x.shape[1:], 10, seed=settings.seed)
@@ -215,6 +216,9 @@ def main():
     parser.add_argument("--learning-rate", type=float,
                         help="fine-tune at this rate (default: the paper's pick of 1e-3, 1e-4, "
                              "1e-5); the dense model always trains at 1e-3")
+    parser.add_argument("--pick-steps", type=int, default=demo.FULL.pick_steps,
+                        help="steps each rate trains before the pick compares them "
+                             "(the paper: 10)")
     parser.add_argument("--ema", type=float, metavar="MOMENTUM",
                         help="fine-tune with a moving average of the weights (Adam's use_ema)")
     parser.add_argument("--max-iter", type=int, default=300,

@@ -45,7 +45,7 @@ from keras_psm.datasets import DATASETS
 from keras_psm.distill import OBJECTIVES, Distiller
 from keras_psm.export import size_report, to_tflite
 from keras_psm.files import write_atomically
-from keras_psm.learning_rate import PAPER_STEPS, pick_learning_rate
+from keras_psm.learning_rate import DEFAULT_STEPS, pick_learning_rate
 from keras_psm.methods import available_methods, get_method
 from keras_psm_cli import quiet_worker
 
@@ -359,7 +359,7 @@ def run_finetune(args):
         print("learning rate: " + ", ".join(
             f"{candidate:g} {'error' if len(score) == 2 else 'loss'} {score[0]:.4f}"
             for candidate, score in pick.scores.items())
-            + f" after {PAPER_STEPS} steps on the last 10% of the data; picked {rate:g}")
+            + f" after {DEFAULT_STEPS} steps on the last 10% of the data; picked {rate:g}")
     trainee.compile(optimizer=keras.optimizers.Adam(rate), loss=args.loss,
                     metrics=["accuracy"])
     history = trainee.fit(x, y, epochs=args.epochs, batch_size=args.batch_size,
@@ -543,8 +543,9 @@ def build_parser():
             "(knowledge distillation: task loss + alpha * T^2 * D, with D set by "
             "--objective), and save it as "
             "OUT.keras. Without --learning-rate, the PSM paper's protocol picks it: "
-            f"1e-3, 1e-4 and 1e-5 each train {PAPER_STEPS} steps, the lowest error on the "
-            "last 10% of the data wins."),
+            f"1e-3, 1e-4 and 1e-5 each train {DEFAULT_STEPS} steps, the lowest error on the "
+            "last 10% of the data wins (errors within one standard error of it tie, and the "
+            "highest tied rate wins)."),
         epilog=(
             "example:\n"
             f"  {PROG} finetune lenet_psm.keras lenet_psm_tuned.keras --teacher lenet.keras "

@@ -35,7 +35,7 @@ from keras_psm.compress import compress
 from keras_psm.datasets import DATASETS, load_dataset
 from keras_psm.distill import OBJECTIVES, Distiller
 from keras_psm.files import write_atomically
-from keras_psm.learning_rate import pick_learning_rate
+from keras_psm.learning_rate import DEFAULT_STEPS, pick_learning_rate
 from keras_psm.methods import available_methods, get_method
 from keras_psm.validation import check_bool, check_choice, check_float, check_int
 
@@ -70,6 +70,8 @@ class Settings:
             ``alpha`` and ``objective``) instead of on the labels alone.
         pick_rate: fine-tune each compressed model at the learning rate
             ``pick_learning_rate`` picks (the PSM paper's protocol).
+        pick_steps: the steps each rate trains before the pick compares them
+            (``pick_learning_rate``'s ``steps``; the paper's: 10).
         ema_momentum: fine-tune with an exponential moving average of the
             weights (Keras's optimizer option ``use_ema``), which replaces
             the weights at the end of ``fit``; None: no average.
@@ -92,6 +94,7 @@ class Settings:
     alpha: float = 1.0
     objective: str = "kl"
     pick_rate: bool = True
+    pick_steps: int = DEFAULT_STEPS
     ema_momentum: Optional[float] = None
 
     def __post_init__(self):
@@ -112,6 +115,7 @@ class Settings:
         check_float(self.alpha, "alpha", minimum=0.0, where=where)
         check_choice(self.objective, "objective", OBJECTIVES, where=where)
         check_bool(self.pick_rate, "pick_rate", where=where)
+        check_int(self.pick_steps, "pick_steps", minimum=1, where=where)
         check_float(self.ema_momentum, "ema_momentum", minimum=0.0, maximum=1.0,
                     exclusive_minimum=True, where=where, allow_none=True)
 
@@ -269,8 +273,9 @@ def finetune(model, teacher, data, settings, callbacks=()):
                if settings.distill else model)
     rate = settings.learning_rate
     if settings.pick_rate:
-        rate = pick_learning_rate(trainee, x, y, LOSS, batch_size=settings.batch_size,
-                                  callbacks=callbacks, seed=settings.seed).learning_rate
+        rate = pick_learning_rate(trainee, x, y, LOSS, steps=settings.pick_steps,
+                                  batch_size=settings.batch_size, callbacks=callbacks,
+                                  seed=settings.seed).learning_rate
     keras.utils.set_random_seed(settings.seed)
     compile_for_training(trainee, settings, rate, settings.ema_momentum)
     if trainee is not model:
@@ -565,8 +570,9 @@ def finetune_description(settings):
     if settings.distill:
         parts.append(f"distilled from the uncompressed model ({settings.objective}, "
                      f"T={settings.temperature:g}, alpha={settings.alpha:g})")
-    parts.append("at the learning rate picked from 1e-3, 1e-4, 1e-5 after 10 steps"
-                 if settings.pick_rate else f"at learning rate {settings.learning_rate:g}")
+    parts.append(f"at the learning rate picked from 1e-3, 1e-4, 1e-5 after "
+                 f"{settings.pick_steps} steps" if settings.pick_rate
+                 else f"at learning rate {settings.learning_rate:g}")
     return ", " + ", ".join(parts)
 
 

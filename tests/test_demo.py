@@ -181,6 +181,8 @@ def test_settings_are_validated():
         demo.Settings(distill=1)
     with pytest.raises(ValueError, match=r"`ema_momentum` must be > 0.0 and <= 1.0, got 1.5"):
         demo.Settings(ema_momentum=1.5)
+    with pytest.raises(ValueError, match="`pick_steps` must be >= 1, got 0"):
+        demo.Settings(pick_steps=0)
     assert demo.QUICK.train_samples < demo.FULL.train_samples
 
 
@@ -193,15 +195,18 @@ def test_finetune_distills_at_the_picked_rate(distill, pick_rate, trained_lenet,
                                        max_iter=10, verbose=0)
     start = small.get_weights()
     settings = demo.Settings(finetune_epochs=1, distill=distill, pick_rate=pick_rate,
-                             learning_rate=3e-4)
+                             pick_steps=5, learning_rate=3e-4)
     rate = demo.finetune(small, trained_lenet, data, settings, report.callbacks)
     assert rate in (1e-3, 1e-4, 1e-5) if pick_rate else rate == 3e-4
     assert float(small.optimizer.learning_rate.numpy()) == pytest.approx(rate)
     assert any(not np.array_equal(a, b) for a, b in zip(start, small.get_weights()))
     for before, after in zip(teacher_weights, trained_lenet.get_weights()):
         np.testing.assert_array_equal(before, after)
-    assert "distilled from the uncompressed model" in demo.finetune_description(settings) \
-        if distill else "at learning rate 0.0003" in demo.finetune_description(settings)
+    description = demo.finetune_description(settings)
+    assert "distilled from the uncompressed model" in description if distill \
+        else "distilled" not in description
+    assert "after 5 steps" in description if pick_rate \
+        else "at learning rate 0.0003" in description
 
 
 @pytest.mark.parametrize("distill", [True, False])

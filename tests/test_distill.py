@@ -7,7 +7,7 @@ import keras_psm
 from keras_psm import demo, ops
 from keras_psm.backend import keras
 from keras_psm.distill import Distiller, output_kind
-from keras_psm.learning_rate import pick_learning_rate
+from keras_psm.learning_rate import best_rate, pick_learning_rate
 
 
 def softened(logits, temperature):
@@ -170,6 +170,25 @@ def test_learning_rate_pick_finds_the_known_best():
         np.testing.assert_allclose(loss, c ** 2 * (1 - 2 * rate * c ** 2) ** (2 * steps),
                                    rtol=1e-4)
     np.testing.assert_array_equal(model.get_weights()[0], [[0.0]])  # starting weights back
+
+
+def test_learning_rate_pick_ties_within_a_standard_error_go_to_the_highest_rate():
+    # Scores measured on a VGG-style CNN whose start is at chance (400 held-out
+    # samples): every rate is still at chance after the steps, and the loss
+    # differs by 4e-5 relative; the highest rate is the one that later trains it.
+    assert best_rate({1e-3: (0.9, 25.888), 1e-4: (0.9, 25.887), 1e-5: (0.9, 25.887)},
+                     400) == 1e-3
+    # Lowest error 0.1 on 100 samples: one standard error is 0.03, so 0.12 ties
+    # and 0.14 does not, whatever the losses.
+    assert best_rate({1e-3: (0.12, 9.0), 1e-4: (0.1, 1.0), 1e-5: (0.11, 0.5)}, 100) == 1e-3
+    assert best_rate({1e-3: (0.14, 0.1), 1e-4: (0.1, 1.0), 1e-5: (0.11, 0.5)}, 100) == 1e-4
+    # A perfect score has no spread: only equal errors tie.
+    assert best_rate({1e-3: (0.01, 0.1), 1e-4: (0.0, 1.0)}, 100) == 1e-4
+    # A diverged rate (loss not finite) is never kept, even with the lowest error.
+    assert best_rate({1e-3: (0.05, float("nan")), 1e-4: (0.3, 1.0)}, 100) == 1e-4
+    assert best_rate({1e-3: (float("inf"),), 1e-4: (2.0,), 1e-5: (1.0,)}, 100) == 1e-5
+    with pytest.raises(ValueError, match="not finite .*lower learning rates"):
+        best_rate({1e-3: (0.9, float("nan")), 1e-4: (0.9, float("inf"))}, 100)
 
 
 def test_learning_rate_pick_validates():
