@@ -370,9 +370,13 @@ def test_tall_matrices_take_the_gram_form_and_small_square_ones_the_residual_for
     fc6_transposed = [(columns, rows) for rows, columns in reversed(fc6)]
     assert all(_uses_gram_form((4096, 25088), shape, q, 3)
                for q, shape in enumerate(fc6_transposed))
-    for small in [(256, 256), (784, 256)]:  # the residual form is faster there
-        shapes = factor_shapes(small, 2)
-        assert not any(_uses_gram_form(small, shape, q, 2) for q, shape in enumerate(shapes))
+    tall = factor_shapes((8192, 1024), 3)  # the memory test's matrix: 2^23 entries
+    assert all(_uses_gram_form((8192, 1024), shape, q, 3) for q, shape in enumerate(tall))
+    # The residual form is as fast or faster below 2^23 entries, ResNet50's kernels included.
+    for small, n_factors in [((256, 256), 2), ((784, 256), 2), ((4608, 512), 3)]:
+        shapes = factor_shapes(small, n_factors)
+        assert not any(_uses_gram_form(small, shape, q, n_factors)
+                       for q, shape in enumerate(shapes))
 
 
 @pytest.mark.parametrize("order", ORDERS)

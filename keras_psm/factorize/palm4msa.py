@@ -79,11 +79,16 @@ DENSE_SPEEDUP = 3.0
 UPDATE_ORDERS = ("auto", "right_to_left", "left_to_right")
 PROBE_FRACTION = 1 / 6
 
-# Below this many entries the residual form is faster: the Gram form's fixed costs per
-# update (Gram blocks, sparse-sparse products) dominate. Measured per iteration on 2
-# busy cores: 784x256 Q=2 K=14 3.5x slower in the Gram form, 4608x512 Q=3 K=14 1.2x
-# faster, VGG16's fc6 (25,088 x 4,096) 1.2x faster with 2.5x less memory.
-GRAM_MIN_ENTRIES = 2 ** 20
+# Below this many entries (32 MB of float32) the residual form is as fast or faster:
+# the Gram form's fixed costs per update (Gram blocks, sparse-sparse products, the
+# r x r x r product of a middle factor) dominate, and its memory saving does not matter.
+# Seconds per iteration, Q=3 K=14, Gram against residual form, right to left / left to
+# right, on 2 cores (AMD EPYC, AVX-512): 784x256 Q=2 3.5x slower in the Gram form;
+# ResNet50's 4608x512 0.126 / 0.140 against 0.100 / 0.136, 2048x1000 0.178 / 0.176
+# against 0.125 / 0.124; 8192x1024 0.245 / 0.326 against 0.230 / 0.339; 4096x4096
+# 0.98 / 0.95 against 0.90 / 0.94; fc6 (25,088 x 4,096) 3.44 against 3.46 right to
+# left, with 2.5x less memory.
+GRAM_MIN_ENTRIES = 2 ** 23
 
 # W is kept in float32 above this many entries (32 MB in float64). On fc6's
 # shape (25,088 x 4,096, Gaussian) the error after 3 iterations was 0.97864 in
@@ -525,9 +530,13 @@ def _palm(target, factors, scale, projectors, max_iter, tol, rng, errors=(),
     start_vectors = {} if start_vectors is None else start_vectors
     if errors and tol > 0 and _converged(errors, tol):
         return _PalmState(factors, scale, errors, start_vectors)
-    matrix = target.view
     uses_gram = [not fixed and _uses_gram_form(target.shape, factor.matrix.shape, q, n_factors)
                  for q, factor in enumerate(factors)]
+    # The residual form reads W row by row: a left-to-right run copies W^T for it (a
+    # strided view is 1.1-1.4x slower on ResNet50's shapes), as it holds several arrays
+    # of W's size anyway.
+    matrix = (transposed_copy(target.matrix) if target.transposed and not all(uses_gram)
+              else target.view)
 
     residual = None  # lambda L S_q R - W for the next update, when the last one formed it
     for _ in range(max_iter):
