@@ -30,10 +30,11 @@ times are printed. Writes ``results/palm4msa_speed.csv`` and
 
 Large layers, before against after (``--before COMMIT``): the ``keras_psm``
 package of ``COMMIT`` (from ``git archive``) against the current one, each
-case in a fresh subprocess, one at a time, reporting seconds per iteration, peak resident memory (``VmHWM``) and
-the error: VGG16's ``fc6`` kernel shape (25,088 x 4,096, Q=3, K=14) and
-kernel shapes of ResNet50 at 224x224 (Q=3, K=14), on Gaussian matrices of
-those shapes (the pretrained weights need a download).
+case in a fresh subprocess, one at a time, reporting seconds per iteration,
+peak resident memory (``VmHWM``) and the error: VGG16's ``fc6`` kernel shape
+(25,088 x 4,096, Q=3, K=14) and kernel shapes of ResNet50 at 224x224 (Q=3,
+K=14), on Gaussian matrices of those shapes (the pretrained weights need a
+download).
 
 ``--fc6-only --device auto`` runs only fc6 with ``palm4msa_on_device`` on
 the current Keras backend and its device (no TensorFlow or pyfaust needed

@@ -12,8 +12,8 @@ as the method's sizes allow. Methods declare how (``Method`` in
   outgrows what the budget leaves that layer: by ``size_estimates`` where
   the method has it (one SVD, one sort, short warm-started palm4MSA; then
   only the chosen sizes are fitted in full), else by full fits (through
-  ``executor`` when given), in waves. Then the allocation picks one candidate per layer to minimize the
-  error sum ``sum_l e_l`` (``e_l`` the layer's relative error
+  ``executor`` when given), in waves. Then the allocation picks one
+  candidate per layer to minimize the error sum ``sum_l e_l`` (``e_l`` the layer's relative error
   ``||R (W - W_hat)||_F / ||R W||_F``, ``R^T R`` its input covariance with
   calibration data, ``R = I`` without) subject to the budget, a
   multiple-choice knapsack that dynamic programming solves over the

@@ -106,7 +106,8 @@ def correct_biases(replaced, kernels, means):
     for name, mean in means.items():
         layer = replaced[name]
         kernel = kernels[name].reshape(-1, kernels[name].shape[-1])
-        approximation = np.asarray(ops.convert_to_numpy(layer.kernel), dtype=np.float64).reshape(kernel.shape)
+        approximation = np.asarray(ops.convert_to_numpy(layer.kernel), dtype=np.float64)
+        approximation = approximation.reshape(kernel.shape)
         bias = np.asarray(layer.bias)
         layer.bias.assign((bias + mean @ (kernel - approximation)).astype(bias.dtype))
 

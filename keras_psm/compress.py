@@ -359,5 +359,6 @@ def _fit_all(spec, kernels, configs, executor, verbose, covariances=None):
 
 def _relative_error(kernel, approximation):
     """``||W - W_hat||_F / ||W||_F``, ``W_hat`` in the original layer's kernel shape."""
-    approximation = np.asarray(ops.convert_to_numpy(approximation), dtype=np.float64).reshape(kernel.shape)
+    approximation = np.asarray(ops.convert_to_numpy(approximation), dtype=np.float64)
+    approximation = approximation.reshape(kernel.shape)
     return float(np.linalg.norm(kernel - approximation) / max(np.linalg.norm(kernel), 1e-300))

@@ -1,4 +1,5 @@
-"""palm4MSA on the Keras backend's device (keras_psm.palm4msa_accelerated) against the NumPy path."""
+"""palm4MSA on the Keras backend's device (keras_psm.palm4msa_accelerated) against the
+NumPy path."""
 
 import numpy as np
 import pytest

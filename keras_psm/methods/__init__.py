@@ -12,8 +12,10 @@ from keras_psm.methods.registry import (
     register_method,
 )
 from keras_psm.methods.psm import PSMConfig  # "psm"
-from keras_psm.methods.psm_variants import ButterflyConfig  # "psm-reinit", "psm-random", "butterfly"
-from keras_psm.methods.pruning import HardPruningConfig, IterativePruningConfig  # "hard-pruning", ...
+# "psm-reinit", "psm-random", "butterfly"
+from keras_psm.methods.psm_variants import ButterflyConfig
+# "hard-pruning", "iterative-pruning"
+from keras_psm.methods.pruning import HardPruningConfig, IterativePruningConfig
 from keras_psm.methods.lowrank import ALDSConfig, LowRankLayerConfig, SVDConfig  # "svd", "alds"
 from keras_psm.methods.tensor import TTConfig, TuckerSVDConfig  # "tucker-svd", "tt"
 from keras_psm.methods.kronecker import KPDConfig  # "kpd"
