@@ -14,8 +14,11 @@ the product ``L S R``. The error of the last update of an iteration
 
 ``StoredMatrix`` keeps ``W`` once and serves both update orders: the
 left-to-right order works on ``W^T``, whose products it forms from ``W`` in
-row blocks instead of copying ``W^T``.
+row blocks instead of copying ``W^T`` (only the residual form, taken below
+``GRAM_MIN_ENTRIES``, reads a copy: ``rows``).
 """
+
+import functools
 
 import numpy as np
 
@@ -41,6 +44,13 @@ class StoredMatrix:
     def view(self):
         """The matrix the run factorizes (a view, never a copy)."""
         return self.matrix.T if self.transposed else self.matrix
+
+    @functools.cached_property
+    def rows(self):
+        """The matrix the run factorizes, C-contiguous: ``W`` itself, or a copy of ``W^T``
+        made once per run. The residual form reads it row by row, where a strided view of
+        ``W^T`` is 1.1-1.4x slower on ResNet50's shapes."""
+        return transposed_copy(self.matrix) if self.transposed else self.matrix
 
     @property
     def shape(self):
