@@ -17,6 +17,14 @@ def three_cores(monkeypatch):
     monkeypatch.setattr(threads, "PARALLEL_MIN_WORK", 0)
 
 
+@pytest.fixture
+def panels_of_three(monkeypatch):
+    """Multiply every dense matrix in column panels of three columns."""
+    monkeypatch.setattr(threads, "PANELS_MIN_BYTES", 0)
+    monkeypatch.setattr(threads, "PANEL_BYTES", 0)
+    monkeypatch.setattr(threads, "PANEL_MIN_COLUMNS", 3)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("columns", [None, 1, 7])  # None: a vector
 def test_sparse_times_matches_the_scipy_product(three_cores, dtype, columns):
@@ -29,6 +37,31 @@ def test_sparse_times_matches_the_scipy_product(three_cores, dtype, columns):
     assert result.dtype == dtype and result.shape == (sparse @ dense).shape
     # The same multiply-adds in the same order per row: equal to the last bit.
     np.testing.assert_array_equal(result, sparse @ dense)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_times_in_column_panels_matches_the_scipy_product(three_cores, panels_of_three,
+                                                                  dtype):
+    rng = np.random.default_rng(0)
+    sparse = sps.random(50, 40, density=0.1, format="csr", dtype=dtype, random_state=1)
+    dense = rng.standard_normal((40, 7)).astype(dtype)  # panels of 3, 3 and 1 columns
+    assert threads.panel_columns(dense) == 3
+    result = sparse_times(sparse, dense)
+    assert result.dtype == dtype
+    # Each entry is the same row of multiply-adds, in the same order: equal to the last bit.
+    np.testing.assert_array_equal(result, sparse @ dense)
+    np.testing.assert_array_equal(sparse_times(sparse, dense[:, 0]), sparse @ dense[:, 0])
+
+
+def test_panels_fit_a_cache_and_only_large_matrices_are_cut():
+    def columns(shape, dtype):  # broadcast arrays: the shape and size without the memory
+        return threads.panel_columns(np.broadcast_to(np.zeros((), dtype), shape))
+
+    assert columns((4096, 4096), np.float32) == 128  # 2 MB panels of a 64 MB matrix
+    assert columns((4096, 4096), np.float64) == 64
+    assert columns((25088, 4096), np.float32) == 32  # at least 32 columns
+    assert columns((1000, 1000), np.float64) == 1000  # 8 MB: one panel
+    assert threads.panel_columns(np.zeros(10)) == 1
 
 
 def test_sparse_times_with_more_cores_than_rows(three_cores):

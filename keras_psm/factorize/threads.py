@@ -22,6 +22,18 @@ PARALLEL_MIN_WORK = 2 ** 22
 # Pieces of a parallel product per core (see sparse_times).
 PIECES_PER_CORE = 2
 
+# A dense operand of more than PANELS_MIN_BYTES (half the 32 MB L3 cache of the 2-core
+# AMD EPYC this was measured on) is multiplied in column panels of about PANEL_BYTES
+# (a core's 1 MB L2 cache, twice), at least PANEL_MIN_COLUMNS wide: each nonzero of the
+# sparse matrix then reads its row of the panel from cache instead of memory. Against
+# row pieces, on splincol K=14 factors: (25,088 x 4,096) @ (4,096 x 4,096) 2.4-3.0x
+# faster, (4,096 x 4,096) @ (4,096 x 4,096) 2.0-2.3x, (4,096 x 25,088) @ (25,088 x 4,096)
+# 1.6x in float32; below 16 MB panels gained nothing. Narrower panels than 32 columns
+# were slower: the kernel's inner loop over a row's columns is then too short.
+PANELS_MIN_BYTES = 2 ** 24
+PANEL_BYTES = 2 ** 21
+PANEL_MIN_COLUMNS = 32
+
 
 _piece = threading.local()
 
@@ -48,14 +60,27 @@ def map_on_cores(function, items):
 
 
 def sparse_times(sparse, dense):
-    """``sparse @ dense`` for a CSR matrix, its rows split over the cores when the product
-    has at least ``PARALLEL_MIN_WORK`` multiply-adds.
+    """``sparse @ dense`` for a CSR matrix, split over the cores when the product has at
+    least ``PARALLEL_MIN_WORK`` multiply-adds.
 
-    The rows go in ``PIECES_PER_CORE`` pieces per core of equal nonzero counts:
-    a core that another process slows down takes fewer pieces, and each piece's
-    product (a temporary before it is copied into the result) stays small.
+    A large ``dense`` goes in column panels (``panel_columns``), one core per panel.
+    Otherwise the rows of ``sparse`` go in ``PIECES_PER_CORE`` pieces per core of equal
+    nonzero counts: a core that another process slows down takes fewer pieces, and each
+    piece's product (a temporary before it is copied into the result) stays small.
+    Every entry is the same sum in the same order as SciPy's ``sparse @ dense``.
     """
     columns = 1 if dense.ndim == 1 else dense.shape[1]
+    width = panel_columns(dense)
+    if width < columns and sparse.nnz * columns >= PARALLEL_MIN_WORK:
+        result = np.empty((sparse.shape[0], columns),
+                          dtype=np.result_type(sparse.dtype, dense.dtype))
+
+        def multiply_panel(start):
+            panel = slice(start, start + width)
+            result[:, panel] = sparse @ np.ascontiguousarray(dense[:, panel])
+
+        map_on_cores(multiply_panel, range(0, columns, width))
+        return result
     pieces = min(CORES * PIECES_PER_CORE, sparse.shape[0])
     if CORES < 2 or pieces < 2 or sparse.nnz * columns < PARALLEL_MIN_WORK:
         return sparse @ dense
@@ -70,3 +95,12 @@ def sparse_times(sparse, dense):
 
     map_on_cores(multiply, range(pieces))
     return result
+
+
+def panel_columns(dense):
+    """Columns per panel of a 2-D ``dense`` operand of more than ``PANELS_MIN_BYTES``
+    (about ``PANEL_BYTES`` each, at least ``PANEL_MIN_COLUMNS``); all of its columns
+    (one panel) for a smaller one or a vector."""
+    if dense.ndim == 1 or dense.nbytes <= PANELS_MIN_BYTES:
+        return 1 if dense.ndim == 1 else dense.shape[1]
+    return max(PANEL_MIN_COLUMNS, PANEL_BYTES // (dense.shape[0] * dense.itemsize))
