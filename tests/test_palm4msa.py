@@ -4,6 +4,7 @@ from functools import reduce
 
 import numpy as np
 import pytest
+import scipy.sparse as sps
 from scipy.linalg import hadamard
 
 from keras_psm.factorize.palm4msa import (
@@ -341,11 +342,26 @@ def test_bad_residual_sparsity_raises_value_error(gaussian):
         hierarchical_palm4msa(gaussian, 4, 3, residual_sparsity=0)
 
 
+@pytest.mark.parametrize("left_chain", [False, True])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("n_factors", [2, 3, 4])
-def test_gram_form_gives_the_residual_forms_factors_and_errors(monkeypatch, n_factors, order):
+def test_gram_form_gives_the_residual_forms_factors_and_errors(monkeypatch, n_factors, order,
+                                                              left_chain):
     from keras_psm.factorize import palm4msa as module
+    from keras_psm.factorize import palm4msa_gram, threads
 
+    # Blocks and panels of a few rows and columns, as a large matrix has them: W^T in
+    # blocks of 2 rows of W, dense matrices in column panels of 3 (on the calling thread:
+    # tests/test_threads.py checks the threads).
+    monkeypatch.setattr(palm4msa_gram, "BLOCK_ENTRIES", 60)
+    monkeypatch.setattr(threads, "CORES", 1)
+    monkeypatch.setattr(threads, "PANELS_MIN_BYTES", 0)
+    monkeypatch.setattr(threads, "PANEL_BYTES", 0)
+    monkeypatch.setattr(threads, "PANEL_MIN_COLUMNS", 3)
+    # L^T L applied as the chain L^T (L .) or as the dense Gram matrix.
+    monkeypatch.setattr(module, "_chain_is_cheaper", lambda *args: left_chain)
+    # Wide (20 x 28): right to left takes the data terms from R W^T, left to right
+    # (on W^T, tall) from L^T W.
     matrix = np.random.default_rng(5).standard_normal((20, 28))
     results = {}
     for gram_form in (False, True):
@@ -377,6 +393,21 @@ def test_tall_matrices_take_the_gram_form_and_small_square_ones_the_residual_for
         shapes = factor_shapes(small, n_factors)
         assert not any(_uses_gram_form(small, shape, q, n_factors)
                        for q, shape in enumerate(shapes))
+
+
+def test_gram_matrix_is_applied_as_the_chain_only_where_it_needs_far_fewer_multiply_adds():
+    from keras_psm.factorize.palm4msa import _chain_is_cheaper
+
+    def splincol_like(rows, columns, k):  # splincol K keeps about K entries per row
+        indptr = np.arange(0, rows * k + 1, k)
+        return sps.csr_matrix((np.ones(rows * k), np.arange(rows * k) % columns, indptr),
+                              shape=(rows, columns))
+
+    # fc6's left factors at K = 14: the chain was 0.67x (25,088 rows) and 0.09x (4,096
+    # rows) the time of the 4096^3 GEMM; at K = 28 the 25,088-row chain was 1.17x.
+    assert _chain_is_cheaper([splincol_like(25088, 4096, 14)], 4096)
+    assert _chain_is_cheaper([splincol_like(4096, 4096, 28)], 4096)
+    assert not _chain_is_cheaper([splincol_like(25088, 4096, 28)], 4096)
 
 
 @pytest.mark.parametrize("order", ORDERS)
