@@ -168,13 +168,16 @@ def test_support_shape_mismatch_raises_value_error(gaussian):
         support_projection(gaussian, np.ones((2, 2), dtype=bool))
 
 
+@pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("strip_entries", [7, 64, 2 ** 20])
 def test_splincol_support_in_strips_over_threads_is_the_same_support(monkeypatch, dtype,
-                                                                     strip_entries):
+                                                                     strip_entries, in_place):
     # Strips of a few rows or columns, several threads, a float32 candidate and tied
-    # magnitudes (rounded entries) must give the one-piece support exactly.
+    # magnitudes (rounded entries) must give the one-piece support exactly, whether the
+    # column strips find their top-k in place or in a transposed copy.
     monkeypatch.setattr(projections, "STRIP_ENTRIES", strip_entries)
+    monkeypatch.setattr(projections, "IN_PLACE_MIN_COLUMNS", 1 if in_place else 10 ** 9)
     monkeypatch.setattr(threads, "CORES", 3)
     matrix = np.round(np.random.default_rng(2).standard_normal((45, 33)), 1).astype(dtype)
     for k in (1, 4):
