@@ -1,5 +1,5 @@
-"""Shared fixtures: small models, the bundled MNIST digits, gradients on any backend,
-and the ``tensorflow`` marker."""
+"""Shared fixtures: one random state per test, small models, the bundled MNIST digits,
+gradients on any backend, and the ``tensorflow`` marker."""
 
 import numpy as np
 import pytest
@@ -30,6 +30,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("tensorflow") or item.path.name in TENSORFLOW_FILES:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def same_random_state():
+    """Every test starts from one random state (Python, NumPy and the Keras backend): a
+    layer built without a seed gets the same weights in every run, whichever tests ran
+    before it, so a failure in the whole suite reproduces with the test alone."""
+    keras.utils.set_random_seed(0)
 
 
 def gradients(loss, variables):
