@@ -548,6 +548,7 @@ def _palm(target, factors, scale, projectors, max_iter, tol, rng, errors=(),
     # R W^T (``right_image``, r x in, one sparse product more per update) rather than
     # from L^T W (r x out); only the last factor's L^T W (R = I) is still needed.
     right_first = all(uses_gram) and target.shape[0] < target.shape[1]
+    transposed_target = target.transpose()  # S W^T is its left_product(S)
     projected = [uses_gram[q] and (q == n_factors - 1 or not right_first)
                  for q in range(n_factors)]
 
@@ -604,7 +605,8 @@ def _palm(target, factors, scale, projectors, max_iter, tol, rng, errors=(),
                 right_gram = (gram(new_factor.matrix, new_factor.transposed) if right_gram is None
                               else sandwich(new_factor.matrix, right_gram))
             if right_first and q > 0:
-                right_image = (target.times_transpose(new_factor.matrix) if right_image is None
+                right_image = (transposed_target.left_product(new_factor.matrix)
+                               if right_image is None
                                else sparse_times(new_factor.matrix, right_image))
             if q > 0 and not uses_gram[q - 1]:
                 residual = _residual(scale, chain_times(left, right_product), matrix)

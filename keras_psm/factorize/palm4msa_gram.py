@@ -69,12 +69,6 @@ class StoredMatrix:
         return _apply_to_transpose(self.matrix,
                                    lambda block: sparse_times(first_transposed, block))
 
-    def times_transpose(self, sparse):
-        """``A V^T`` for the CSR matrix ``A``."""
-        if self.transposed:
-            return sparse_times(sparse, self.matrix)
-        return _apply_to_transpose(self.matrix, lambda block: sparse_times(sparse, block))
-
     def right_product(self, chain):
         """``V R^T`` for ``R = chain[0] @ ... @ chain[-1]`` (sparse), as ``(R V^T)^T``."""
         if not self.transposed:
