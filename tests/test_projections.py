@@ -23,15 +23,15 @@ def gaussian():
 
 
 def brute_force_splincol_support(matrix, k):
-    """Union of the row-wise and column-wise top-k, by full stable sorts (among equal
-    magnitudes, the first ones)."""
+    """Union of the row-wise and column-wise top-k nonzero magnitudes, by full stable sorts
+    (among equal magnitudes, the first ones)."""
     magnitude = np.abs(matrix)
     support = np.zeros(matrix.shape, dtype=bool)
     for row, values in enumerate(magnitude):
         support[row, np.argsort(-values, kind="stable")[:k]] = True
     for column, values in enumerate(magnitude.T):
         support[np.argsort(-values, kind="stable")[:k], column] = True
-    return support
+    return support & (magnitude > 0)
 
 
 @pytest.mark.parametrize("k", [1, 3, 7, 40])
@@ -183,6 +183,36 @@ def test_splincol_support_in_strips_over_threads_is_the_same_support(monkeypatch
     for k in (1, 4):
         np.testing.assert_array_equal(splincol_support(matrix, k),
                                       brute_force_splincol_support(matrix, k))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_column_top_k_from_group_maxima_is_the_column_top_k(monkeypatch, dtype):
+    # Groups of 4 rows, 3 threads, strips of a few rows; rounded entries tie across groups,
+    # the largest entries of column 1 lie in the 3 rows after the last whole group, column
+    # 2 has fewer than k nonzeros and column 3 none: the support must be the brute force's.
+    monkeypatch.setattr(projections, "GROUPS_MIN_ENTRIES", 1)
+    monkeypatch.setattr(projections, "GROUP_ROWS", 4)
+    monkeypatch.setattr(projections, "STRIP_ENTRIES", 40)
+    monkeypatch.setattr(threads, "CORES", 3)
+    matrix = np.round(np.random.default_rng(3).standard_normal((203, 40)), 1).astype(dtype)
+    matrix[-3:, 1] = [5.0, -6.0, 5.0]
+    matrix[:, 2] = 0.0
+    matrix[[10, 150], 2] = [1.0, -2.0]
+    matrix[:, 3] = 0.0
+    for k in (1, 3):
+        assert projections.column_top_k_positions(matrix, k) is not None
+        np.testing.assert_array_equal(splincol_support(matrix, k),
+                                      brute_force_splincol_support(matrix, k))
+
+
+def test_column_top_k_of_few_distinct_values_falls_back_to_strips(monkeypatch):
+    # Signs tie everywhere: every group reaches the bound, so the strips are used.
+    monkeypatch.setattr(projections, "GROUPS_MIN_ENTRIES", 1)
+    monkeypatch.setattr(projections, "GROUP_ROWS", 4)
+    signs = np.sign(np.random.default_rng(4).standard_normal((96, 5)))
+    assert projections.column_top_k_positions(signs, 2) is None
+    np.testing.assert_array_equal(splincol_support(signs, 2),
+                                  brute_force_splincol_support(signs, 2))
 
 
 def test_transposed_copy_writes_into_out(monkeypatch):
