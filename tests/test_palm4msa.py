@@ -423,6 +423,17 @@ def test_float32_error_stays_close_to_float64(order):
     assert abs(errors["float32"] - errors["float64"]) < 0.005
 
 
+def test_default_precision_is_float32_from_the_threshold_on(monkeypatch, gaussian):
+    from keras_psm.factorize import palm4msa as module
+
+    runs = {dtype: palm4msa(gaussian, 3, 6, max_iter=5, tol=0, random_state=0,
+                            dtype=dtype).errors for dtype in ("float32", "float64")}
+    for threshold, expected in [(gaussian.size, "float32"), (gaussian.size + 1, "float64")]:
+        monkeypatch.setattr(module, "FLOAT32_ENTRIES", threshold)
+        errors = palm4msa(gaussian, 3, 6, max_iter=5, tol=0, random_state=0).errors
+        np.testing.assert_array_equal(errors, runs[expected])
+
+
 def test_float32_result_is_float64_and_reports_its_own_error(gaussian):
     result = palm4msa(gaussian, 3, 6, max_iter=20, random_state=0, dtype="float32")
     assert all(factor.dtype == np.float64 for factor in result.factors)

@@ -19,7 +19,8 @@ a dense block, spectral norms come from warm-started power iterations on
 those sparse chains, and the full product needed for the residual of the
 next update is formed once per factor update. Large matrices skip that
 ``in x out`` product and residual: their updates use Gram matrices
-(``palm4msa_gram``), and ``W`` is kept once, in float32 above 2^22 entries.
+(``palm4msa_gram``), and ``W`` is kept once. From 2^18 entries on, ``W``
+and the products are float32.
 Large sparse products, projections and transposes run in pieces on every
 CPU core, and large dense operands in column panels that stay in cache
 (``threads``).
@@ -99,10 +100,13 @@ PROBE_FRACTION = 1 / 6
 # left, with 2.5x less memory.
 GRAM_MIN_ENTRIES = 2 ** 23
 
-# W is kept in float32 above this many entries (32 MB in float64). On fc6's
-# shape (25,088 x 4,096, Gaussian) the error after 3 iterations was 0.97864 in
-# float64 and in float32 (benchmarks/palm4msa_speed.py --before c58aca2).
-FLOAT32_ENTRIES = 2 ** 22
+# W is kept in float32 from this many entries on (ResNet50's 1x1 1024 -> 256). At
+# palm4msa's defaults (Q=3, K=14, 300 iterations, tol 1e-6, "auto"), float32 took 0.49 to
+# 0.77 the time of float64 on ResNet50's shapes 1024 x 256 to 4608 x 512 (power-law
+# spectra and Gaussian), with the same number of iterations (one Gaussian 1024 x 256 ran
+# 219 against 199) and errors within 3e-5; on fc6 (25,088 x 4,096, Gaussian) the error
+# after 3 iterations was 0.97864 in both.
+FLOAT32_ENTRIES = 2 ** 18
 
 
 @dataclass
@@ -228,8 +232,9 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
             smaller K's factors are already the better start).
         dtype: ``"float32"`` or ``"float64"``, the precision ``W``, the
             factors and the products are kept in; None: float32 for matrices
-            of more than 2^22 entries (half the memory and time), float64
-            otherwise. The returned factors are float64.
+            of at least 2^18 entries (0.5 to 0.8 the time, errors within
+            3e-5 on ResNet50's shapes), float64 otherwise. The returned
+            factors are float64.
         verbose: show a tqdm progress bar of the iterations (error, time left).
 
     Returns:
@@ -789,9 +794,9 @@ def _check_matrix(matrix, dtype=np.float64):
 
 
 def _check_dtype(dtype, shape):
-    """The dtype palm4msa keeps ``W`` in: float32 above ``FLOAT32_ENTRIES`` entries by default."""
+    """The dtype palm4msa keeps ``W`` in: float32 from ``FLOAT32_ENTRIES`` entries on by default."""
     if dtype is None:
-        return np.float32 if np.prod(shape) > FLOAT32_ENTRIES else np.float64
+        return np.float32 if np.prod(shape) >= FLOAT32_ENTRIES else np.float64
     if dtype not in ("float32", "float64", np.float32, np.float64):
         raise ValueError(f"`dtype` must be None, 'float32' or 'float64', got {dtype!r}.")
     return np.dtype(dtype).type
