@@ -205,6 +205,25 @@ def test_column_top_k_from_group_maxima_is_the_column_top_k(monkeypatch, dtype):
                                       brute_force_splincol_support(matrix, k))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top_k_of_long_columns_from_group_maxima_is_the_column_top_k(monkeypatch, dtype):
+    # Groups of 3 rows (columns of at least 3 * 8 * k rows take them); rounded entries tie,
+    # the largest of column 1 lie in the 2 rows after the last whole group, column 2 has
+    # fewer than k nonzeros and column 3 none.
+    monkeypatch.setattr(projections, "GROUP_ROWS", 3)
+    matrix = np.round(np.random.default_rng(5).standard_normal((101, 30)), 1).astype(dtype)
+    matrix[-2:, 1] = [7.0, -7.0]
+    matrix[:, 2] = 0.0
+    matrix[[4, 90], 2] = [1.0, 2.0]
+    matrix[:, 3] = 0.0
+    magnitude = np.abs(matrix)
+    for k in (1, 2, 4):
+        expected = np.zeros(matrix.shape, dtype=bool)
+        for column, values in enumerate(magnitude.T):
+            expected[np.argsort(-values, kind="stable")[:k], column] = True
+        np.testing.assert_array_equal(top_k_mask(magnitude, k, axis=0), expected & (matrix != 0))
+
+
 def test_column_top_k_of_few_distinct_values_falls_back_to_strips(monkeypatch):
     # Signs tie everywhere: every group reaches the bound, so the strips are used.
     monkeypatch.setattr(projections, "GROUPS_MIN_ENTRIES", 1)
