@@ -36,6 +36,11 @@ peak resident memory (``VmHWM``) and the error: VGG16's ``fc6`` kernel shape
 K=14), on Gaussian matrices of those shapes (the pretrained weights need a
 download).
 
+``--precision``: float32 against float64 (``palm4msa(..., dtype=...)``) at
+palm4msa's defaults (300 iterations, tol 1e-6, ``"auto"``; Q=3, K=14) on the
+ResNet50 shapes and 2304x256 and 1024x256, with power-law (alpha 0.7) and
+Gaussian matrices: seconds, iterations and errors.
+
 ``--fc6-only --device auto`` runs only fc6 with ``palm4msa_on_device`` on
 the current Keras backend and its device (no TensorFlow or pyfaust needed
 with ``KERAS_BACKEND=jax``); ``--device cpu`` runs the NumPy ``palm4msa``.
@@ -43,6 +48,7 @@ with ``KERAS_BACKEND=jax``); ``--device cpu`` runs the NumPy ``palm4msa``.
     python benchmarks/palm4msa_speed.py            # all cases, 300 iterations
     python benchmarks/palm4msa_speed.py --quick    # 256x256 and Hadamard 64, seconds
     python benchmarks/palm4msa_speed.py --before c58aca2 --iterations 3
+    python benchmarks/palm4msa_speed.py --precision
     KERAS_BACKEND=jax python benchmarks/palm4msa_speed.py --fc6-only --device auto
 """
 
@@ -323,6 +329,27 @@ def before_after(commit, iterations, tol):
                   f" {before['error']:>12.5f} {after['error']:>8.5f}", flush=True)
 
 
+def precision(seed):
+    """float32 against float64 at palm4msa's defaults on the ResNet50 shapes (and 2304x256,
+    1024x256), power-law and Gaussian matrices."""
+    rng = np.random.default_rng(seed)
+    print(f"{'case':<32} {'s float64':>9} {'float32':>8} {'ratio':>6} {'iterations':>11}"
+          f" {'error float64':>13} {'float32':>9}")
+    for rows, columns in RESNET50_SHAPES + [(2304, 256), (1024, 256)]:
+        for case in (decaying_case(rows, columns, 0.7, 3, 14, rng),
+                     gaussian_case(rows, columns, 3, 14, rng)):
+            fits = {}
+            for dtype in ("float64", "float32"):
+                start = time.perf_counter()
+                result = palm4msa(case.matrix, 3, 14, random_state=0, dtype=dtype)
+                fits[dtype] = (time.perf_counter() - start, len(result.errors), result.errors[-1])
+            (seconds64, iterations64, error64), (seconds32, iterations32, error32) = (
+                fits["float64"], fits["float32"])
+            print(f"{case.name:<32} {seconds64:>9.2f} {seconds32:>8.2f}"
+                  f" {seconds32 / seconds64:>6.2f} {f'{iterations64} / {iterations32}':>11}"
+                  f" {error64:>13.6f} {error32:>9.6f}", flush=True)
+
+
 def fc6_alone(device, iterations):
     """fc6 on the current Keras backend's device (``auto``) or with NumPy (``cpu``)."""
     if device == "auto":
@@ -362,6 +389,8 @@ def main():
     parser.add_argument("--fc6-only", action="store_true", help="only fc6, on --device")
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
                         help="auto: palm4msa_on_device on the Keras backend; cpu: NumPy")
+    parser.add_argument("--precision", action="store_true",
+                        help="float32 against float64 at the defaults on the ResNet50 shapes")
     parser.add_argument("--measure", metavar="SHAPE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.iterations < 1:
@@ -373,6 +402,8 @@ def main():
         return before_after(args.before, args.iterations, args.tol)
     if args.fc6_only:
         return fc6_alone(args.device, args.iterations)
+    if args.precision:
+        return precision(args.seed)
 
     with_faust = not args.no_faust and faust_available()
     if not with_faust and not args.no_faust:

@@ -101,11 +101,12 @@ PROBE_FRACTION = 1 / 6
 GRAM_MIN_ENTRIES = 2 ** 23
 
 # W is kept in float32 from this many entries on (ResNet50's 1x1 1024 -> 256). At
-# palm4msa's defaults (Q=3, K=14, 300 iterations, tol 1e-6, "auto"), float32 took 0.49 to
-# 0.77 the time of float64 on ResNet50's shapes 1024 x 256 to 4608 x 512 (power-law
-# spectra and Gaussian), with the same number of iterations (one Gaussian 1024 x 256 ran
-# 219 against 199) and errors within 3e-5; on fc6 (25,088 x 4,096, Gaussian) the error
-# after 3 iterations was 0.97864 in both.
+# palm4msa's defaults (Q=3, K=14, 300 iterations, tol 1e-6, "auto"), float32 took 0.53 to
+# 0.72 the time of float64 on ResNet50's shapes of 1024 x 256 to 4608 x 512, power-law
+# spectra and Gaussian (benchmarks/palm4msa_speed.py --precision), with the same number
+# of iterations (one Gaussian 1024 x 256 ran 202 against 171) and errors within 3.3e-4
+# (equal to 6 digits in 7 cases of 12); on fc6 (25,088 x 4,096, Gaussian) the error after
+# 3 iterations was 0.97864 in both.
 FLOAT32_ENTRIES = 2 ** 18
 
 
@@ -232,8 +233,8 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
             smaller K's factors are already the better start).
         dtype: ``"float32"`` or ``"float64"``, the precision ``W``, the
             factors and the products are kept in; None: float32 for matrices
-            of at least 2^18 entries (0.5 to 0.8 the time, errors within
-            3e-5 on ResNet50's shapes), float64 otherwise. The returned
+            of at least 2^18 entries (0.53 to 0.72 the time, errors within
+            3.3e-4 on ResNet50's shapes), float64 otherwise. The returned
             factors are float64.
         verbose: show a tqdm progress bar of the iterations (error, time left).
 
