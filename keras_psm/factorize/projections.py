@@ -243,7 +243,7 @@ def top_k_mask(magnitude, k, axis):
 
     ``magnitude`` is a nonnegative 2-D array. Every line keeps its ``k``
     largest nonzero entries (all of them if it has fewer): those > the
-    line's k-th largest value (``kth_largest``), then as many entries equal
+    line's k-th largest value (``_kth_largest``), then as many entries equal
     to it as there is room for, first ones first.
     """
     length = magnitude.shape[axis]
