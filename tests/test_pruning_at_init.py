@@ -103,7 +103,11 @@ def test_snip_scores_are_connection_sensitivities(fresh_lenet, batch):
     scores = snip_scores(model, masked_factors(model), halves, loss)
     for score, gradient, kernel in zip(scores, gradients, kernels):
         expected = np.abs(2 * to_numpy(gradient) * to_numpy(kernel)).ravel()
-        np.testing.assert_allclose(score, expected, rtol=1e-3, atol=1e-9)
+        # Both sides are float32 sums over 128 samples, in a different order (two halves
+        # against one batch): an entry whose terms cancel moves by ~1e-6 of the largest
+        # score (measured up to 9e-7 on conv1), so atol scales with that, 10x above it.
+        np.testing.assert_allclose(score, expected, rtol=1e-3,
+                                   atol=1e-5 * np.abs(expected).max())
 
 
 def tiny_model(seed, activation="tanh", use_bias=True, output_activation="softmax"):
