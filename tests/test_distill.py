@@ -166,9 +166,11 @@ def test_learning_rate_pick_finds_the_known_best():
                               batch_size=batch_size, validation_data=(x[:4], x[:4]), by="loss")
     assert pick.learning_rate == 1e-4
     for rate, (loss,) in pick.scores.items():
-        # float32 updates and squares of values up to ~1e5: ~1e-6 relative.
+        # float32 updates: at 1e-4, w - 1 shrinks to 8e-3, so w's rounding (6e-8) is ~1e-5
+        # of it, doubled by the square (measured 3.3e-5); the rates' losses differ by
+        # orders of magnitude.
         np.testing.assert_allclose(loss, c ** 2 * (1 - 2 * rate * c ** 2) ** (2 * steps),
-                                   rtol=1e-4)
+                                   rtol=3e-4)
     np.testing.assert_array_equal(model.get_weights()[0], [[0.0]])  # starting weights back
 
 
