@@ -27,14 +27,13 @@ from keras_psm.factorize.palm4msa import (
     LIPSCHITZ_MARGIN,
     NORM_MAX_STEPS,
     NORM_RTOL,
-    UPDATE_ORDERS,
     Factorization,
     _check_int,
     _check_matrix,
     _check_sparsity,
     _check_tol,
-    _check_update_order,
     _converged,
+    _orders_to_run,
     factor_shapes,
     palm4msa,
     run_best,
@@ -61,14 +60,13 @@ def palm4msa_on_device(matrix, n_factors, sparsity, *, rank=None, max_iter=300, 
     sparsities = _check_sparsity(sparsity, len(shapes))
     max_iter = _check_int(max_iter, "max_iter", minimum=1)
     tol = _check_tol(tol)
-    update_order = _check_update_order(update_order)
+    orders, probe_fraction = _orders_to_run(update_order)
     if len(shapes) == 1 or not matrix.any():  # a projection, no iterations to run
         return palm4msa(matrix, n_factors, sparsity, rank=rank, dtype="float32")
     rng = np.random.default_rng(random_state)
     target = ops.convert_to_tensor(matrix, dtype="float32")
-    orders = UPDATE_ORDERS[1:] if update_order == "auto" else (update_order,)
     runs = [_DeviceRun(target, shapes, sparsities, order) for order in orders]
-    return run_best(runs, max_iter, tol, rng, verbose).result()
+    return run_best(runs, max_iter, tol, rng, verbose, probe_fraction).result()
 
 
 class _DeviceRun:

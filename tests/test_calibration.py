@@ -53,6 +53,49 @@ def test_calibrated_fit_has_lower_error_on_the_inputs(fit, config):
     assert calibrated_error < 0.8 * plain_error, (calibrated_error, plain_error)
 
 
+ORDERS = ("auto", "both", "right_to_left", "left_to_right")
+
+
+def test_psm_update_order_reaches_palm4msa():
+    kernel = np.random.default_rng(3).standard_normal((32, 24))
+    fits = {order: fit_psm(kernel, PSMConfig(n_factors=2, sparsity=3, max_iter=30,
+                                             update_order=order))
+            for order in ORDERS}
+    for order in ORDERS:  # the same computation twice
+        expected = palm4msa(kernel, 2, 3, max_iter=30, random_state=0, update_order=order)
+        np.testing.assert_array_equal(fits[order].errors, expected.errors)
+    # "both" keeps the order that ends lower; the power iterations' random start
+    # vectors move the errors by ~1e-6 relative, far below 1e-4.
+    assert fits["both"].relative_error <= min(fits[order].relative_error
+                                              for order in ORDERS[2:]) + 1e-4
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_calibrated_psm_takes_every_update_order(order):
+    x = correlated_inputs()
+    kernel = np.random.default_rng(3).standard_normal((32, 24))
+    covariance = damped_covariance(x.T @ x / len(x))
+    config = PSMConfig(n_factors=2, sparsity=3, max_iter=30, update_order=order)
+    factor = whitening_factor(covariance)
+    plain = fit_psm(kernel, config)
+    calibrated = fit_psm(kernel, config, covariance)
+    # The calibrated stage starts from the plain fit (and runs right to left, as
+    # palm4msa does with `left`); its steps never raise the error on the inputs.
+    plain_error = np.linalg.norm(factor @ (kernel - plain.product))
+    calibrated_error = np.linalg.norm(factor @ (kernel - calibrated.product))
+    assert calibrated_error <= plain_error * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(update_order="r2l"), "PSMConfig: `update_order` must be one of 'auto', 'both'"),
+    (dict(update_order="both", hierarchical=True),
+     "`update_order` applies to plain palm4MSA; got update_order='both' with hierarchical"),
+])
+def test_psm_config_rejects_bad_update_orders(options, match):
+    with pytest.raises(ValueError, match=match):
+        PSMConfig(**options)
+
+
 def test_whitened_svd_is_the_optimal_rank_r_fit_on_the_inputs():
     x = correlated_inputs(n=500, d=12)
     kernel = np.random.default_rng(2).standard_normal((12, 9))

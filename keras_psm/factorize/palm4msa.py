@@ -88,7 +88,9 @@ GRAM_CHAIN_SPEEDUP = 12.0
 # 0.127, either order ahead, so no fixed order is safe. The order ahead after 50 of
 # 300 iterations ended behind in 9 cases, by at most 0.030 (after 25: 12, 0.030;
 # after 100: 4, 0.0085; after 150: 2, 0.0042); a longer probe costs its length again.
-UPDATE_ORDERS = ("auto", "right_to_left", "left_to_right")
+# "both" runs both to the end (twice the time of one order) and keeps the better.
+ORDERS = ("right_to_left", "left_to_right")
+UPDATE_ORDERS = ("auto", "both") + ORDERS
 PROBE_FRACTION = 1 / 6
 
 # Below this many entries (32 MB of float32) the residual form is as fast or faster:
@@ -219,17 +221,20 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
             (``errors`` relative to ``||M W||_F``). With ``M^T M = X^T X``
             this is the error on the layer inputs ``X``.
         update_order: ``"right_to_left"`` (Algorithm 1 of the PSM
-            supplement), ``"left_to_right"`` (FAuST's default), or
-            ``"auto"``: run both for ``ceil(max_iter / 6)`` iterations and
-            continue the one with the lower error (about 1.2x the time of
-            one order). With ``left``, the order is right to left.
+            supplement), ``"left_to_right"`` (FAuST's default), ``"auto"``:
+            run both for ``ceil(max_iter / 6)`` iterations and continue the
+            one with the lower error (about 1.2x the time of one order), or
+            ``"both"``: run both to the end and keep the lower error (2x the
+            time; the order ahead after the probe of ``"auto"`` can end
+            behind, ``benchmarks/update_order.py``). With ``left``, the order
+            is right to left.
         init: optional start factors ``S_1 .. S_Q`` (e.g. the ``factors`` of
             an earlier fit), each scaled to unit norm, their norms' product
             starting ``lambda``. They are tried besides FAuST's start: each
-            start runs ``ceil(max_iter / 6)`` iterations and the one with the
-            lower error continues (``update_order`` right to left unless
-            given). palm4MSA steps never raise the error, so the result is
-            no worse than ``init``.
+            start runs ``ceil(max_iter / 6)`` iterations (all of them with
+            ``"both"``) and the one with the lower error continues
+            (``update_order`` right to left unless given). palm4MSA steps
+            never raise the error, so the result is no worse than ``init``.
         init_only: with ``init``, continue from it alone, without trying
             FAuST's start (for warm starts along a ladder of K, where the
             smaller K's factors are already the better start).
@@ -246,12 +251,12 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
     matrix = _check_matrix(matrix, _check_dtype(dtype, np.shape(matrix)))
     fixed = [] if left is None else [sps.csr_matrix(_check_left(left, matrix.shape[0]),
                                                     dtype=matrix.dtype)]
-    update_order = _check_update_order(update_order)
+    orders, probe_fraction = _orders_to_run(update_order)
     if fixed:
         if update_order == "left_to_right":
-            raise ValueError("palm4msa: `left` needs update_order 'right_to_left' or 'auto', "
-                             "got 'left_to_right'.")
-        update_order = "right_to_left"
+            raise ValueError("palm4msa: `left` needs update_order 'right_to_left', 'auto' or "
+                             "'both', got 'left_to_right'.")
+        orders = ("right_to_left",)
     shapes = factor_shapes(matrix.shape, n_factors, rank)
     n_factors = len(shapes)
     init = None if init is None else _check_init(init, shapes)
@@ -274,23 +279,32 @@ def palm4msa(matrix, n_factors, sparsity, *, rank=None, max_iter=300, tol=1e-6,
     if n_factors == 1 and not fixed:
         return _single_factor(matrix, projectors[0])
     target = StoredMatrix(fixed[0] @ matrix if fixed else matrix)
-    orders = UPDATE_ORDERS[1:] if update_order == "auto" else (update_order,)
     runs = ([] if init_only else
             [_OrderedRun(target, shapes, projectors, order, fixed) for order in orders])
     if init is not None:
         runs.append(_OrderedRun(target, shapes, projectors, orders[0], fixed, init))
-    return run_best(runs, max_iter, tol, rng, verbose).result()
+    return run_best(runs, max_iter, tol, rng, verbose, probe_fraction).result()
 
 
-def run_best(runs, max_iter, tol, rng, verbose=False):
-    """Run each of ``runs`` for ``ceil(max_iter / 6)`` iterations (when there are several),
-    continue the one with the lowest error up to ``max_iter`` and return it.
+def _orders_to_run(update_order):
+    """The update orders ``update_order`` runs, and the fraction of ``max_iter`` for which
+    ``run_best`` runs them all: ``PROBE_FRACTION`` (``"auto"``, or one order with an
+    ``init``) or 1 (``"both"``). Raises ValueError for another value."""
+    update_order = _check_update_order(update_order)
+    if update_order in ("auto", "both"):
+        return ORDERS, 1.0 if update_order == "both" else PROBE_FRACTION
+    return (update_order,), PROBE_FRACTION
+
+
+def run_best(runs, max_iter, tol, rng, verbose=False, probe_fraction=PROBE_FRACTION):
+    """Run each of ``runs`` for ``ceil(max_iter * probe_fraction)`` iterations (when there
+    are several), continue the one with the lowest error up to ``max_iter`` and return it.
 
     A run has ``iterate(n_iterations, tol, rng, progress)`` and ``errors``;
     ``verbose`` shows a tqdm bar of the iterations with the error. The runs
     that lose are removed from the list ``runs``, which frees their factors.
     """
-    probe = int(np.ceil(max_iter * PROBE_FRACTION)) if len(runs) > 1 else 0
+    probe = int(np.ceil(max_iter * probe_fraction)) if len(runs) > 1 else 0
     shape = runs[0].shape
     with tqdm(total=probe * len(runs) + max_iter - probe, desc=f"palm4MSA {shape}",
               unit="it", disable=not verbose, leave=False) as progress:

@@ -15,7 +15,7 @@ import numpy as np
 from keras_psm.backend import keras
 from keras_psm.budget import Estimate, knob_grid
 from keras_psm.factorize.calibrated import whitening_factor
-from keras_psm.factorize.palm4msa import hierarchical_palm4msa, palm4msa
+from keras_psm.factorize.palm4msa import UPDATE_ORDERS, hierarchical_palm4msa, palm4msa
 from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
 from keras_psm.methods.registry import Method, register_method
 from keras_psm.validation import check_bool, check_choice, check_float, check_int
@@ -54,6 +54,11 @@ class PSMConfig:
             ``palm4msa_on_device`` on the Keras backend's device (a GPU when the
             backend sees one; Keras 3, plain palm4MSA with ``block=1``).
         verbose: show each layer's palm4MSA iterations in a progress bar.
+        update_order: palm4MSA's ``update_order``: ``"auto"`` probes both
+            orders for a sixth of the iterations and continues the better one,
+            ``"both"`` runs both to the end (twice the time) and keeps the
+            better one, ``"right_to_left"`` or ``"left_to_right"`` runs one.
+            Plain palm4MSA only (``hierarchical=False``).
     """
 
     n_factors: int = 3
@@ -66,6 +71,7 @@ class PSMConfig:
     block: int = 1
     device: str = "cpu"
     verbose: bool = False
+    update_order: str = "auto"
 
     def __post_init__(self):
         where = type(self).__name__
@@ -79,6 +85,10 @@ class PSMConfig:
         check_int(self.block, "block", minimum=1, where=where)
         check_choice(self.device, "device", ("cpu", "auto"), where=where)
         check_bool(self.verbose, "verbose", where=where)
+        check_choice(self.update_order, "update_order", UPDATE_ORDERS, where=where)
+        if self.hierarchical and self.update_order != "auto":
+            raise ValueError(f"{where}: `update_order` applies to plain palm4MSA; got "
+                             f"update_order={self.update_order!r} with hierarchical=True.")
         if self.device == "auto" and (self.hierarchical or self.block != 1):
             raise ValueError(f"{where}: `device='auto'` fits plain palm4MSA with block=1; "
                              f"got hierarchical={self.hierarchical}, block={self.block}.")
@@ -109,18 +119,21 @@ def fit_psm(kernel, config, covariance=None):
         from keras_psm.palm4msa_accelerated import palm4msa_on_device
 
         plain = palm4msa_on_device(matrix, config.n_factors, config.sparsity,
-                                   verbose=config.verbose, **options)
+                                   update_order=config.update_order, verbose=config.verbose,
+                                   **options)
     elif config.hierarchical:
         plain = hierarchical_palm4msa(matrix, config.n_factors, config.sparsity,
                                       block=config.block, **options)
     else:
         plain = palm4msa(matrix, config.n_factors, config.sparsity, block=config.block,
-                         verbose=config.verbose, **options)
+                         update_order=config.update_order, verbose=config.verbose, **options)
     if covariance is None:
         return plain
     options["block"] = config.block
+    # With ``left`` palm4msa runs right to left; "both" runs both starts to the end.
+    update_order = "both" if config.update_order == "both" else "auto"
     return palm4msa(matrix, config.n_factors, config.sparsity, left=whitening_factor(covariance),
-                    init=plain.factors, **options)
+                    init=plain.factors, update_order=update_order, **options)
 
 
 def psm_sizes(kernel_shape, config):
