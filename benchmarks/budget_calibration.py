@@ -13,7 +13,8 @@ Each model's test accuracy is measured right after compression and after the
 same fine-tuning (Adam, at the learning rate the PSM paper's protocol picks:
 ``keras_psm.pick_learning_rate``), twice from the same start: on the labels
 alone ("after") and distilled from the uncompressed model ("distilled",
-``keras_psm.Distiller``, ``--objective``). ``--seeds N`` repeats each
+``keras_psm.Distiller``, ``--objective``). ``--balance`` fits PSM with
+``balance=True`` (its factors rescaled to one norm). ``--seeds N`` repeats each
 fine-tuning with N seeds and reports the means. A longer-fine-tuning row
 (``--long-epochs``) shows what more epochs buy calibrated PSM. Prints one table and writes
 ``benchmarks/results/budget_calibration.csv`` (``--output``).
@@ -109,13 +110,13 @@ def row(dataset, target, variant, report, scores, seconds, epochs, seeds):
                 layer_knobs="; ".join(f"{r.name}: {r.note}" for r in report.compressed))
 
 
-def uniform_psm(base, ratios, max_iter):
+def uniform_psm(base, ratios, max_iter, balance=False):
     """For each ratio, the Q = 3 PSM compression with one K for all layers reaching it."""
     found, k = {}, 1
     fits = {}
     while len(found) < len(ratios) and k <= 16:
         fits[k] = keras_psm.compress(base, "psm", n_factors=3, sparsity=k, max_iter=max_iter,
-                                     verbose=0)
+                                     balance=balance, verbose=0)
         k += 1
     for ratio in ratios:
         reaching = [k for k, (_, report) in fits.items() if report.compression_ratio >= ratio]
@@ -147,7 +148,7 @@ def run(dataset, args):
     uniform = {}
     if UNIFORM in args.variants:
         start = time.perf_counter()
-        uniform = uniform_psm(base, args.ratios, args.max_iter)
+        uniform = uniform_psm(base, args.ratios, args.max_iter, args.balance)
         uniform_seconds = time.perf_counter() - start
     long_settings = dataclasses.replace(settings, finetune_epochs=args.long_epochs)
     for ratio in args.ratios:
@@ -160,7 +161,7 @@ def run(dataset, args):
         for label, method, calibrated in VARIANTS:
             if label not in args.variants:
                 continue
-            options = dict(max_iter=args.max_iter) if method == "psm" else {}
+            options = dict(max_iter=args.max_iter, balance=args.balance) if method == "psm" else {}
             start = time.perf_counter()
             model, report = keras_psm.compress(
                 base, method, target_ratio=ratio, verbose=0,
@@ -223,6 +224,8 @@ def main():
                         help="fine-tune with a moving average of the weights (Adam's use_ema)")
     parser.add_argument("--max-iter", type=int, default=300,
                         help="palm4MSA iterations per fit (default: compress's and the paper's)")
+    parser.add_argument("--balance", action="store_true",
+                        help="fit PSM with balance=True: every factor the same norm")
     parser.add_argument("--seeds", type=int, default=1,
                         help="fine-tune each model this many times, with seeds 0, 1, ..., "
                              "and report the mean accuracies (default: 1)")

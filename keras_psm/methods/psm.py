@@ -14,6 +14,7 @@ import numpy as np
 
 from keras_psm.backend import keras
 from keras_psm.budget import Estimate, knob_grid
+from keras_psm.factorize.balance import balanced_factors
 from keras_psm.factorize.calibrated import whitening_factor
 from keras_psm.factorize.palm4msa import UPDATE_ORDERS, hierarchical_palm4msa, palm4msa
 from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
@@ -59,6 +60,11 @@ class PSMConfig:
             ``"both"`` runs both to the end (twice the time) and keeps the
             better one, ``"right_to_left"`` or ``"left_to_right"`` runs one.
             Plain palm4MSA only (``hierarchical=False``).
+        balance: give every factor the norm ``|lambda|^(1/Q)``, the product
+            unchanged (``factorize.balance``): fine-tuning then recovers more
+            accuracy (docs/finetuning.md). False (the default) keeps
+            palm4MSA's unit-norm factors with ``lambda`` folded into ``S_1``,
+            as the paper does.
     """
 
     n_factors: int = 3
@@ -72,6 +78,7 @@ class PSMConfig:
     device: str = "cpu"
     verbose: bool = False
     update_order: str = "auto"
+    balance: bool = False
 
     def __post_init__(self):
         where = type(self).__name__
@@ -85,6 +92,7 @@ class PSMConfig:
         check_int(self.block, "block", minimum=1, where=where)
         check_choice(self.device, "device", ("cpu", "auto"), where=where)
         check_bool(self.verbose, "verbose", where=where)
+        check_bool(self.balance, "balance", where=where)
         check_choice(self.update_order, "update_order", UPDATE_ORDERS, where=where)
         if self.hierarchical and self.update_order != "auto":
             raise ValueError(f"{where}: `update_order` applies to plain palm4MSA; got "
@@ -108,6 +116,8 @@ def fit_psm(kernel, config, covariance=None):
     lower the error on the data, and the plain fit is a far better start
     than FAuST's when ``C`` is ill-conditioned (small steps along the
     directions the inputs rarely take). This doubles the fitting time.
+    With ``config.balance`` the factors are rescaled to one norm
+    (``balanced_factors``), their product unchanged.
     """
     if covariance is not None and config.hierarchical:
         raise ValueError("PSMConfig: `hierarchical=True` does not take calibration data; "
@@ -127,13 +137,17 @@ def fit_psm(kernel, config, covariance=None):
     else:
         plain = palm4msa(matrix, config.n_factors, config.sparsity, block=config.block,
                          update_order=config.update_order, verbose=config.verbose, **options)
-    if covariance is None:
-        return plain
-    options["block"] = config.block
-    # With ``left`` palm4msa runs right to left; "both" runs both starts to the end.
-    update_order = "both" if config.update_order == "both" else "auto"
-    return palm4msa(matrix, config.n_factors, config.sparsity, left=whitening_factor(covariance),
-                    init=plain.factors, update_order=update_order, **options)
+    fit = plain
+    if covariance is not None:
+        options["block"] = config.block
+        # With ``left`` palm4msa runs right to left; "both" runs both starts to the end.
+        update_order = "both" if config.update_order == "both" else "auto"
+        fit = palm4msa(matrix, config.n_factors, config.sparsity,
+                       left=whitening_factor(covariance), init=plain.factors,
+                       update_order=update_order, **options)
+    if not config.balance:
+        return fit
+    return dataclasses.replace(fit, factors=balanced_factors(fit.factors))
 
 
 def psm_sizes(kernel_shape, config):
