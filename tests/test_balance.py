@@ -42,7 +42,7 @@ def test_balanced_factors_keep_the_product_and_give_one_norm():
 
 def test_balanced_factors_leave_a_zero_product_and_a_single_factor_alone():
     rng = np.random.default_rng(1)
-    factors, supports = _sparse_factors(rng, [(6, 4), (4, 5)], [0.5, 0.5], [3.0, 1.0])
+    factors, _ = _sparse_factors(rng, [(6, 4), (4, 5)], [0.5, 0.5], [3.0, 1.0])
     zero = [factors[0], np.zeros((4, 5))]
     for case in (zero, factors[:1]):
         for kept, original in zip(balanced_factors(case), case):
