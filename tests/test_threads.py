@@ -1,5 +1,7 @@
 """Pieces of large products on every core (keras_psm.factorize.threads)."""
 
+import multiprocessing
+import os
 import threading
 
 import numpy as np
@@ -78,3 +80,30 @@ def test_map_on_cores_keeps_order_and_runs_nested_calls_on_the_calling_thread(th
     assert [value for value, _ in results] == [0, 10, 20, 30, 40, 50]
     # Each nested map ran all its calls on the thread of the piece that made it.
     assert all(len(names) == 1 for _, names in results)
+
+
+def test_map_on_cores_reuses_its_threads(three_cores):
+    idents = set()
+    for _ in range(20):
+        idents.update(map_on_cores(lambda _: threading.get_ident(), range(6)))
+    # One pool for the process: 20 maps of 6 calls ran on at most the pool's threads.
+    assert 2 <= len(idents) <= max(threads.CORES, threads._pool["executor"]._max_workers)
+
+
+def _map_in_child(queue):
+    queue.put(map_on_cores(lambda x: x * x, range(5)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_map_on_cores_works_in_a_forked_child(three_cores):
+    map_on_cores(abs, range(4))  # the parent's pool exists before the fork
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_map_in_child, args=(queue,))
+    child.start()
+    # A child given the parent's pool (whose threads it does not have) would wait forever.
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == [0, 1, 4, 9, 16]
