@@ -13,8 +13,8 @@ Each model's test accuracy is measured right after compression and after the
 same fine-tuning (Adam, at the learning rate the PSM paper's protocol picks:
 ``keras_psm.pick_learning_rate``), twice from the same start: on the labels
 alone ("after") and distilled from the uncompressed model ("distilled",
-``keras_psm.Distiller``, ``--objective``). ``--balance`` fits PSM with
-``balance=True`` (its factors rescaled to one norm). ``--seeds N`` repeats each
+``keras_psm.Distiller``, ``--objective``). ``--no-balance`` fits PSM with
+``balance=False`` (``lambda`` in ``S_1``, as the paper does). ``--seeds N`` repeats each
 fine-tuning with N seeds and reports the means. A longer-fine-tuning row
 (``--long-epochs``) shows what more epochs buy calibrated PSM. Prints one table and writes
 ``benchmarks/results/budget_calibration.csv`` (``--output``).
@@ -53,8 +53,8 @@ UNIFORM = "psm uniform"
 #: The variant the longer-fine-tuning row fine-tunes.
 LONG_VARIANT = "psm allocated + calibration"
 FIELDS = ("dataset", "target_ratio", "variant", "ratio", "params", "accuracy_before",
-          "accuracy_after", "accuracy_distilled", "finetune_epochs", "finetune_seeds",
-          "compress_seconds", "layer_knobs")
+          "accuracy_after", "accuracy_distilled", "distillation_gain_se", "finetune_epochs",
+          "finetune_seeds", "compress_seconds", "layer_knobs")
 
 
 def load(name, fashion_path):
@@ -78,24 +78,27 @@ def finetune_and_score(model, report, base, data, settings, seeds=1):
 
     Every fine-tuning starts from the compressed weights (``demo.finetune``);
     with ``seeds`` > 1, each is run with seeds ``settings.seed`` onwards (the
-    batches' order) and the accuracies are their means.
+    batches' order) and the accuracies are their means. The fourth value is
+    the standard error of the distilled-minus-labels difference, paired by
+    seed (``std(d, ddof=1) / sqrt(seeds)``; NaN with one seed).
     """
     _, (x_test, y_test) = data
     before = demo.accuracy(model, x_test, y_test)
     if not settings.finetune_epochs:
-        return before, before, before
+        return before, before, before, float("nan")
     start = model.get_weights()
-    scores = [before]
+    accuracies = {False: [], True: []}
     for distill in (False, True):
-        accuracies = []
         for seed in range(settings.seed, settings.seed + seeds):
             model.set_weights(start)
             demo.finetune(model, base, data,
                           dataclasses.replace(settings, distill=distill, seed=seed),
                           report.callbacks)
-            accuracies.append(demo.accuracy(model, x_test, y_test))
-        scores.append(float(np.mean(accuracies)))
-    return tuple(scores)
+            accuracies[distill].append(demo.accuracy(model, x_test, y_test))
+    gains = np.subtract(accuracies[True], accuracies[False])
+    gain_error = float(np.std(gains, ddof=1) / np.sqrt(seeds)) if seeds > 1 else float("nan")
+    return (before, float(np.mean(accuracies[False])), float(np.mean(accuracies[True])),
+            gain_error)
 
 
 def row(dataset, target, variant, report, scores, seconds, epochs, seeds):
@@ -104,13 +107,14 @@ def row(dataset, target, variant, report, scores, seconds, epochs, seeds):
     return dict(dataset=dataset, target_ratio=target, variant=variant,
                 ratio=round(before / after, 2), params=after,
                 accuracy_before=round(scores[0], 4), accuracy_after=round(scores[1], 4),
-                accuracy_distilled=round(scores[2], 4), finetune_epochs=epochs,
+                accuracy_distilled=round(scores[2], 4),
+                distillation_gain_se=round(scores[3], 4), finetune_epochs=epochs,
                 finetune_seeds=seeds,
                 compress_seconds=round(seconds, 1),
                 layer_knobs="; ".join(f"{r.name}: {r.note}" for r in report.compressed))
 
 
-def uniform_psm(base, ratios, max_iter, balance=False):
+def uniform_psm(base, ratios, max_iter, balance):
     """For each ratio, the Q = 3 PSM compression with one K for all layers reaching it."""
     found, k = {}, 1
     fits = {}
@@ -178,18 +182,20 @@ def run(dataset, args):
                 rows.append(row(dataset, ratio, name, report, scores, seconds,
                                 run_settings.finetune_epochs, args.seeds))
                 print(f"  {dataset} x{ratio} {name}: acc {scores[0]:.3f} -> {scores[1]:.3f}, "
-                      f"distilled {scores[2]:.3f} (x{rows[-1]['ratio']}, {seconds:.0f} s)",
+                      f"distilled {scores[2]:.3f} (gain s.e. {scores[3]:.3f}, "
+                      f"x{rows[-1]['ratio']}, {seconds:.0f} s)",
                       flush=True)
     return rows
 
 
 def format_rows(rows):
     header = ("data", "target", "variant", "ratio", "acc. before", "acc. after", "distilled",
-              "epochs", "compress s")
+              "gain s.e.", "epochs", "compress s")
     lines = [header] + [
         (r["dataset"], f"x{r['target_ratio']}", r["variant"], f"x{r['ratio']}",
          f"{r['accuracy_before']:.4f}", f"{r['accuracy_after']:.4f}",
-         f"{r['accuracy_distilled']:.4f}", str(r["finetune_epochs"]),
+         f"{r['accuracy_distilled']:.4f}", f"{r.get('distillation_gain_se', float('nan')):.4f}",
+         str(r["finetune_epochs"]),
          f"{r['compress_seconds']:.0f}") for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -224,8 +230,9 @@ def main():
                         help="fine-tune with a moving average of the weights (Adam's use_ema)")
     parser.add_argument("--max-iter", type=int, default=300,
                         help="palm4MSA iterations per fit (default: compress's and the paper's)")
-    parser.add_argument("--balance", action="store_true",
-                        help="fit PSM with balance=True: every factor the same norm")
+    parser.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
+                        help="fit PSM with balance=True (the default: every factor the same "
+                             "norm); --no-balance: lambda in S_1, as the paper does")
     parser.add_argument("--seeds", type=int, default=1,
                         help="fine-tune each model this many times, with seeds 0, 1, ..., "
                              "and report the mean accuracies (default: 1)")

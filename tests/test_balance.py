@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import keras_psm
-from keras_psm.factorize.balance import balanced_factors
+from keras_psm.factorize.balance import balance_norms
 from keras_psm.methods.psm import PSMConfig
 from keras_psm.ops import convert_to_numpy as to_numpy
 
@@ -22,12 +22,12 @@ def _sparse_factors(rng, shapes, densities, scales):
     return factors, supports
 
 
-def test_balanced_factors_keep_the_product_and_give_one_norm():
+def test_balance_norms_keep_the_product_and_give_one_norm():
     rng = np.random.default_rng(0)
     # palm4MSA's output: lambda (here 37) in S_1, the others at unit norm; unequal supports.
     factors, supports = _sparse_factors(rng, [(30, 20), (20, 20), (20, 12)], [0.5, 0.2, 0.7],
                                         [37.0, 0.05, 0.3])
-    balanced = balanced_factors(factors)
+    balanced = balance_norms(factors)
     # float64 NumPy on both sides: only rounding of the rescaling (a few ulps) differs.
     np.testing.assert_allclose(balanced[0] @ balanced[1] @ balanced[2],
                                factors[0] @ factors[1] @ factors[2], rtol=1e-12, atol=1e-12)
@@ -40,20 +40,20 @@ def test_balanced_factors_keep_the_product_and_give_one_norm():
         assert not np.any(new[~support])
 
 
-def test_balanced_factors_leave_a_zero_product_and_a_single_factor_alone():
+def test_balance_norms_leave_a_zero_product_and_a_single_factor_alone():
     rng = np.random.default_rng(1)
     factors, _ = _sparse_factors(rng, [(6, 4), (4, 5)], [0.5, 0.5], [3.0, 1.0])
     zero = [factors[0], np.zeros((4, 5))]
     for case in (zero, factors[:1]):
-        for kept, original in zip(balanced_factors(case), case):
+        for kept, original in zip(balance_norms(case), case):
             np.testing.assert_array_equal(kept, original)
 
 
 @pytest.fixture(scope="module")
 def balanced_and_folded(trained_lenet):
     options = dict(n_factors=2, sparsity=3, max_iter=30, seed=0, verbose=0)
-    balanced, _ = keras_psm.compress(trained_lenet, "psm", balance=True, **options)
-    folded, _ = keras_psm.compress(trained_lenet, "psm", **options)
+    balanced, _ = keras_psm.compress(trained_lenet, "psm", **options)  # the default
+    folded, _ = keras_psm.compress(trained_lenet, "psm", balance=False, **options)
     return balanced, folded
 
 

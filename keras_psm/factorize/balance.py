@@ -4,7 +4,7 @@ palm4MSA keeps each factor at unit Frobenius norm and returns the scale
 ``lambda`` folded into ``S_1`` (PSM paper, supplement A.4, Algorithm 1,
 line 14), so ``S_1`` starts ``|lambda|`` times larger than the others. The
 product ``S_1 ... S_Q`` is unchanged by ``S_q -> c_q S_q`` whenever
-``prod_q c_q = 1``; ``balanced_factors`` picks the positive ``c_q`` that give
+``prod_q c_q = 1``; ``balance_norms`` picks the positive ``c_q`` that give
 every factor the same norm::
 
     g = (prod_q ||S_q||_F)^(1/Q),   c_q = g / ||S_q||_F
@@ -18,10 +18,10 @@ start with ``lambda`` in one factor stays unbalanced through fine-tuning.
 
 import numpy as np
 
-__all__ = ["balanced_factors"]
+__all__ = ["balance_norms"]
 
 
-def balanced_factors(factors):
+def balance_norms(factors):
     """``[c_q S_q]`` with ``prod_q c_q = 1`` and ``||c_q S_q||_F`` the same for every ``q``.
 
     ``factors``: dense arrays ``S_1 .. S_Q``. Returns float64 arrays with the

@@ -14,7 +14,7 @@ import numpy as np
 
 from keras_psm.backend import keras
 from keras_psm.budget import Estimate, knob_grid
-from keras_psm.factorize.balance import balanced_factors
+from keras_psm.factorize.balance import balance_norms
 from keras_psm.factorize.calibrated import whitening_factor
 from keras_psm.factorize.palm4msa import UPDATE_ORDERS, hierarchical_palm4msa, palm4msa
 from keras_psm.layers.sparse_factor import SparseFactorConv2D, SparseFactorDense
@@ -60,11 +60,11 @@ class PSMConfig:
             ``"both"`` runs both to the end (twice the time) and keeps the
             better one, ``"right_to_left"`` or ``"left_to_right"`` runs one.
             Plain palm4MSA only (``hierarchical=False``).
-        balance: give every factor the norm ``|lambda|^(1/Q)``, the product
-            unchanged (``factorize.balance``): fine-tuning then recovers more
-            accuracy (docs/finetuning.md). False (the default) keeps
-            palm4MSA's unit-norm factors with ``lambda`` folded into ``S_1``,
-            as the paper does.
+        balance: True (the default) gives every factor the norm
+            ``|lambda|^(1/Q)``, the product unchanged (``factorize.balance``):
+            fine-tuning then recovers more accuracy (docs/finetuning.md).
+            False keeps palm4MSA's unit-norm factors with ``lambda`` folded
+            into ``S_1``, as the paper does.
     """
 
     n_factors: int = 3
@@ -78,7 +78,7 @@ class PSMConfig:
     device: str = "cpu"
     verbose: bool = False
     update_order: str = "auto"
-    balance: bool = False
+    balance: bool = True
 
     def __post_init__(self):
         where = type(self).__name__
@@ -117,7 +117,7 @@ def fit_psm(kernel, config, covariance=None):
     than FAuST's when ``C`` is ill-conditioned (small steps along the
     directions the inputs rarely take). This doubles the fitting time.
     With ``config.balance`` the factors are rescaled to one norm
-    (``balanced_factors``), their product unchanged.
+    (``balance_norms``), their product unchanged.
     """
     if covariance is not None and config.hierarchical:
         raise ValueError("PSMConfig: `hierarchical=True` does not take calibration data; "
@@ -147,7 +147,7 @@ def fit_psm(kernel, config, covariance=None):
                        update_order=update_order, **options)
     if not config.balance:
         return fit
-    return dataclasses.replace(fit, factors=balanced_factors(fit.factors))
+    return dataclasses.replace(fit, factors=balance_norms(fit.factors))
 
 
 def psm_sizes(kernel_shape, config):
