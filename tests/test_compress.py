@@ -67,8 +67,13 @@ def test_input_model_is_never_mutated_and_compressed_model_trains(trained_lenet,
            if hasattr(layer, "masks")}
     model.compile(keras.optimizers.RMSprop(1e-3), "sparse_categorical_crossentropy",
                   metrics=["accuracy"])
+    loss_before, accuracy_before = model.evaluate(x_test, y_test, verbose=0)
     model.fit(x, y, epochs=1, batch_size=64, verbose=0)
-    assert model.evaluate(x_test, y_test, verbose=0)[1] > 0.5
+    loss_after, accuracy_after = model.evaluate(x_test, y_test, verbose=0)
+    # One epoch on 1,000 digits from about 0.2: 0.45 to 0.63 on TensorFlow and JAX. 0.15 is
+    # more than six standard deviations of an accuracy on 500 test digits.
+    assert loss_after < loss_before
+    assert accuracy_after > accuracy_before + 0.15
     for a, b in zip(before, trained_lenet.get_weights()):
         np.testing.assert_array_equal(a, b)
     for name, count in nnz.items():
