@@ -87,7 +87,7 @@ def test_map_on_cores_reuses_its_threads(three_cores):
     for _ in range(20):
         idents.update(map_on_cores(lambda _: threading.get_ident(), range(6)))
     # One pool for the process: 20 maps of 6 calls ran on at most the pool's threads.
-    assert 2 <= len(idents) <= max(threads.CORES, threads._pool["executor"]._max_workers)
+    assert 2 <= len(idents) <= max(threads.CORES, threads._pool._max_workers)
 
 
 def _map_in_child(queue):
