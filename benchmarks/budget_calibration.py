@@ -13,7 +13,8 @@ Each model's test accuracy is measured right after compression and after the
 same fine-tuning (Adam, at the learning rate the PSM paper's protocol picks:
 ``keras_psm.pick_learning_rate``), twice from the same start: on the labels
 alone ("after") and distilled from the uncompressed model ("distilled",
-``keras_psm.Distiller``, ``--objective``). ``--no-balance`` fits PSM with
+``keras_psm.Distiller``, ``--objective``; ``--distill-epochs N`` distils in
+the first N epochs only). ``--no-balance`` fits PSM with
 ``balance=False`` (``lambda`` in ``S_1``, as the paper does). ``--seeds N`` repeats each
 fine-tuning with N seeds and reports the means. A longer-fine-tuning row
 (``--long-epochs``) shows what more epochs buy calibrated PSM. Prints one table and writes
@@ -133,7 +134,7 @@ def run(dataset, args):
     settings = demo.Settings(train_epochs=args.train_epochs, finetune_epochs=args.finetune_epochs,
                              max_iter=args.max_iter, temperature=args.temperature,
                              alpha=args.alpha, objective=args.objective,
-                             pick_steps=args.pick_steps)
+                             distill_epochs=args.distill_epochs, pick_steps=args.pick_steps)
     data = load(dataset, args.fashion_path)
     (x, y), (x_test, y_test) = data
     base = demo.lenet5(x.shape[1:], 10, seed=settings.seed)
@@ -220,6 +221,8 @@ def main():
     parser.add_argument("--alpha", type=float, default=demo.FULL.alpha)
     parser.add_argument("--objective", choices=OBJECTIVES,
                         default=demo.FULL.objective)
+    parser.add_argument("--distill-epochs", type=int, metavar="N",
+                        help="distil in the first N fine-tuning epochs only (default: all)")
     parser.add_argument("--learning-rate", type=float,
                         help="fine-tune at this rate (default: the paper's pick of 1e-3, 1e-4, "
                              "1e-5); the dense model always trains at 1e-3")

@@ -341,8 +341,9 @@ def load_training_data(path):
 
 
 def run_finetune(args):
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
-        if value < 1:
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
+                        ("--distill-epochs", args.distill_epochs)):
+        if value is not None and value < 1:
             raise CommandError(f"{flag} must be an integer >= 1, got {value}.")
     # Never one of the two inputs, --overwrite or not; then an existing output needs it.
     writable_path(args.output, ".keras", "output model", args.teacher, overwrite=True)
@@ -351,7 +352,7 @@ def run_finetune(args):
     student, teacher = load_model(args.input), load_model(args.teacher)
     trainee = student if args.alpha == 0 else Distiller(
         student, teacher, temperature=args.temperature, alpha=args.alpha,
-        objective=args.objective)
+        objective=args.objective, distill_epochs=args.distill_epochs)
     rate = args.learning_rate
     if rate is None:
         pick = pick_learning_rate(trainee, x, y, args.loss, batch_size=args.batch_size)
@@ -369,8 +370,9 @@ def run_finetune(args):
     losses = history.history["loss"]
     print(f"wrote {args.output}: fine-tuned {args.epochs} epoch(s) at learning rate {rate:g}"
           + (f", distilled from {args.teacher} ({args.objective}, T={args.temperature:g}, "
-             f"alpha={args.alpha:g})"
-             if trainee is not student else "")
+             f"alpha={args.alpha:g}"
+             + (f", in the first {args.distill_epochs} epoch(s)" if args.distill_epochs else "")
+             + ")" if trainee is not student else "")
           + f"; training loss {losses[0]:.4f} -> {losses[-1]:.4f}.")
     return 0
 
@@ -573,6 +575,9 @@ def build_parser():
         help="the distance D between the softened outputs: 'kl' (Hinton et al. 2015) or "
              "'correlation' (DIST, Huang et al. 2022; for a calibrated model at a high "
              "ratio) (default: kl)")
+    add("--distill-epochs", type=int, metavar="N",
+        help="distil in the first N epochs only, then fine-tune on the labels alone "
+             "(early-stopped distillation) (default: every epoch)")
     add("--loss", default="sparse_categorical_crossentropy",
         help="the task loss, a Keras loss name (default: sparse_categorical_crossentropy)")
     add("--quiet", action="store_true", help="no progress bar")

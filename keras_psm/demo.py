@@ -67,7 +67,8 @@ class Settings:
             only if ``pick_rate`` is False.
         distill: fine-tune each compressed model as the student of the
             uncompressed one (``keras_psm.Distiller`` with ``temperature``,
-            ``alpha`` and ``objective``) instead of on the labels alone.
+            ``alpha``, ``objective`` and ``distill_epochs``) instead of on the
+            labels alone.
         pick_rate: fine-tune each compressed model at the learning rate
             ``pick_learning_rate`` picks (the PSM paper's protocol).
         pick_steps: the steps each rate trains before the pick compares them
@@ -93,6 +94,7 @@ class Settings:
     temperature: float = 4.0
     alpha: float = 1.0
     objective: str = "kl"
+    distill_epochs: Optional[int] = None
     pick_rate: bool = True
     pick_steps: int = DEFAULT_STEPS
     ema_momentum: Optional[float] = None
@@ -114,6 +116,7 @@ class Settings:
                     where=where)
         check_float(self.alpha, "alpha", minimum=0.0, where=where)
         check_choice(self.objective, "objective", OBJECTIVES, where=where)
+        check_int(self.distill_epochs, "distill_epochs", minimum=1, where=where, allow_none=True)
         check_bool(self.pick_rate, "pick_rate", where=where)
         check_int(self.pick_steps, "pick_steps", minimum=1, where=where)
         check_float(self.ema_momentum, "ema_momentum", minimum=0.0, maximum=1.0,
@@ -269,7 +272,8 @@ def finetune(model, teacher, data, settings, callbacks=()):
     """
     (x, y), _ = data
     trainee = (Distiller(model, teacher, settings.temperature, settings.alpha,
-                         objective=settings.objective)
+                         objective=settings.objective,
+                         distill_epochs=settings.distill_epochs)
                if settings.distill else model)
     rate = settings.learning_rate
     if settings.pick_rate:

@@ -27,7 +27,12 @@ where the KL divergence costs it accuracy. A student whose outputs start
 near chance can fail to train with it, so the KL divergence is the default.
 
 ``T^2`` keeps the soft term's gradient on the scale of the task loss's as
-``T`` changes (Hinton et al., section 2). The teacher only runs forward
+``T`` changes (Hinton et al., section 2). With ``distill_epochs=E`` the
+soft term counts only in the first ``E`` epochs of each ``fit``, and the
+student trains on the task loss alone after them: early-stopped distillation
+(Cho & Hariharan 2019, "On the Efficacy of Knowledge Distillation",
+section 5), for a student that the teacher's outputs would otherwise hold
+back once it has learnt what they teach. The teacher only runs forward
 (``training=False``); its weights are never trained nor changed.
 
     distiller = keras_psm.Distiller(small, model, temperature=4.0, alpha=1.0)
@@ -42,7 +47,7 @@ training step (mixed precision loss scaling, callbacks, distribution).
 
 from keras_psm import ops
 from keras_psm.backend import LEGACY_KERAS, keras
-from keras_psm.validation import check_choice, check_float
+from keras_psm.validation import check_choice, check_float, check_int
 
 #: What a model's output can be: class probabilities (a softmax output layer,
 #: like the demo's LeNet-5) or logits.
@@ -133,10 +138,13 @@ class Distiller(keras.Model):
             None (default) detects it for each model (``output_kind``).
         objective: ``"kl"`` (Hinton et al., the default) or ``"correlation"``
             (DIST), the distance between the softened outputs.
+        distill_epochs: the distillation term counts in the first
+            ``distill_epochs`` epochs of each ``fit`` and the task loss alone
+            in the epochs after them; None (default): in every epoch.
     """
 
     def __init__(self, student, teacher, temperature=4.0, alpha=1.0, outputs=None,
-                 objective="kl", **kwargs):
+                 objective="kl", distill_epochs=None, **kwargs):
         super().__init__(name=kwargs.pop("name", f"{student.name}_distiller"), **kwargs)
         where = "Distiller"
         for role, model in (("student", student), ("teacher", teacher)):
@@ -154,12 +162,19 @@ class Distiller(keras.Model):
                                        exclusive_minimum=True, where=where)
         self.alpha = check_float(alpha, "alpha", minimum=0.0, where=where)
         self.objective = check_choice(objective, "objective", OBJECTIVES, where=where)
+        self.distill_epochs = check_int(distill_epochs, "distill_epochs", minimum=1,
+                                        where=where, allow_none=True)
         if outputs is not None:
             check_choice(outputs, "outputs", OUTPUT_KINDS, where=where)
         self.student_outputs = outputs or output_kind(student)
         self.teacher_outputs = outputs or output_kind(teacher)
         self.student = student
         self.teacher = teacher
+        # alpha, or 0 after distill_epochs: a variable, so that the compiled
+        # training step reads the value the epoch sets (_DistillFor).
+        self.distillation_weight = self.add_weight(
+            name="distillation_weight", shape=(), dtype="float32", trainable=False,
+            initializer=keras.initializers.Constant(self.alpha))
 
     def call(self, inputs, training=None):
         return self.student(inputs, training=training)
@@ -176,7 +191,13 @@ class Distiller(keras.Model):
             as_logits(self.teacher(x, training=False), self.teacher_outputs))
         student = as_logits(y_pred, self.student_outputs)
         soft = DISTANCES[self.objective](teacher, student, self.temperature)
-        return task + ops.cast(self.alpha * soft, task.dtype)
+        return task + ops.cast(self.distillation_weight * soft, task.dtype)
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """``keras.Model.fit``, which stops the distillation after ``distill_epochs``."""
+        if self.distill_epochs is not None:
+            callbacks = [*(callbacks or ()), _DistillFor(self.distill_epochs)]
+        return super().fit(*args, callbacks=callbacks, **kwargs)
 
     # Only the student trains: the teacher's variables are state the training
     # step carries (JAX passes them in) but never differentiates nor updates.
@@ -186,7 +207,8 @@ class Distiller(keras.Model):
 
     @property
     def non_trainable_weights(self):
-        return self.student.non_trainable_weights + self.teacher.weights
+        return (self.student.non_trainable_weights + self.teacher.weights
+                + [self.distillation_weight])
 
     @property
     def trainable_variables(self):
@@ -194,4 +216,27 @@ class Distiller(keras.Model):
 
     @property
     def non_trainable_variables(self):
-        return self.student.non_trainable_variables + self.teacher.variables
+        return (self.student.non_trainable_variables + self.teacher.variables
+                + [self.distillation_weight])
+
+
+class _DistillFor(keras.callbacks.Callback):
+    """Sets the Distiller's weight to ``alpha`` in the first ``epochs`` epochs of
+    the ``fit`` it is made for and to 0 in the others; ``alpha`` again at the end.
+
+    Set at the start of an epoch, where every backend's ``fit`` reads its
+    variables anew (JAX carries them through an epoch's steps as state).
+    """
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+        self.epochs_begun = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        weight = self.model.alpha if self.epochs_begun < self.epochs else 0.0
+        self.model.distillation_weight.assign(weight)
+        self.epochs_begun += 1
+
+    def on_train_end(self, logs=None):
+        self.model.distillation_weight.assign(self.model.alpha)

@@ -430,6 +430,18 @@ def test_an_interrupted_finetune_keeps_the_previous_model(finetune_files, tmp_pa
     assert sorted(os.listdir(tmp_path)) == sorted(["small.keras", "train.npz", "tuned.keras"])
 
 
+def test_finetune_distils_in_the_first_epochs(finetune_files, tmp_path, capsys):
+    student, teacher, data = finetune_files
+    output = tmp_path / "tuned.keras"
+    assert cli.main(["finetune", str(student), str(output), "--teacher", str(teacher),
+                     "--data", str(data), "--epochs", "2", "--distill-epochs", "1",
+                     "--learning-rate", "1e-3"]) == 0
+    assert "(kl, T=4, alpha=1, in the first 1 epoch(s))" in capsys.readouterr().out
+    assert cli.main(["finetune", str(student), str(output), "--teacher", str(teacher),
+                     "--data", str(data), "--distill-epochs", "0", "--overwrite"]) == 1
+    assert "--distill-epochs must be an integer >= 1, got 0" in only_error_line(capsys)
+
+
 def test_finetune_data_errors(finetune_files, tmp_path, capsys):
     student, teacher, _ = finetune_files
     data = tmp_path / "unnamed.npz"

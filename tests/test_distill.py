@@ -81,6 +81,10 @@ def test_arguments_are_validated(trained_lenet):
         Distiller(student, trained_lenet, objective="mse")
     with pytest.raises(TypeError, match="teacher"):
         Distiller(student, "lenet.keras")
+    with pytest.raises(ValueError, match="`distill_epochs` must be >= 1, got 0"):
+        Distiller(student, trained_lenet, distill_epochs=0)
+    with pytest.raises(TypeError, match="`distill_epochs` must be an integer"):
+        Distiller(student, trained_lenet, distill_epochs=1.5)
     other = demo.lenet5(n_classes=5)
     with pytest.raises(ValueError, match="output shape"):
         Distiller(other, trained_lenet)
@@ -98,6 +102,33 @@ def test_correlation_of_a_one_sample_batch_trains():
     history = distiller.fit(x, y, batch_size=1, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
     assert all(np.isfinite(weight).all() for weight in student.get_weights())
+
+
+def test_distillation_stops_after_distill_epochs(trained_lenet):
+    """Plain SGD keeps no state between fits, so one fit of 2 epochs that distils in the
+    first is two fits: 1 epoch distilled, then 1 on the labels alone."""
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, 64)
+
+    def fitted(epochs, distill_epochs, then_labels=0):
+        student = demo.lenet5(seed=2)
+        distiller = Distiller(student, trained_lenet, alpha=0.5, distill_epochs=distill_epochs)
+        for model, n in ((distiller, epochs), (student, then_labels)):
+            if n:
+                model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+                model.fit(x, y, batch_size=32, epochs=n, shuffle=False, verbose=0)
+        return student.get_weights(), distiller
+
+    stopped, distiller = fitted(2, distill_epochs=1)
+    in_two_fits, _ = fitted(1, distill_epochs=None, then_labels=1)
+    distilled_throughout, _ = fitted(2, distill_epochs=None)
+    # The same float32 steps in other compiled graphs: ~1e-6 relative after 4 steps.
+    for a, b in zip(stopped, in_two_fits):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert max(np.abs(a - b).max() for a, b in zip(stopped, distilled_throughout)) > 1e-3
+    # After fit the weight is alpha again: the next fit distils in its first epoch.
+    assert float(ops.convert_to_numpy(distiller.distillation_weight)) == 0.5
 
 
 def test_output_kind_is_detected():
