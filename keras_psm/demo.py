@@ -572,8 +572,10 @@ def finetune_description(settings):
     """How ``finetune`` trains, as the end of a sentence."""
     parts = []
     if settings.distill:
+        epochs = (f", in the first {settings.distill_epochs} epoch(s)"
+                  if settings.distill_epochs else "")
         parts.append(f"distilled from the uncompressed model ({settings.objective}, "
-                     f"T={settings.temperature:g}, alpha={settings.alpha:g})")
+                     f"T={settings.temperature:g}, alpha={settings.alpha:g}{epochs})")
     parts.append(f"at the learning rate picked from 1e-3, 1e-4, 1e-5 after "
                  f"{settings.pick_steps} steps" if settings.pick_rate
                  else f"at learning rate {settings.learning_rate:g}")

@@ -181,6 +181,8 @@ def test_settings_are_validated():
         demo.Settings(distill=1)
     with pytest.raises(ValueError, match=r"`ema_momentum` must be > 0.0 and <= 1.0, got 1.5"):
         demo.Settings(ema_momentum=1.5)
+    with pytest.raises(ValueError, match="`distill_epochs` must be >= 1, got 0"):
+        demo.Settings(distill_epochs=0)
     with pytest.raises(ValueError, match="`pick_steps` must be >= 1, got 0"):
         demo.Settings(pick_steps=0)
     assert demo.QUICK.train_samples < demo.FULL.train_samples
@@ -207,6 +209,12 @@ def test_finetune_distills_at_the_picked_rate(distill, pick_rate, trained_lenet,
         else "distilled" not in description
     assert "after 5 steps" in description if pick_rate \
         else "at learning rate 0.0003" in description
+
+
+def test_finetune_description_names_the_distilled_epochs():
+    assert "(kl, T=4, alpha=1, in the first 2 epoch(s))" in demo.finetune_description(
+        demo.Settings(distill_epochs=2))
+    assert "(kl, T=4, alpha=1)" in demo.finetune_description(demo.Settings())
 
 
 @pytest.mark.parametrize("distill", [True, False])
