@@ -42,7 +42,7 @@ from keras_psm.backend import KERAS_NAME, LEGACY_KERAS, keras
 from keras_psm.calibration import input_names
 from keras_psm.compress import compress
 from keras_psm.datasets import DATASETS
-from keras_psm.distill import OBJECTIVES, Distiller
+from keras_psm.distill import OBJECTIVES, Distiller, describe
 from keras_psm.export import size_report, to_tflite
 from keras_psm.files import write_atomically
 from keras_psm.learning_rate import DEFAULT_STEPS, pick_learning_rate
@@ -368,11 +368,9 @@ def run_finetune(args):
     with write_atomically(args.output) as temporary:
         student.save(temporary)
     losses = history.history["loss"]
+    settings = describe(args.objective, args.temperature, args.alpha, args.distill_epochs)
     print(f"wrote {args.output}: fine-tuned {args.epochs} epoch(s) at learning rate {rate:g}"
-          + (f", distilled from {args.teacher} ({args.objective}, T={args.temperature:g}, "
-             f"alpha={args.alpha:g}"
-             + (f", in the first {args.distill_epochs} epoch(s)" if args.distill_epochs else "")
-             + ")" if trainee is not student else "")
+          + (f", distilled from {args.teacher} ({settings})" if trainee is not student else "")
           + f"; training loss {losses[0]:.4f} -> {losses[-1]:.4f}.")
     return 0
 

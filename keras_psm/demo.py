@@ -33,7 +33,7 @@ from keras_psm import ops
 from keras_psm.backend import keras
 from keras_psm.compress import compress
 from keras_psm.datasets import DATASETS, load_dataset
-from keras_psm.distill import OBJECTIVES, Distiller
+from keras_psm.distill import OBJECTIVES, Distiller, describe
 from keras_psm.files import write_atomically
 from keras_psm.learning_rate import DEFAULT_STEPS, pick_learning_rate
 from keras_psm.methods import available_methods, get_method
@@ -572,10 +572,9 @@ def finetune_description(settings):
     """How ``finetune`` trains, as the end of a sentence."""
     parts = []
     if settings.distill:
-        epochs = (f", in the first {settings.distill_epochs} epoch(s)"
-                  if settings.distill_epochs else "")
-        parts.append(f"distilled from the uncompressed model ({settings.objective}, "
-                     f"T={settings.temperature:g}, alpha={settings.alpha:g}{epochs})")
+        parts.append("distilled from the uncompressed model (" + describe(
+            settings.objective, settings.temperature, settings.alpha,
+            settings.distill_epochs) + ")")
     parts.append(f"at the learning rate picked from 1e-3, 1e-4, 1e-5 after "
                  f"{settings.pick_steps} steps" if settings.pick_rate
                  else f"at learning rate {settings.learning_rate:g}")

@@ -113,6 +113,13 @@ def _pearson(a, b, axis):
     return ops.sum(a * b, axis=axis) / ops.sqrt(spread + CORRELATION_EPSILON)
 
 
+def describe(objective, temperature, alpha, distill_epochs=None):
+    """The settings of a distillation as text: ``"kl, T=4, alpha=1"``, and
+    ``", in the first E epoch(s)"`` after it with ``distill_epochs=E``."""
+    text = f"{objective}, T={temperature:g}, alpha={alpha:g}"
+    return text + (f", in the first {distill_epochs} epoch(s)" if distill_epochs else "")
+
+
 #: The distances ``D`` the Distiller can compare the softened outputs with, by name.
 DISTANCES = {"correlation": correlation_loss, "kl": kl_loss}
 OBJECTIVES = tuple(DISTANCES)
